@@ -1,0 +1,234 @@
+"""NOAHHead and LinearHead against an independent numpy reference written from the spec."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from noah_jax.heads import LinearHead, NOAHHead
+
+
+def torch_layout_params(rng, channels, num_classes, num_heads, key_ratio, head_split, kv_split):
+    """Random head weights in the reference's layout: W [N*K, Cin/G], b [N*K]."""
+    ck = int(channels * key_ratio) if kv_split else channels
+    cv = channels - ck if kv_split else channels
+    groups = num_heads if head_split else 1
+    out = num_heads * num_classes
+    return {
+        "wq": rng.standard_normal((out, ck // groups)),
+        "bq": rng.standard_normal(out),
+        "wv": rng.standard_normal((out, cv // groups)),
+        "bv": rng.standard_normal(out),
+    }
+
+
+def to_flax(p, groups):
+    """Reference grouped-conv layout -> ours: [N*K, Cin/G] -> [G, Cin/G, N*K/G]."""
+    def kernel(w):
+        out, cin = w.shape
+        return jnp.asarray(w.reshape(groups, out // groups, cin).transpose(0, 2, 1), jnp.float32)
+    return {"params": {
+        "query": {"kernel": kernel(p["wq"]), "bias": jnp.asarray(p["bq"], jnp.float32)},
+        "value": {"kernel": kernel(p["wv"]), "bias": jnp.asarray(p["bv"], jnp.float32)},
+    }}
+
+
+def numpy_noah(x, p, num_classes, num_heads, key_ratio, head_split, kv_split, merge="sum"):
+    """Spec section 1, one head and one class at a time, in float64."""
+    x = np.asarray(x, np.float64).reshape(x.shape[0], -1, x.shape[-1])  # [B, L, C]
+    channels = x.shape[-1]
+    ck = int(channels * key_ratio)
+    xk, xv = (x[..., :ck], x[..., ck:]) if kv_split else (x, x)
+    per_head = np.zeros((x.shape[0], num_heads, num_classes))
+    for h in range(num_heads):
+        rows = slice(h * num_classes, (h + 1) * num_classes)
+        if head_split:  # head h reads its contiguous channel group only
+            gk, gv = xk.shape[-1] // num_heads, xv.shape[-1] // num_heads
+            keys, values = xk[..., h * gk:(h + 1) * gk], xv[..., h * gv:(h + 1) * gv]
+        else:
+            keys, values = xk, xv
+        q = keys @ p["wq"][rows].T + p["bq"][rows]  # [B, L, K]
+        v = values @ p["wv"][rows].T + p["bv"][rows]
+        a = np.exp(q - q.max(axis=1, keepdims=True))
+        a /= a.sum(axis=1, keepdims=True)  # softmax over positions
+        per_head[:, h] = (a * v).sum(axis=1)
+    return {"sum": per_head.sum(1), "mean": per_head.mean(1), "max": per_head.max(1)}[merge]
+
+
+# (C, N, r, K, input spatial shape, head_split, kv_split, merge)
+CASES = [
+    (8, 2, 0.5, 3, (4, 4), True, True, "sum"),
+    (24, 4, 1 / 3, 5, (3, 5), True, True, "sum"),   # Ck=8, Cv=16, non-square map
+    (16, 4, 0.25, 7, (2, 3), True, True, "sum"),    # Ck=4, Cv=12
+    (40, 8, 0.2, 6, (7,), True, True, "sum"),       # tokens [B, L, C]
+    (12, 3, 0.5, 4, (3, 5), False, True, "sum"),    # head_split=False
+    (12, 3, 0.5, 4, (5, 3), True, False, "sum"),    # kv_split=False
+    (12, 3, 0.5, 4, (2, 2), False, False, "sum"),
+    (16, 4, 0.5, 5, (3, 3), True, True, "mean"),
+    (16, 4, 0.5, 5, (3, 3), True, True, "max"),
+]
+
+
+@pytest.mark.parametrize("channels,heads,ratio,classes,spatial,head_split,kv_split,merge", CASES)
+def test_head_matches_numpy_reference(channels, heads, ratio, classes, spatial, head_split,
+                                      kv_split, merge):
+    rng = np.random.default_rng(channels * 100 + heads)
+    x = rng.standard_normal((2, *spatial, channels)).astype(np.float32)
+    p = torch_layout_params(rng, channels, classes, heads, ratio, head_split, kv_split)
+    head = NOAHHead(classes, heads, ratio, dropout=0.3, head_split=head_split,
+                    kv_split=kv_split, merge=merge)
+    variables = to_flax(p, heads if head_split else 1)
+    chex.assert_trees_all_equal_shapes(
+        variables, head.init(jax.random.key(0), jnp.asarray(x)))
+    logits = head.apply(variables, jnp.asarray(x), train=False)
+    chex.assert_shape(logits, (2, classes))
+    chex.assert_type(logits, jnp.float32)
+    expected = numpy_noah(x, p, classes, heads, ratio, head_split, kv_split, merge)
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5,
+                               atol=1e-5 * np.abs(expected).max())
+
+
+def test_parameter_count_is_ck_plus_2nk():
+    # C*K + 2*N*K (NOAH_SPEC section 1), against param_counts.json's head table.
+    head = NOAHHead(1000, num_heads=8, key_ratio=0.25)
+    variables = jax.eval_shape(head.init, jax.random.key(0), jnp.zeros((1, 7, 7, 1280)))
+    count = sum(x.size for x in jax.tree.leaves(variables))
+    assert count == 1280 * 1000 + 2 * 8 * 1000 == 1_296_000
+
+
+def test_default_init_is_kaiming_normal_fan_out_with_zero_bias():
+    classes, heads = 500, 4
+    variables = NOAHHead(classes, heads).init(jax.random.key(1), jnp.zeros((1, 4, 4, 256)))
+    for name in ("query", "value"):
+        kernel = np.asarray(variables["params"][name]["kernel"])
+        assert kernel.shape == (heads, 32, heads * classes // heads)
+        np.testing.assert_allclose(kernel.std(), np.sqrt(2.0 / (heads * classes)), rtol=0.02)
+        assert abs(kernel.mean()) < 5 * kernel.std() / np.sqrt(kernel.size)
+        np.testing.assert_array_equal(variables["params"][name]["bias"], 0.0)
+
+
+def test_eval_is_deterministic_and_train_dropout_is_not():
+    x = jax.random.normal(jax.random.key(0), (4, 3, 3, 16))
+    head = NOAHHead(10, num_heads=2, dropout=0.5)
+    variables = head.init(jax.random.key(1), x)
+    variables = jax.tree.map(lambda t: t + 0.1, variables)  # non-zero biases
+    eval1 = head.apply(variables, x, train=False)
+    eval2 = head.apply(variables, x, train=False)
+    np.testing.assert_array_equal(eval1, eval2)
+    train1 = head.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    train2 = head.apply(variables, x, train=True, rngs={"dropout": jax.random.key(3)})
+    train1_again = head.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(train1, train2)
+    assert not np.allclose(train1, eval1)
+    np.testing.assert_array_equal(train1, train1_again)
+    # Dropout off in training equals eval.
+    no_drop = NOAHHead(10, num_heads=2, dropout=0.0)
+    np.testing.assert_allclose(
+        no_drop.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)}), eval1,
+        rtol=1e-6)
+
+
+def test_dropout_acts_on_values_with_inverted_scaling():
+    # With all-equal query logits the attention is uniform, so the logit is the mean over
+    # positions of (dropped) values: every kept value is scaled by 1/(1-p).
+    channels, length, rate = 8, 4000, 0.25
+    head = NOAHHead(1, num_heads=1, key_ratio=0.5, dropout=rate)
+    variables = {"params": {
+        "query": {"kernel": jnp.zeros((1, 4, 1)), "bias": jnp.zeros((1,))},
+        "value": {"kernel": jnp.zeros((1, 4, 1)), "bias": jnp.ones((1,))},
+    }}
+    x = jnp.ones((1, length, channels))
+    out = head.apply(variables, x, train=True, rngs={"dropout": jax.random.key(0)})
+    # Mean of Bernoulli(1-p)/(1-p) over 4000 draws: 1 within a few standard errors.
+    np.testing.assert_allclose(float(out[0, 0]), 1.0, atol=4 * np.sqrt(rate / (1 - rate) / length))
+    assert float(out[0, 0]) != 1.0
+
+
+def test_output_is_invariant_to_permuting_positions():
+    x = jax.random.normal(jax.random.key(0), (2, 20, 12))
+    head = NOAHHead(6, num_heads=3)
+    variables = head.init(jax.random.key(1), x)
+    permuted = x[:, jax.random.permutation(jax.random.key(2), 20)]
+    np.testing.assert_allclose(head.apply(variables, x), head.apply(variables, permuted),
+                               rtol=1e-5, atol=1e-6)
+    # A feature map and its flattened tokens give the same logits.
+    grid = x.reshape(2, 4, 5, 12)
+    np.testing.assert_allclose(head.apply(variables, grid), head.apply(variables, x), rtol=1e-6)
+
+
+def test_gradients_reach_every_parameter_but_the_query_bias_is_shift_invariant():
+    x = jax.random.normal(jax.random.key(0), (3, 5, 5, 16))
+    head = NOAHHead(7, num_heads=4, dropout=0.1)
+    variables = head.init(jax.random.key(1), x)
+    variables = jax.tree.map(lambda t: t + 0.05, variables)
+
+    def loss(params):
+        logits = head.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(4)})
+        return jnp.sum(jnp.sin(logits))
+
+    grads = flatten_dict(jax.grad(loss)(variables["params"]), sep="/")
+    for name, g in grads.items():
+        if name == "query/bias":
+            # A per-(head, class) constant under the softmax over positions: no effect.
+            np.testing.assert_allclose(g, 0.0, atol=1e-5)
+        else:
+            assert np.all(np.isfinite(g)) and np.abs(g).max() > 1e-3, name
+
+
+def test_attention_maps_are_sown_as_b_n_k_l_and_normalised_over_positions():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4, 16))
+    head = NOAHHead(5, num_heads=4)
+    variables = head.init(jax.random.key(1), x)
+    logits, state = head.apply(variables, x, mutable=["intermediates"])
+    (attention,) = state["intermediates"]["attention"]
+    chex.assert_shape(attention, (2, 4, 5, 12))
+    np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
+    chex.assert_trees_all_close(logits, head.apply(variables, x))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 32))
+    f32 = NOAHHead(10, num_heads=4)
+    bf16 = NOAHHead(10, num_heads=4, dtype=jnp.bfloat16)
+    variables = f32.init(jax.random.key(1), x)
+    chex.assert_trees_all_equal_dtypes(variables, bf16.init(jax.random.key(1), x))
+    out = bf16.apply(variables, x)
+    chex.assert_type(out, jnp.float32)
+    np.testing.assert_allclose(out, f32.apply(variables, x), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("kwargs,channels,message", [
+    (dict(num_heads=4, key_ratio=0.5), 12, "Ck=6"),          # 6 % 4 != 0
+    (dict(num_heads=4, key_ratio=0.25), 24, "Ck=6"),
+    (dict(num_heads=2, key_ratio=0.05), 16, "Ck=0"),
+    (dict(num_heads=4, key_ratio=1.0), 16, "key_ratio"),
+    (dict(num_heads=4, key_ratio=0.0), 16, "key_ratio"),
+    (dict(num_heads=3, kv_split=False), 16, "C=16"),
+    (dict(num_heads=0), 16, "num_heads"),
+    (dict(merge="prod"), 16, "merge"),
+])
+def test_invalid_settings_raise_value_errors_naming_the_numbers(kwargs, channels, message):
+    head = NOAHHead(3, **kwargs)
+    x = jnp.zeros((1, 2, channels))
+    with pytest.raises(ValueError, match=message):
+        head.init(jax.random.key(0), x)
+
+
+def test_head_rejects_inputs_of_the_wrong_rank():
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
+        NOAHHead(3, num_heads=1).init(jax.random.key(0), jnp.zeros((2, 16)))
+
+
+def test_linear_head_pools_then_projects():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 6))
+    head = LinearHead(4)
+    variables = head.init(jax.random.key(1), x)
+    kernel, bias = variables["params"]["kernel"], variables["params"]["bias"] + 0.5
+    out = head.apply({"params": {"kernel": kernel, "bias": bias}}, x)
+    expected = np.asarray(x, np.float64).mean(axis=(1, 2)) @ np.asarray(kernel, np.float64) + bias
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    pooled = LinearHead(4, pool="none").apply({"params": {"kernel": kernel, "bias": bias}},
+                                              x.mean(axis=(1, 2)))
+    np.testing.assert_allclose(pooled, out, rtol=1e-5, atol=1e-6)
