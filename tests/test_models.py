@@ -1,0 +1,163 @@
+"""The model zoo: exact parameter counts against the reference, and every model training."""
+
+import json
+import math
+import pathlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from noah_jax.models import create_model, list_models, model_overrides
+
+PARITY = pathlib.Path(__file__).resolve().parents[2] / "shared" / "parity"
+PARAM_COUNTS = PARITY / "param_counts.json"
+
+EXPECTED_MODELS = [
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "mobilenetv2_035", "mobilenetv2_050", "mobilenetv2_075", "mobilenetv2_100",
+    "deit_tiny_050_patch16_224", "deit_tiny_075_patch16_224", "deit_tiny_patch16_224",
+    "deit_small_patch16_224", "deit_base_patch16_224", "vit_large_patch16_224",
+    "mixer_s16_224", "mixer_s16_075_224", "mixer_s16_050_224", "mixer_b16_224",
+    "gmlp_ti16_224", "gmlp_ti16_075_224", "gmlp_ti16_050_224", "gmlp_s16_224", "gmlp_b16_224",
+]
+
+
+def count_params(model, image_size=224):
+    shapes = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, image_size, image_size, 3)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
+
+
+def reference_counts():
+    if not PARAM_COUNTS.exists():
+        pytest.skip(f"{PARAM_COUNTS} is absent (a clone without ../shared); "
+                    "the parameter-count parity test needs it")
+    entries = json.loads(PARAM_COUNTS.read_text())["models"]
+    return [(e["name"], head, e[key]) for e in entries
+            for head, key in (("linear", "baseline_params"), ("noah", "noah_params"))]
+
+
+def test_registry_lists_every_model_of_the_paper():
+    assert list_models() == EXPECTED_MODELS
+
+
+def test_parameter_counts_equal_the_reference_for_all_44_models():
+    counts = reference_counts()
+    assert len(counts) == 44
+    mismatches = []
+    for name, head, expected in counts:
+        ours = count_params(create_model(name, num_classes=1000, head=head))
+        if ours != expected:
+            mismatches.append(f"{name} head={head}: ours {ours}, reference {expected}")
+    assert not mismatches, "\n".join(mismatches)
+
+
+def test_vit_large_parameter_count():
+    # timm's vit_large_patch16_224 (class token, 1000 classes): 304,326,632 parameters.
+    # The NOAH variant drops the class token and its position embedding (-2 * 1024) and
+    # swaps the linear head (1024*1000 + 1000) for NOAH's (1024*1000 + 2*4*1000): +7000.
+    linear = count_params(create_model("vit_large_patch16_224", num_classes=1000, head="linear"))
+    noah = count_params(create_model("vit_large_patch16_224", num_classes=1000))
+    assert linear == 304_326_632
+    assert noah == linear - 2 * 1024 + 7000
+
+
+# Reduced sizes for CPU: (overrides, image size). Each model keeps its own widths,
+# blocks and head; the deepest ones run with fewer blocks (their full-depth shapes and
+# counts are checked above with eval_shape).
+def reduced(name):
+    if name.startswith(("resnet", "mobilenetv2")):
+        overrides = {"stage_sizes": (1, 2, 2, 1)} if name in ("resnet101", "resnet152") else {}
+        return overrides, 64
+    if name.startswith(("deit", "vit")):
+        return {"img_size": 32, **({"depth": 4} if name == "vit_large_patch16_224" else {})}, 32
+    if name.startswith("gmlp"):
+        return {"img_size": 32, "num_blocks": 3}, 32
+    return {"img_size": 32}, 32
+
+
+@pytest.mark.parametrize("head,dtype", [("noah", jnp.float32), ("linear", jnp.bfloat16)])
+@pytest.mark.parametrize("name", EXPECTED_MODELS)
+def test_forward_and_backward(name, head, dtype):
+    overrides, size = reduced(name)
+    model = create_model(name, num_classes=10, head=head, dtype=dtype, **overrides)
+    images = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    labels = jnp.array([3, 7])
+    variables = jax.jit(lambda x: model.init(jax.random.key(1), x))(images)
+    chex.assert_trees_all_equal_dtypes(
+        variables, jax.tree.map(lambda x: x.astype(jnp.float32), variables))
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+
+    @jax.jit
+    def train_step(params, images):
+        def loss_fn(params):
+            logits, new_state = model.apply({"params": params, **state}, images, train=True,
+                                            rngs={"dropout": jax.random.key(2)},
+                                            mutable=["batch_stats"])
+            loss = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
+            return loss, (logits, new_state)
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+    grads, (logits, new_state) = train_step(params, images)
+    chex.assert_shape(logits, (2, 10))
+    chex.assert_type(logits, jnp.float32)
+    chex.assert_tree_all_finite((logits, grads))
+    chex.assert_trees_all_equal_structs(grads, params)
+    if "batch_stats" in state:
+        # Every BatchNorm's running variance moves in training. (Some running means stay
+        # at 0: a linear layer after a freshly initialised BatchNorm has zero batch mean.)
+        stale = [k for k, v in flatten_dict(new_state["batch_stats"], sep="/").items()
+                 if k.endswith("var") and np.allclose(
+                     v, flatten_dict(state["batch_stats"], sep="/")[k])]
+        assert not stale, f"running variances not updated: {stale}"
+    if dtype == jnp.float32:
+        # Every parameter gets a gradient, except the NOAH query bias, which is a constant
+        # shift under the softmax over positions (NOAH_SPEC section 2).
+        silent = [k for k, g in flatten_dict(grads, sep="/").items()
+                  if not np.any(np.asarray(g)) and k != "head/query/bias"]
+        assert not silent, f"parameters without gradient: {silent}"
+
+    evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    out1, out2 = evaluate(variables, images), evaluate(variables, images)
+    np.testing.assert_array_equal(out1, out2)
+    chex.assert_shape(out1, (2, 10))
+
+
+def test_bfloat16_model_tracks_float32_model():
+    f32 = create_model("resnet18", num_classes=10)
+    bf16 = create_model("resnet18", num_classes=10, dtype=jnp.bfloat16)
+    images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    variables = f32.init(jax.random.key(1), images)
+    ref, out = f32.apply(variables, images), bf16.apply(variables, images)
+    assert float(jnp.max(jnp.abs(out - ref))) < 0.05 * float(jnp.max(jnp.abs(ref))) + 0.05
+
+
+def test_overrides_reach_the_head():
+    model = create_model("resnet18", num_classes=7, num_heads=8, key_ratio=0.25,
+                         head_split=False)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    head = shapes["params"]["head"]
+    assert head["query"]["kernel"].shape == (1, 128, 56)   # one group, Ck = 512 / 4
+    assert head["value"]["kernel"].shape == (1, 384, 56)
+
+
+def test_unknown_model_lists_the_known_ones():
+    with pytest.raises(ValueError, match="Known models: resnet18"):
+        create_model("resnet19", num_classes=10)
+    with pytest.raises(ValueError, match="is 'deit_tiny_patch16_224' here, with head='noah'"):
+        create_model("noah_deit_tiny_patch16_224", num_classes=10)
+
+
+def test_unknown_override_names_the_valid_ones():
+    with pytest.raises(TypeError, match=r"unknown override\(s\) \['num_head'\].*num_heads"):
+        create_model("resnet18", num_classes=10, num_head=4)
+    assert "drop_path_rate" in model_overrides("deit_small_patch16_224")
+    assert {"num_heads", "key_ratio", "dropout", "head_split", "kv_split", "dtype"} <= set(
+        model_overrides("mobilenetv2_100"))
+    with pytest.raises(ValueError, match="head must be one of"):
+        create_model("resnet18", num_classes=10, head="mlp")
