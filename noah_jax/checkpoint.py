@@ -1,0 +1,124 @@
+"""Orbax checkpoints of models and training runs, one format for both.
+
+A checkpoint directory is an Orbax `CheckpointManager` directory of numbered steps.
+Every step holds up to three items:
+
+  'model'  {'params': ..., 'batch_stats': ...}   the model's variables: what
+           evaluation and `config.init_from` read, and all a converted checkpoint has
+  'train'  {'step', 'opt_state', 'ema_params'}    the rest of a run's state (trainer only)
+  'meta'   JSON: model name, head, num_classes, overrides, ...  (describes 'model')
+
+Loading checks the structure against the model it goes into and lists every missing
+key, unexpected key and shape mismatch by name (STYLE.md 5: loading fails loudly).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's variables do not fit the model they are loaded into."""
+
+
+def manager(directory: str | os.PathLike, *, max_to_keep: Optional[int] = None,
+            async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
+    """A CheckpointManager over `directory` with this project's items."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, read_only=read_only,
+                                           enable_async_checkpointing=async_save,
+                                           create=not read_only)
+    handlers = {"model": ocp.PyTreeCheckpointHandler(), "train": ocp.PyTreeCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_handlers=handlers)
+
+
+def tree_mismatches(expected: Any, found: Any) -> list[str]:
+    """Differences between two variable trees, one line each, by '/'-joined key."""
+    want = {"/".join(k): v for k, v in flatten_dict(_as_dict(expected)).items()}
+    have = {"/".join(k): v for k, v in flatten_dict(_as_dict(found)).items()}
+    lines = [f"missing in checkpoint: {k} {tuple(np.shape(want[k]))}"
+             for k in sorted(want.keys() - have.keys())]
+    lines += [f"unexpected in checkpoint: {k} {tuple(np.shape(have[k]))}"
+              for k in sorted(have.keys() - want.keys())]
+    lines += [f"shape mismatch: {k}: model {tuple(np.shape(want[k]))}, "
+              f"checkpoint {tuple(np.shape(have[k]))}"
+              for k in sorted(want.keys() & have.keys())
+              if tuple(np.shape(want[k])) != tuple(np.shape(have[k]))]
+    return lines
+
+
+def _as_dict(tree: Any) -> dict:
+    return jax.tree.map(lambda x: x, dict(tree)) if tree is not None else {}
+
+
+def save_model(directory: str | os.PathLike, variables: Mapping[str, Any],
+               meta: Mapping[str, Any], step: int = 0) -> None:
+    """Writes a model-only checkpoint (what `convert` produces) and waits for it."""
+    variables = {"params": variables["params"],
+                 "batch_stats": variables.get("batch_stats", {})}
+    with manager(directory, async_save=False) as mngr:
+        mngr.save(step, args=ocp.args.Composite(model=ocp.args.PyTreeSave(variables),
+                                                meta=ocp.args.JsonSave(dict(meta))))
+        mngr.wait_until_finished()
+
+
+def latest_step(directory: str | os.PathLike) -> Optional[int]:
+    """The newest step in a checkpoint directory, or None if there is none."""
+    if not os.path.isdir(directory):
+        return None
+    with manager(directory, read_only=True) as mngr:
+        return mngr.latest_step()
+
+
+def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
+                  step: Optional[int] = None, drop_head: bool = False):
+    """Restores the 'model' item (and 'meta') of a checkpoint.
+
+    target: the model's variables, or their `jax.eval_shape` (optionally carrying
+      shardings, which the restored arrays then get). The checkpoint must match it
+      exactly, else a CheckpointMismatchError lists every difference. Without a
+      target, arrays come back as stored.
+    drop_head: restore everything but the 'head' and keep the target's head
+      (fine-tuning on another label set); the target then needs concrete head values.
+
+    Returns (variables, meta).
+    """
+    step = latest_step(directory) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}: expected an Orbax checkpoint "
+                                "directory written by training or by `python -m noah_jax.convert`")
+    with manager(directory, read_only=True) as mngr:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if target is None:
+            restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.PyTreeRestore()))
+            return dict(restored.model), meta
+        target = {col: target[col] for col in ("params", "batch_stats") if col in target}
+        wanted = _without_head(target) if drop_head else target
+        stored = mngr.item_metadata(step)["model"]
+        stored = {col: tree for col, tree in stored.items() if tree}
+        problems = tree_mismatches(wanted, _without_head(stored) if drop_head else stored)
+        if problems:
+            raise CheckpointMismatchError(
+                f"checkpoint {directory} (step {step}: {meta.get('model', '?')}, "
+                f"head={meta.get('head', '?')}) does not fit the model:\n  "
+                + "\n  ".join(problems))
+        restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.PyTreeRestore(
+            wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+            partial_restore=drop_head))).model
+    restored = {col: dict(tree) for col, tree in restored.items()}
+    if drop_head:
+        for col, tree in target.items():
+            if "head" in tree:
+                restored[col]["head"] = tree["head"]
+    return restored, meta
+
+
+def _without_head(variables: Mapping[str, Any]) -> dict:
+    return {col: {k: v for k, v in tree.items() if k != "head"}
+            for col, tree in variables.items()}
