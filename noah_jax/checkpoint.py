@@ -98,7 +98,9 @@ def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
         if target is None:
             restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.PyTreeRestore()))
             return dict(restored.model), meta
-        target = {col: target[col] for col in ("params", "batch_stats") if col in target}
+        # Models without BatchNorm have no 'batch_stats' in eval_shape(init); the
+        # checkpoint stores an empty one.
+        target = {col: target.get(col, {}) for col in ("params", "batch_stats")}
         wanted = _without_head(target) if drop_head else target
         stored = mngr.item_metadata(step)["model"]
         stored = {col: tree for col, tree in stored.items() if tree}
@@ -122,3 +124,51 @@ def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
 def _without_head(variables: Mapping[str, Any]) -> dict:
     return {col: {k: v for k, v in tree.items() if k != "head"}
             for col, tree in variables.items()}
+
+
+# --- A training run's state: {'step', 'params', 'batch_stats', 'opt_state', ...} ------------
+
+MODEL_KEYS = ("params", "batch_stats")
+
+
+def save_state(mngr: ocp.CheckpointManager, step: int, state: Mapping[str, Any],
+               meta: Mapping[str, Any]) -> None:
+    """Saves a train state under `step` (asynchronously if the manager is)."""
+    model = {k: state[k] for k in MODEL_KEYS}
+    train = {k: v for k, v in state.items() if k not in MODEL_KEYS}
+    mngr.save(step, args=ocp.args.Composite(model=ocp.args.PyTreeSave(model),
+                                            train=ocp.args.PyTreeSave(train),
+                                            meta=ocp.args.JsonSave(dict(meta))))
+
+
+def restore_state(mngr: ocp.CheckpointManager, step: int, target: Mapping[str, Any]) -> dict:
+    """Restores a train state into `target` (ShapeDtypeStructs with shardings).
+
+    Raises CheckpointMismatchError listing every difference when the checkpoint was
+    written for another model or another optimiser.
+    """
+    model_target = {k: target[k] for k in MODEL_KEYS}
+    train_target = {k: v for k, v in target.items() if k not in MODEL_KEYS}
+    stored = mngr.item_metadata(step)
+    problems = tree_mismatches(model_target, {k: v for k, v in stored["model"].items() if v})
+    if stored.get("train") is None:
+        problems.append("the checkpoint has no training state (a model-only checkpoint: "
+                        "use it through config.init_from, not as a workdir)")
+    if problems:
+        raise CheckpointMismatchError(
+            f"the checkpoint at {mngr.directory} step {step} does not fit this run's model or "
+            "optimiser:\n  " + "\n  ".join(problems)
+            + "\nUse a fresh --workdir for a different model, or the same config to resume.")
+
+    def restore_args(tree):
+        return ocp.args.PyTreeRestore(
+            tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
+
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            model=restore_args(model_target), train=restore_args(train_target)))
+    except (ValueError, KeyError, TypeError) as e:  # the optimiser state differs
+        raise CheckpointMismatchError(
+            f"the training state at {mngr.directory} step {step} does not fit this run's "
+            f"optimiser ({e}). Use a fresh --workdir, or the config the run started with.") from e
+    return {**restored.model, **restored.train}

@@ -1,0 +1,141 @@
+"""Shared parts of the configs: the argument parser and the base config.
+
+Every recipe config builds on `base_config()`, which names every field the trainer
+reads (none hides as a code default), and parses its argument string with
+`parse_arg("variant=tiny_050,head=linear,runlocal", variant="tiny", head="noah", ...)`.
+Durations are given in epochs or steps; `noah_jax.train` converts them to steps in
+one place.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses 'key=value,flag,...' against `defaults`, which fix the keys and types.
+
+    A bare `flag` sets a boolean default to True. Unknown keys raise a ValueError
+    listing the valid ones.
+    """
+    result = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
+        default = defaults[key]
+        if not sep:
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+            result[key] = True
+        elif isinstance(default, bool):
+            result[key] = value.lower() in ("1", "true", "yes", "y")
+        elif default is None or isinstance(default, str):
+            result[key] = value
+        else:
+            result[key] = type(default)(value)
+    return result
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # --- Model: create_model(name, num_classes=dataset.num_classes, head=head, **overrides).
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "resnet18"
+    c.model.head = "noah"
+    # Keyword overrides of create_model (head num_heads/key_ratio/dropout, drop_path_rate,
+    # drop_rate, img_size, architecture fields); empty means the reference's defaults.
+    c.model.overrides = ml_collections.ConfigDict()
+    c.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
+
+    # --- Data.
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "imagenet2012"  # digits (embedded demo) | synthetic | TFDS names
+    c.dataset.data_dir = ""           # TFDS data_dir ('' = the TFDS default)
+    c.dataset.image_size = 224
+    c.dataset.num_classes = 1000      # used by synthetic; checked against real datasets
+    c.dataset.num_train_examples = 0  # synthetic only (0 = one epoch of 1024 images)
+    c.dataset.num_eval_examples = 0   # synthetic only
+    c.dataset.eval_crop_ratio = 0.875
+    c.batch_size = 256                # global, over all devices and hosts
+    c.eval_batch_size = 256           # global
+    c.grad_accum_steps = 1            # micro-batches per step (batch_size % it == 0)
+
+    # --- Duration: set exactly one of num_epochs / total_steps (> 0).
+    c.num_epochs = 100.0
+    c.total_steps = 0
+
+    # --- Optimiser and schedule (noah_jax/optim.py).
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"          # sgd | adamw
+    c.optimizer.momentum = 0.9        # sgd
+    c.optimizer.nesterov = False      # sgd
+    c.optimizer.b1 = 0.9              # adamw
+    c.optimizer.b2 = 0.999            # adamw
+    c.optimizer.eps = 1e-8            # adamw
+    c.optimizer.weight_decay = 1e-4
+    c.optimizer.decay_only_matrices = True  # no decay on biases / norm parameters
+    c.grad_clip_norm = 0.0            # 0 = off
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "step"          # step | cosine | linear | constant
+    c.schedule.base_lr = 0.1          # at batch size base_batch_size
+    c.schedule.base_batch_size = 256  # lr = base_lr * batch_size / base_batch_size
+    c.schedule.warmup_epochs = 0.0
+    c.schedule.end_lr = 0.0           # cosine / linear floor
+    c.schedule.decay_epochs = (30.0, 60.0, 90.0)  # step schedule boundaries
+    c.schedule.decay_factor = 0.1     # step schedule multiplier at each boundary
+
+    c.label_smoothing = 0.0
+    c.ema_decay = 0.0                 # 0 = no EMA of parameters
+
+    # --- Parallelism: mesh axes (data, model); -1 = all remaining devices.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.model = 1
+    c.fsdp = False                    # shard parameters and optimiser state over 'data'
+    c.fsdp_min_size = 2**18           # arrays smaller than this stay replicated
+
+    # --- Loop, logging, checkpoints.
+    c.log_every_steps = 100
+    c.eval_every_steps = 0            # 0 = once per epoch
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.init_from = ml_collections.ConfigDict()
+    c.init_from.path = ""             # a checkpoint dir (another run's, or convert's)
+    c.init_from.drop_head = False     # keep this model's new head
+    return c
+
+
+def apply_demo(c: ml_collections.ConfigDict, **model_overrides) -> ml_collections.ConfigDict:
+    """Turns a recipe into the laptop demo: the embedded digits at 32 px, a tiny model.
+
+    `model_overrides` shrink the recipe's model (patch size, depth, width) so that it
+    trains to >= 95% test top-1 in a few minutes on 2 CPU cores.
+    """
+    c.dataset.name = "digits"
+    c.dataset.image_size = 32
+    c.dataset.num_classes = 10
+    c.model.overrides.update(dict(img_size=32, **model_overrides))
+    c.batch_size = 64
+    c.eval_batch_size = 120
+    c.num_epochs = 40.0
+    c.total_steps = 0
+    c.optimizer.name = "adamw"
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.05
+    c.grad_clip_norm = 1.0
+    c.schedule.name = "cosine"
+    c.schedule.base_lr = 1e-3
+    c.schedule.base_batch_size = 64
+    c.schedule.warmup_epochs = 2.0
+    c.schedule.end_lr = 1e-5
+    c.label_smoothing = 0.1
+    c.ema_decay = 0.0
+    c.log_every_steps = 50
+    c.eval_every_steps = 0
+    c.checkpoint_every_steps = 200
+    c.keep_checkpoints = 2
+    return c

@@ -1,0 +1,47 @@
+"""Trains and evaluates a NOAH model: `python main.py --config=configs/vit_noah.py --workdir=DIR`.
+
+Config arguments follow a colon (`--config=configs/vit_noah.py:variant=tiny_050,head=linear`)
+and single fields can be overridden (`--config.batch_size=128`). A run restarted with
+the same --workdir resumes from its newest checkpoint.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the saved config.")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-process runs without auto-detection: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax  # pylint: disable=g-import-not-at-top
+    if FLAGS.coordinator_address:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id)
+    elif FLAGS.distributed:
+        jax.distributed.initialize()
+    from noah_jax import train  # pylint: disable=g-import-not-at-top
+    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if jax.process_index() == 0:
+        summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in sorted(results.items()))
+        logging.info("final: %s", summary)
+        if "eval/top1" in results:
+            print(f"test top-1: {100 * results['eval/top1']:.2f}% "
+                  f"({int(results['eval/count'])} images)", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

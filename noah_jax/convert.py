@@ -1,0 +1,656 @@
+"""The reference's PyTorch state_dicts <-> our Flax variables, and a command to convert files.
+
+    variables = torch_to_flax(state_dict, "resnet18", head="noah")       # a zoo model
+    variables = torch_to_flax(state_dict, "noah_head", num_heads=4, key_ratio=0.5)  # NOAHHead
+    state_dict = flax_to_torch(variables, "resnet18")                    # the way back
+
+    python -m noah_jax.convert --model resnet18 --head noah --input ckpt.pth --output DIR \
+        [--num-classes K] [--drop-head] [--override key_ratio=0.25 ...]
+
+A state_dict is a mapping from the reference's keys to numpy arrays (torch tensors are
+accepted too). The class count comes from the head's weights, and for ViT/Mixer/gMLP the
+image size from the number of tokens (e.g. a 448 px ViT); other settings that change
+shapes (the head's num_heads, key_ratio, head_split, kv_split, ...) are given as
+`create_model` overrides, the reference's defaults otherwise.
+
+How names map. The target's structure is read from the abstract variables of the
+model we build (`jax.eval_shape` of its `init`), never guessed from the state_dict:
+every Flax leaf gives the one torch key it expects, with a layout rule, and the
+state_dict must supply exactly those keys.
+
+  module path   Flax segments `name_3_0` are torch's `name.3.0` (the models name their
+                submodules so: `layer1_0/downsample_1` is `layer1.0.downsample.1`),
+                plus a short table of renames of top-level modules:
+                  DeiT/ViT   patch_embed -> patch_embed.proj, pre_logits -> pre_logits.fc
+                  linear heads, the reference's name first, then accepted aliases:
+                    ResNet       head -> head.2 (Sequential(pool, flatten, linear));
+                                 fc (torchvision)
+                    MobileNetV2  head -> head.2; classifier.1 (torchvision)
+                    DeiT, Mixer, gMLP  head (timm)
+                The NOAH head is `head.query` / `head.value` in every model (the head
+                alone: `query` / `value`).
+  leaf name     kernel, scale -> weight (Conv/Linear, BatchNorm/LayerNorm); batch_stats
+                mean, var -> running_mean, running_var; bias, pos_embed, cls_token as is.
+                BatchNorm's `num_batches_tracked` (in real torchvision checkpoints, not
+                in the fixtures) is accepted and dropped: our BatchNorm has no counter.
+  layout        Conv   torch OIHW [O, I/G, kh, kw] -> HWIO [kh, kw, I/G, O] (grouped and
+                       depthwise convs too: depthwise [C, 1, kh, kw] -> [kh, kw, 1, C])
+                Linear [out, in] -> [in, out]. DeiT's packed qkv Linear [3D, D] keeps
+                       torch's output order (q, k, v; then attention heads), so it is
+                       this transpose and nothing more.
+                NOAH   grouped 1x1 conv [N*K, Cin/G, 1, 1] -> GroupedProjection kernel
+                       [G, Cin/G, N*K/G]: reshape to [G, N*K/G, Cin/G], swap the last two.
+                everything else (biases, norms, pos_embed, cls_token) unchanged.
+
+Mismatches fail loudly: one ConversionError lists every missing key, unexpected key and
+shape mismatch by name. Nothing is skipped silently; `drop_head=True` drops the head's
+weights (and ignores them in the state_dict) on purpose, for fine-tuning on other labels.
+Values are cast to float32, the dtype of our parameters.
+
+Files (`load_state_dict`): `.pth`/`.pt`/`.pth.tar` through `torch.load(...,
+weights_only=True)` (torch is optional and only needed for these), `.safetensors` (read
+here from the format's spec, no package needed) and `.npz` (entries named `__x__` are
+metadata, as in the parity fixtures, not weights). A checkpoint wrapped as
+{'state_dict': ...} or {'model': ...} is unwrapped, DataParallel `module.` prefixes are
+removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import math
+import os
+import pickle
+import re
+import sys
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from noah_jax import checkpoint
+from noah_jax.heads import NOAHHead
+from noah_jax.models import create_model, model_overrides
+from noah_jax.models.mixer import GMLP, MlpMixer
+from noah_jax.models.mobilenetv2 import MobileNetV2
+from noah_jax.models.resnet import ResNet
+from noah_jax.models.vit import VisionTransformer
+
+HEAD_ONLY = "noah_head"  # torch_to_flax's model name for a NOAH head on its own
+
+# Top-level modules whose torch name is not the generic one.
+_MODULE_RENAMES: dict[type, dict[str, str]] = {
+    VisionTransformer: {"patch_embed": "patch_embed.proj", "pre_logits": "pre_logits.fc"},
+}
+# The torch module of the linear (baseline) head: the reference's name first (what
+# flax_to_torch writes), then the names public checkpoints use (accepted on the way in).
+_LINEAR_HEAD_NAMES: dict[type, tuple[str, ...]] = {
+    ResNet: ("head.2", "fc"),
+    MobileNetV2: ("head.2", "classifier.1"),
+    VisionTransformer: ("head",),
+    MlpMixer: ("head",),
+    GMLP: ("head",),
+}
+# Where the number of tokens shows, to build a model for the checkpoint's image size:
+# (state_dict key, axis holding L).
+_TOKEN_COUNT_KEYS: dict[type, tuple[str, int]] = {
+    VisionTransformer: ("pos_embed", 1),
+    MlpMixer: ("blocks.0.mlp_tokens.fc1.weight", 1),
+    GMLP: ("blocks.0.mlp_channels.gate.proj.weight", 0),
+}
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "mean": "running_mean",
+               "var": "running_var"}
+_BATCH_NORM_COUNTER = "num_batches_tracked"
+
+
+class ConversionError(ValueError):
+    """A state_dict does not fit the model; the message lists every problem by name."""
+
+
+# ---------------------------------------------------------------------------------------
+# Layout rules.
+# ---------------------------------------------------------------------------------------
+
+
+def _kernel_layout(path: tuple[str, ...], shape: tuple[int, ...]) -> str:
+    if len(shape) == 4:
+        return "conv"
+    if len(shape) == 2:
+        return "linear"
+    if len(shape) == 3 and len(path) >= 2 and path[-2] in ("query", "value"):
+        return "grouped"  # heads.GroupedProjection, the only 3-D kernel of the zoo
+    raise NotImplementedError(f"no torch layout rule for the kernel {'/'.join(path)} of shape "
+                              f"{shape}; add one to noah_jax/convert.py")
+
+
+def _torch_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if layout == "conv":
+        kh, kw, cin, cout = shape
+        return (cout, cin, kh, kw)
+    if layout == "linear":
+        return (shape[1], shape[0])
+    if layout == "grouped":
+        groups, cin, cout = shape
+        return (groups * cout, cin, 1, 1)
+    return tuple(shape)
+
+
+def _to_flax_layout(layout: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if layout == "conv":
+        value = value.transpose(2, 3, 1, 0)
+    elif layout == "linear":
+        value = value.T
+    elif layout == "grouped":
+        groups, cin, cout = shape
+        value = value.reshape(groups, cout, cin).transpose(0, 2, 1)
+    return np.ascontiguousarray(value)
+
+
+def _to_torch_layout(layout: str, value: np.ndarray) -> np.ndarray:
+    if layout == "conv":
+        value = value.transpose(3, 2, 0, 1)
+    elif layout == "linear":
+        value = value.T
+    elif layout == "grouped":
+        groups, cin, cout = value.shape
+        value = value.transpose(0, 2, 1).reshape(groups * cout, cin, 1, 1)
+    return np.ascontiguousarray(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One Flax leaf and the torch tensor it comes from."""
+
+    torch_key: str
+    collection: str           # 'params' or 'batch_stats'
+    path: tuple[str, ...]     # inside the collection
+    layout: str               # 'same', 'conv', 'linear', 'grouped'
+    shape: tuple[int, ...]    # Flax shape
+    dtype: Any
+
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        return _torch_shape(self.layout, self.shape)
+
+
+def _generic_segment(segment: str) -> str:
+    """`layer1_0` -> `layer1.0`, `conv_1_0` -> `conv.1.0`, `mlp_tokens` -> `mlp_tokens`."""
+    match = re.fullmatch(r"(.*?)((?:_\d+)+)", segment)
+    if not match:
+        return segment
+    return ".".join([match.group(1), *match.group(2)[1:].split("_")])
+
+
+def _torch_module(path: tuple[str, ...], renames: Mapping[str, str]) -> str:
+    if not path:
+        return ""
+    first = renames.get(path[0], _generic_segment(path[0]))
+    return ".".join([first, *(_generic_segment(s) for s in path[1:])])
+
+
+def _layout(variables: Mapping[str, Any], renames: Mapping[str, str]) -> list[_Entry]:
+    """Every leaf of `variables` (concrete or abstract) with its torch key and layout."""
+    entries, seen = [], {}
+    for collection in ("params", "batch_stats"):
+        for path, leaf in flatten_dict(dict(variables.get(collection, {}))).items():
+            module, name = path[:-1], path[-1]
+            shape = tuple(leaf.shape)
+            layout = _kernel_layout(path, shape) if name == "kernel" else "same"
+            prefix = _torch_module(module, renames)
+            leaf_name = _LEAF_NAMES.get(name, name)
+            key = f"{prefix}.{leaf_name}" if prefix else leaf_name
+            if key in seen:  # a programming error in the rules, not the user's
+                raise AssertionError(f"{collection}/{'/'.join(path)} and {seen[key]} both map "
+                                     f"to the torch key {key}")
+            seen[key] = f"{collection}/{'/'.join(path)}"
+            entries.append(_Entry(key, collection, path, layout, shape, leaf.dtype))
+    return entries
+
+
+def _batch_norm_modules(entries: Iterable[_Entry]) -> set[str]:
+    """Torch prefixes of the BatchNorms (modules with running statistics)."""
+    return {e.torch_key.rsplit(".", 1)[0] for e in entries if e.collection == "batch_stats"}
+
+
+# ---------------------------------------------------------------------------------------
+# The model side: which model the state_dict describes.
+# ---------------------------------------------------------------------------------------
+
+
+def _abstract_variables(module: nn.Module, input_shape: Sequence[int]) -> dict:
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(input_shape, jnp.float32))
+    return {col: shapes[col] for col in ("params", "batch_stats") if col in shapes}
+
+
+def _model_input_shape(model: nn.Module) -> tuple[int, ...]:
+    size = getattr(model, "img_size", 224)  # CNNs take any size; 224 as the reference
+    return (1, size, size, 3)
+
+
+def _head_names(model_cls: type, head: str) -> tuple[str, ...]:
+    if head == "noah":
+        return ("head",)
+    return _LINEAR_HEAD_NAMES.get(model_cls, ("head",))
+
+
+def _renames(model_cls: type, head: str) -> dict[str, str]:
+    renames = dict(_MODULE_RENAMES.get(model_cls, {}))
+    renames["head"] = _head_names(model_cls, head)[0]
+    return renames
+
+
+def _under(key: str, module: str) -> bool:
+    return key == module or key.startswith(module + ".")
+
+
+def _apply_aliases(state_dict: dict[str, np.ndarray], canonical: str,
+                   aliases: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Renames keys under an alias module (e.g. torchvision's `fc`) to the canonical one.
+
+    Only when the canonical module is absent; otherwise the alias keys stay and are
+    reported as unexpected. Returns the state_dict and {new key: original key}.
+    """
+    if any(_under(k, canonical) for k in state_dict):
+        return state_dict, {}
+    for alias in aliases:
+        if any(_under(k, alias) for k in state_dict):
+            renamed, origin = {}, {}
+            for key, value in state_dict.items():
+                if _under(key, alias):
+                    new = canonical + key[len(alias):]
+                    origin[new] = key
+                    key = new
+                renamed[key] = value
+            return renamed, origin
+    return state_dict, {}
+
+
+def infer_model_settings(state_dict: Mapping[str, Any], model_name: str, *, head: str = "noah",
+                         num_classes: Optional[int] = None, drop_head: bool = False,
+                         **overrides) -> tuple[Optional[int], dict]:
+    """The class count and `create_model` overrides that `state_dict` needs.
+
+    The class count is read from the head: rows of `head.query.weight` / num_heads
+    (NOAH) or rows of the linear head's weight. `num_classes`, if given, must agree,
+    unless `drop_head` (then it is the intended count of the new head and is returned
+    as is; None if neither is known). `img_size` is inferred from the number of tokens
+    (pos_embed, token-mixing weights) where the model has one and it is not given.
+    """
+    state_dict = _as_numpy_dict(state_dict)
+    model = create_model(model_name, num_classes=1, head=head, **overrides)
+    model_cls = type(model)
+    overrides = dict(overrides)
+
+    if "img_size" in model_overrides(model_name) and "img_size" not in overrides:
+        key, axis = _TOKEN_COUNT_KEYS.get(model_cls, (None, 0))
+        if key in state_dict and state_dict[key].ndim > axis:
+            tokens = state_dict[key].shape[axis]
+            if model_cls is VisionTransformer and head != "noah":
+                tokens -= 1  # the class token's position
+            side = math.isqrt(max(tokens, 0))
+            if side * side == tokens and side > 0:
+                img_size = side * model.patch_size
+                if img_size != model.img_size:
+                    overrides["img_size"] = img_size
+
+    if drop_head and num_classes is not None:
+        return num_classes, overrides  # the new head's count; the old head is not read
+    names = _head_names(model_cls, head)
+    weight_keys = ([f"{names[0]}.query.weight"] if head == "noah"
+                   else [f"{name}.weight" for name in names])
+    found = next((k for k in weight_keys if k in state_dict), None)
+    if found is None:
+        if drop_head or num_classes is not None:
+            return num_classes, overrides
+        raise ConversionError(
+            f"cannot tell the class count of {model_name} (head={head}): the state_dict has "
+            f"none of {weight_keys}. Pass num_classes (the head's keys are then reported "
+            f"missing), or drop_head=True to convert the backbone only.")
+    rows = state_dict[found].shape[0] if state_dict[found].ndim else 0
+    if head == "noah":
+        if rows % model.num_heads:
+            if drop_head:
+                return None, overrides
+            raise ConversionError(
+                f"{found} has {rows} rows, not a multiple of num_heads={model.num_heads}: the "
+                f"checkpoint's NOAH head has another number of heads; pass num_heads=N")
+        rows //= model.num_heads
+    if num_classes is not None and num_classes != rows:
+        raise ConversionError(f"num_classes={num_classes} was asked for, but {found} holds a "
+                              f"{rows}-class head")
+    return rows, overrides
+
+
+def _head_only_target(state_dict: dict[str, np.ndarray], overrides: dict) -> tuple[NOAHHead, int]:
+    """The NOAHHead and its input width C implied by query/value weights and settings."""
+    fields = sorted(f.name for f in dataclasses.fields(NOAHHead)
+                    if f.name not in ("parent", "name", "num_classes"))
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise TypeError(f"torch_to_flax({HEAD_ONLY!r}): unknown setting(s) {unknown}; "
+                        f"valid: {fields}")
+    settings = NOAHHead(num_classes=1, **overrides)
+    missing = [k for k in ("query.weight", "value.weight") if k not in state_dict]
+    if missing:
+        raise ConversionError(f"a NOAH head's state_dict needs {missing} (keys present: "
+                              f"{sorted(state_dict)})")
+    query, value = state_dict["query.weight"], state_dict["value.weight"]
+    n = settings.num_heads
+    if query.ndim != 4 or value.ndim != 4 or query.shape[0] % n:
+        raise ConversionError(
+            f"query.weight {list(query.shape)} / value.weight {list(value.shape)} are not "
+            f"grouped 1x1 conv weights [N*K, Cin/G, 1, 1] with N=num_heads={n}")
+    groups = n if settings.head_split else 1
+    key_channels, value_channels = groups * query.shape[1], groups * value.shape[1]
+    channels = key_channels + value_channels if settings.kv_split else key_channels
+    return NOAHHead(num_classes=query.shape[0] // n, **overrides), channels
+
+
+# ---------------------------------------------------------------------------------------
+# Conversion.
+# ---------------------------------------------------------------------------------------
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach") and hasattr(value, "numpy"):
+        import torch  # the value is a torch tensor, so torch is installed
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:  # numpy cannot take torch's bfloat16
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _as_numpy_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"a state_dict is a mapping from keys to arrays, got {type(state_dict)}")
+    return {str(k): _to_numpy(v) for k, v in state_dict.items()}
+
+
+def _convert(state_dict: dict[str, np.ndarray], entries: list[_Entry], origin: Mapping[str, str],
+             description: str) -> dict:
+    expected = {e.torch_key: e for e in entries}
+    counters = {f"{m}.{_BATCH_NORM_COUNTER}" for m in _batch_norm_modules(entries)}
+    shown = lambda key: f"{origin[key]} (read as {key})" if key in origin else key  # noqa: E731
+
+    problems = [f"missing: {key} {list(e.torch_shape)} (-> {e.collection}/{'/'.join(e.path)})"
+                for key, e in expected.items() if key not in state_dict]
+    problems += [f"unexpected: {shown(key)} {list(np.shape(v))}"
+                 for key, v in state_dict.items() if key not in expected and key not in counters]
+    problems += [f"shape mismatch: {shown(key)}: model expects {list(e.torch_shape)}, "
+                 f"state_dict has {list(state_dict[key].shape)}"
+                 for key, e in expected.items()
+                 if key in state_dict and tuple(state_dict[key].shape) != e.torch_shape]
+    problems += [f"not numeric: {shown(key)} (dtype {state_dict[key].dtype})"
+                 for key in expected if key in state_dict
+                 and not (np.issubdtype(state_dict[key].dtype, np.number)
+                          or state_dict[key].dtype == jnp.bfloat16)]
+    if problems:
+        raise ConversionError(f"the state_dict does not fit {description}: {len(problems)} "
+                              "problem(s):\n  " + "\n  ".join(problems))
+
+    flat = {}
+    for key, e in expected.items():
+        value = _to_flax_layout(e.layout, state_dict[key], e.shape)
+        flat[(e.collection, *e.path)] = value.astype(np.dtype(e.dtype), copy=False)
+    return unflatten_dict(flat)
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], model_name: str, *, head: str = "noah",
+                  num_classes: Optional[int] = None, drop_head: bool = False,
+                  **overrides) -> dict:
+    """Converts the reference's state_dict into Flax variables {'params', 'batch_stats'}.
+
+    Args:
+      state_dict: the reference's keys -> arrays (numpy, or torch tensors).
+      model_name: a zoo name (`create_model`), or 'noah_head' for a NOAHHead alone (its
+        keys `query.*`, `value.*`; pass its num_heads, key_ratio, head_split, kv_split).
+      head: 'noah' or 'linear', the head the checkpoint has.
+      num_classes: checked against the head's weights (the count is read from them).
+      drop_head: leave the head out (its weights, if any, are ignored): the backbone for
+        fine-tuning with a new head.
+      **overrides: `create_model` overrides (e.g. num_heads, key_ratio, img_size), or the
+        NOAHHead's settings for 'noah_head'.
+
+    Returns the variables of `create_model(model_name, head=head, num_classes=K,
+    **overrides)` as numpy float32 arrays ('batch_stats' only where the model has it).
+    Raises ConversionError listing every missing, unexpected and mis-shaped key.
+    """
+    state_dict = _as_numpy_dict(state_dict)
+    if model_name == HEAD_ONLY:
+        if drop_head:
+            raise ValueError(f"drop_head=True leaves nothing of {HEAD_ONLY!r} to convert")
+        module, channels = _head_only_target(state_dict, overrides)
+        if num_classes is not None and num_classes != module.num_classes:
+            raise ConversionError(f"num_classes={num_classes} was asked for, but query.weight "
+                                  f"holds a {module.num_classes}-class head")
+        entries = _layout(_abstract_variables(module, (1, 1, channels)), {})
+        description = (f"NOAHHead(num_classes={module.num_classes}, num_heads="
+                       f"{module.num_heads}, key_ratio={module.key_ratio}, head_split="
+                       f"{module.head_split}, kv_split={module.kv_split}) on C={channels}")
+        return _convert(state_dict, entries, {}, description)
+
+    num_classes, overrides = infer_model_settings(state_dict, model_name, head=head,
+                                                  num_classes=num_classes,
+                                                  drop_head=drop_head, **overrides)
+    model = create_model(model_name, num_classes=num_classes or 1, head=head, **overrides)
+    model_cls = type(model)
+    target = _abstract_variables(model, _model_input_shape(model))
+    names = _head_names(model_cls, head)
+    if drop_head:
+        target = {col: {k: v for k, v in tree.items() if k != "head"}
+                  for col, tree in target.items()}
+        every_head = set(_head_names(model_cls, "noah")) | set(_head_names(model_cls, "linear"))
+        state_dict = {k: v for k, v in state_dict.items()
+                      if not any(_under(k, name) for name in every_head)}
+        origin = {}
+    else:
+        state_dict, origin = _apply_aliases(state_dict, names[0], names[1:])
+    entries = _layout(target, _renames(model_cls, head))
+    settings = "".join(f", {k}={v!r}" for k, v in sorted(overrides.items()))
+    description = (f"{model_name} (head={head}, "
+                   + ("head dropped" if drop_head else f"num_classes={num_classes}")
+                   + f"{settings})")
+    return _convert(state_dict, entries, origin, description)
+
+
+def flax_to_torch(variables: Mapping[str, Any], model_name: str, *,
+                  num_batches_tracked: bool = False) -> dict[str, np.ndarray]:
+    """Our variables as the reference's state_dict (numpy arrays, the reference's keys).
+
+    The inverse of `torch_to_flax` (linear heads get the reference's name, e.g.
+    `head.2` in the CNNs). num_batches_tracked=True adds every BatchNorm's counter as
+    an int64 zero (we do not count batches), for loaders that insist on the key;
+    PyTorch's own `load_state_dict` fills it in when it is absent.
+    """
+    variables = {col: dict(variables[col]) for col in ("params", "batch_stats")
+                 if col in variables}
+    if model_name == HEAD_ONLY:
+        renames = {}
+    else:
+        model_cls = type(create_model(model_name, num_classes=1))
+        head_params = variables.get("params", {}).get("head", {})
+        renames = _renames(model_cls, "noah" if "query" in head_params else "linear")
+    entries = _layout(variables, renames)
+    state_dict = {}
+    for e in entries:
+        value = variables[e.collection]
+        for name in e.path:
+            value = value[name]
+        state_dict[e.torch_key] = _to_torch_layout(e.layout, np.asarray(value))
+    if num_batches_tracked:
+        for module in sorted(_batch_norm_modules(entries)):
+            state_dict[f"{module}.{_BATCH_NORM_COUNTER}"] = np.zeros((), np.int64)
+    return state_dict
+
+
+# ---------------------------------------------------------------------------------------
+# Files.
+# ---------------------------------------------------------------------------------------
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".pth.tar")
+_SUFFIXES = (*_TORCH_SUFFIXES, ".safetensors", ".npz")
+_STATE_DICT_WRAPPERS = ("state_dict", "model")
+
+
+def unwrap_state_dict(obj: Any) -> dict[str, Any]:
+    """The state_dict inside a training checkpoint.
+
+    Descends into {'state_dict': ...} or {'model': ...} (first match, repeatedly), then
+    removes DataParallel's `module.` prefix if every key has it.
+    """
+    while isinstance(obj, Mapping):
+        inner = next((obj[w] for w in _STATE_DICT_WRAPPERS if isinstance(obj.get(w), Mapping)),
+                     None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"expected a state_dict (a mapping from names to tensors), got "
+                         f"{type(obj).__name__}")
+    if obj and all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _load_torch(path: str) -> Any:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"reading {path} needs PyTorch, an optional dependency of noah_jax: pip install "
+            "torch (the CPU build is enough), or save the state_dict as .safetensors or .npz "
+            "where torch is installed"
+        ) from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} holds Python objects besides tensors, and is read with "
+            "torch.load(weights_only=True), which never runs pickled code. If you trust the "
+            "file, keep only its weights: torch.save(torch.load(path, weights_only=False)"
+            "['model'], 'weights.pth') (or ['state_dict']).\n" + str(e)) from e
+
+
+# safetensors' dtype names (https://github.com/huggingface/safetensors, format spec).
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Reads a .safetensors file: u64 little-endian header size, JSON header, raw data.
+
+    Done here (the format is small and fixed) so no extra package is needed.
+    """
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    if data.size < 8:
+        raise ValueError(f"{path} is not a safetensors file (shorter than its header size)")
+    header_size = int.from_bytes(data[:8].tobytes(), "little")
+    if 8 + header_size > data.size:
+        raise ValueError(f"{path} is not a safetensors file (header size {header_size} "
+                         f"beyond the file's {data.size} bytes)")
+    header = json.loads(data[8:8 + header_size].tobytes())
+    body = data[8 + header_size:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if not 0 <= start <= end <= body.size or end - start != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name} {info} does not fit the file's data")
+        tensors[name] = np.frombuffer(body[start:end].tobytes(), dtype).reshape(shape)
+    return tensors
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a state_dict from .pth/.pt/.pth.tar, .safetensors or .npz (see module doc)."""
+    path = os.fspath(path)
+    name = os.path.basename(path).lower()
+    if name.endswith(_TORCH_SUFFIXES):
+        obj = _load_torch(path)
+    elif name.endswith(".safetensors"):
+        obj = _load_safetensors(path)
+    elif name.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as npz:
+            obj = {k: npz[k] for k in npz.files if not re.fullmatch(r"__.*__", k)}
+    else:
+        raise ValueError(f"cannot read {path}: unknown extension; supported: "
+                         f"{', '.join(_SUFFIXES)}")
+    return _as_numpy_dict(unwrap_state_dict(obj))
+
+
+# ---------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value  # a bare string
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m noah_jax.convert",
+        description="Convert a reference PyTorch checkpoint into an Orbax checkpoint that "
+                    "training (config.init_from) and evaluation read.")
+    parser.add_argument("--model", required=True, help="zoo name, e.g. resnet18")
+    parser.add_argument("--head", choices=("noah", "linear"), default="noah",
+                        help="the head the checkpoint has")
+    parser.add_argument("--input", required=True,
+                        help="checkpoint: " + ", ".join(_SUFFIXES))
+    parser.add_argument("--output", required=True, help="new Orbax checkpoint directory")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="checked against the head's weights; with --drop-head, the class "
+                             "count of the new head, recorded in the checkpoint's meta")
+    parser.add_argument("--drop-head", action="store_true",
+                        help="write the backbone only (fine-tuning on another label set)")
+    parser.add_argument("--override", action="append", type=_parse_override, default=[],
+                        metavar="KEY=VALUE",
+                        help="create_model override, e.g. key_ratio=0.25 or head_split=False "
+                             "(repeatable; values are Python literals)")
+    args = parser.parse_args(argv)
+
+    if checkpoint.latest_step(args.output) is not None:
+        parser.error(f"{args.output} already holds a checkpoint; choose a new directory")
+    try:
+        state_dict = load_state_dict(args.input)
+        num_classes, overrides = infer_model_settings(
+            state_dict, args.model, head=args.head, num_classes=args.num_classes,
+            drop_head=args.drop_head, **dict(args.override))
+        variables = torch_to_flax(state_dict, args.model, head=args.head,
+                                  num_classes=num_classes, drop_head=args.drop_head,
+                                  **overrides)
+    except (ValueError, TypeError, ImportError, OSError) as e:  # the messages say it all
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
+    meta = {"model": args.model, "head": args.head, "num_classes": num_classes,
+            "overrides": overrides, "source": os.path.abspath(args.input),
+            "dropped_head": args.drop_head}
+    checkpoint.save_model(args.output, variables, meta)
+    count = sum(x.size for x in jax.tree.leaves(variables.get("params", {})))
+    print(f"{args.input}: {len(state_dict)} tensors -> {args.output}: {args.model} "
+          f"head={args.head}{' (dropped)' if args.drop_head else ''}, num_classes={num_classes}, "
+          f"overrides={overrides}, {count:,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

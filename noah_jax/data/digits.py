@@ -1,0 +1,144 @@
+"""The demo dataset: scikit-learn's handwritten digits, embedded, no download.
+
+`sklearn.datasets.load_digits()` ships 1,797 grey 8x8 images (values 0..16) of the
+digits 0-9. Here they become a small image-classification task in the shape the
+trainer expects:
+
+  split      fixed, independent of the run seed: the 360 examples with the smallest
+             `hash_u64(DIGITS_SPLIT_KEY, index)` are the test set; the other 1,437 are
+             the training set (both kept in the original order). About 80 / 20.
+  resize     bilinear (half-pixel centres, edges clamped) from 8x8 to
+             image_size x image_size (default 32), once at load time; then
+             replicated to 3 channels.
+  normalise  x = (pixel / 16 - mean) / std with one scalar mean and std, computed
+             at load time over every pixel of the resized training split (at 32 px:
+             mean 0.3055, std 0.3234; the background, 0, becomes -0.9446).
+  augment    training batches only: a random translation by up to `max_shift`
+             = max(1, round(image_size / 16)) pixels on each axis (2 at 32 px): pad
+             with the background value, crop back. The shift of an example is a hash
+             of (seed, its position in the training stream), so it is the same
+             whatever the process split or the step a run resumed at.
+
+Importing this module needs scikit-learn only when a DigitsSource is built, and
+never TensorFlow.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from noah_jax.data import base
+
+NUM_EXAMPLES = 1797
+NUM_TEST_EXAMPLES = 360
+NUM_TRAIN_EXAMPLES = NUM_EXAMPLES - NUM_TEST_EXAMPLES  # 1437
+NUM_CLASSES = 10
+DIGITS_SPLIT_KEY = 0x4449_4749_5453  # "DIGITS"; fixed forever: the split must not move
+_AUGMENT_TAG = 0x5348_4946_54  # "SHIFT"
+
+
+def linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] weights of 1-D linear interpolation, half-pixel centres.
+
+    Output pixel i samples the input at (i + 0.5) * in_size / out_size - 0.5, clamped
+    to [0, in_size - 1]; for upsampling this is what jax.image.resize 'linear' does.
+    """
+    centres = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+    centres = np.clip(centres, 0, in_size - 1)
+    lower = np.floor(centres).astype(np.int64)
+    upper = np.minimum(lower + 1, in_size - 1)
+    frac = centres - lower
+    weights = np.zeros((out_size, in_size))
+    np.add.at(weights, (np.arange(out_size), lower), 1 - frac)
+    np.add.at(weights, (np.arange(out_size), upper), frac)
+    return weights
+
+
+def split_indices() -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices into load_digits(), disjoint, each in increasing order."""
+    keys = base.hash_u64(DIGITS_SPLIT_KEY, np.arange(NUM_EXAMPLES, dtype=np.uint64))
+    order = np.argsort(keys, kind="stable")
+    return np.sort(order[NUM_TEST_EXAMPLES:]), np.sort(order[:NUM_TEST_EXAMPLES])
+
+
+class DigitsSource:
+    """scikit-learn's digits at image_size x image_size x 3; see the module docstring.
+
+    `train_images` / `eval_images` hold the normalised, un-augmented float32
+    [n, H, W, 3] arrays and `train_labels` / `eval_labels` the int32 labels.
+    """
+
+    name = "digits"
+    num_classes = NUM_CLASSES
+    num_train_examples = NUM_TRAIN_EXAMPLES
+    num_eval_examples = NUM_TEST_EXAMPLES
+
+    def __init__(self, *, seed: int, image_size: int = 32, augment: bool = True):
+        from sklearn.datasets import load_digits  # here, so `noah_jax.data` imports without it
+
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        self.seed = seed
+        self.image_shape = (image_size, image_size, 3)
+        self.augment = augment
+        self.max_shift = max(1, round(image_size / 16))
+
+        digits = load_digits()
+        raw = digits.images.astype(np.float64) / 16.0  # [1797, 8, 8] in [0, 1]
+        if raw.shape != (NUM_EXAMPLES, 8, 8):
+            raise ValueError(f"load_digits() returned images of shape {raw.shape}, "
+                             f"expected {(NUM_EXAMPLES, 8, 8)}")
+        resize = linear_resize_matrix(8, image_size)
+        resized = np.einsum("hi,nij,wj->nhw", resize, raw, resize)  # [1797, S, S]
+
+        train, test = split_indices()
+        self.mean = float(resized[train].mean())
+        self.std = float(resized[train].std())
+        self.background = np.float32((0.0 - self.mean) / self.std)
+        normalised = ((resized - self.mean) / self.std).astype(np.float32)
+        images = np.repeat(normalised[..., None], 3, axis=-1)  # [1797, S, S, 3]
+        labels = digits.target.astype(np.int32)
+
+        self.train_images, self.train_labels = images[train], labels[train]
+        self.eval_images, self.eval_labels = images[test], labels[test]
+        s = self.max_shift
+        # Padded once; a translated image is then a crop of its padded copy.
+        self._padded_train = np.pad(self.train_images, ((0, 0), (s, s), (s, s), (0, 0)),
+                                    constant_values=self.background)
+
+    def _shifted(self, indices: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Training images `indices`, each translated by a hash of (seed, position)."""
+        h, w, _ = self.image_shape
+        span = np.uint64(2 * self.max_shift + 1)
+        bits = base.hash_u64(self.seed, _AUGMENT_TAG, positions)
+        dy = (bits % span).astype(np.int64)
+        dx = ((bits >> np.uint64(32)) % span).astype(np.int64)
+        rows = dy[:, None, None] + np.arange(h)[None, :, None]   # [b, H, 1]
+        cols = dx[:, None, None] + np.arange(w)[None, None, :]   # [b, 1, W]
+        return self._padded_train[indices[:, None, None], rows, cols]  # [b, H, W, 3]
+
+    def train_batches(self, *, start_step: int, local_batch_size: int, process_index: int,
+                      process_count: int) -> Iterator[base.Batch]:
+        index_batches = base.train_index_batches(
+            self.seed, self.num_train_examples, start_step=start_step,
+            local_batch_size=local_batch_size, process_index=process_index,
+            process_count=process_count)
+        # A generator expression, not `yield`, so bad arguments raise here, not at next().
+        return (self._train_batch(indices, positions) for _, positions, indices in index_batches)
+
+    def _train_batch(self, indices: np.ndarray, positions: np.ndarray) -> base.Batch:
+        if self.augment:
+            images = self._shifted(indices, positions)
+        else:
+            images = self.train_images[indices]
+        return {"image": images, "label": self.train_labels[indices]}
+
+    def eval_batches(self, *, local_batch_size: int, process_index: int,
+                     process_count: int) -> Iterator[base.Batch]:
+        index_batches = base.eval_index_batches(
+            self.num_eval_examples, local_batch_size=local_batch_size,
+            process_index=process_index, process_count=process_count)
+        return ({"image": self.eval_images[indices], "label": self.eval_labels[indices],
+                 "mask": mask} for indices, mask in index_batches)

@@ -1,0 +1,316 @@
+"""The trainer: one linear function, `train_and_evaluate(config, workdir)`.
+
+Sections, in order: logging, mesh, input, model and optimiser, sharding, update step,
+checkpoint restore, evaluation, loop. Data flows one way: config -> source -> global
+batch -> model -> loss/metrics -> optimiser -> checkpoint/logs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging as logging_lib
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from noah_jax import checkpoint, data, metrics, optim, sharding
+from noah_jax.models import create_model
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _hide_accelerators_from_tensorflow():
+    """TensorFlow (input pipelines, TensorBoard) must never take accelerator memory."""
+    try:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        return
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+
+
+class _DropOrbaxInfo(logging_lib.Filter):
+    """Orbax logs several INFO lines per checkpoint; keep its warnings and errors only."""
+
+    def filter(self, record):
+        return record.levelno >= logging_lib.WARNING or "/orbax/" not in record.pathname
+
+
+def _quiet_orbax():
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _DropOrbaxInfo) for f in handler.filters):
+        handler.addFilter(_DropOrbaxInfo())
+
+
+def _metric_writer(workdir: str):
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+
+def duration_in_steps(config: ml_collections.ConfigDict, num_train_examples: int
+                      ) -> tuple[int, int]:
+    """(total_steps, steps_per_epoch): the one place durations become steps."""
+    steps_per_epoch = max(num_train_examples // config.batch_size, 1)
+    if (config.total_steps > 0) == (config.num_epochs > 0):
+        raise ValueError("set exactly one of config.total_steps and config.num_epochs (> 0); "
+                         f"got total_steps={config.total_steps}, num_epochs={config.num_epochs}")
+    if config.total_steps > 0:
+        return config.total_steps, steps_per_epoch
+    return int(round(config.num_epochs * steps_per_epoch)), steps_per_epoch
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+    """Mean softmax cross-entropy in float32; labels are class ids or (soft) targets."""
+    logits = logits.astype(jnp.float32)
+    if labels.ndim == 1:
+        labels = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing > 0:
+        labels = optax.smooth_labels(labels, label_smoothing)
+    return optax.softmax_cross_entropy(logits, labels).mean()
+
+
+def make_train_step(model, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                    schedule: optax.Schedule, mesh):
+    """The pure update step: (state, batch) -> (state, metrics)."""
+    accum = config.grad_accum_steps
+    batch_axis = sharding.batch_sharding(mesh).spec
+
+    def loss_fn(params, batch_stats, images, labels, rng):
+        logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                       train=True, rngs={"dropout": rng},
+                                       mutable=["batch_stats"])
+        loss = cross_entropy(logits, labels, config.label_smoothing)
+        top1 = jnp.mean(jnp.argmax(logits, -1) == (labels if labels.ndim == 1
+                                                     else jnp.argmax(labels, -1)))
+        return loss, (new_vars.get("batch_stats", batch_stats), top1)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch):
+        # Per-step randomness from (seed, step): a resumed run draws the same numbers.
+        rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+        params = state["params"]
+        if accum == 1:
+            (loss, (batch_stats, top1)), grads = grad_fn(
+                params, state["batch_stats"], batch["image"], batch["label"], rng)
+        else:
+            # Micro-batch i takes every accum-th example, so each device keeps its slice.
+            def split(x):
+                x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+                return jax.lax.with_sharding_constraint(
+                    x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+                        None, *batch_axis)))
+
+            def micro_step(carry, micro):
+                grads, batch_stats, loss, top1 = carry
+                i, images, labels = micro
+                (l, (batch_stats, t)), g = grad_fn(params, batch_stats, images, labels,
+                                                   jax.random.fold_in(rng, i))
+                return (jax.tree.map(jnp.add, grads, g), batch_stats, loss + l, top1 + t), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grads, batch_stats, loss, top1), _ = jax.lax.scan(
+                micro_step, (zeros, state["batch_stats"], 0.0, 0.0),
+                (jnp.arange(accum), split(batch["image"]), split(batch["label"])))
+            grads, loss, top1 = (jax.tree.map(lambda g: g / accum, grads), loss / accum,
+                                 top1 / accum)
+
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = dict(state, params=optax.apply_updates(params, updates),
+                         batch_stats=batch_stats, opt_state=opt_state)
+        if "ema_params" in state:
+            new_state["ema_params"] = optax.incremental_update(
+                new_state["params"], state["ema_params"], 1.0 - config.ema_decay)
+
+        # NaN guard: a non-finite step leaves the state untouched and records its number;
+        # the host stops the run before anything non-finite reaches a checkpoint.
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        new_state["step"] = state["step"] + 1
+        new_state["nonfinite_step"] = jnp.where(
+            finite | (state["nonfinite_step"] >= 0), state["nonfinite_step"], state["step"])
+        step_metrics = {"loss": loss, "accuracy": top1, "grad_norm": grad_norm,
+                        "learning_rate": schedule(state["step"])}
+        return new_state, step_metrics
+
+    return train_step
+
+
+def make_eval_step(model):
+    def eval_step(params, batch_stats, batch):
+        logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+                             train=False)
+        return metrics.classification_sums(logits, batch["label"], batch["mask"])
+    return eval_step
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains and evaluates; resumes from the newest checkpoint in `workdir`.
+
+    Returns the final evaluation metrics (and `train_step_compilations`).
+    """
+    # ----------------------------------------------------------------- Logging
+    _hide_accelerators_from_tensorflow()
+    _quiet_orbax()
+    os.makedirs(workdir, exist_ok=True)
+    writer = _metric_writer(workdir)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    logging.info("config:\n%s", config)
+
+    # ----------------------------------------------------------------- Mesh
+    mesh = sharding.create_mesh(config.mesh.data, config.mesh.model)
+    data_sharding = sharding.batch_sharding(mesh)
+    logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(),
+                 jax.process_count())
+
+    # ----------------------------------------------------------------- Input
+    source = data.get_source(config.dataset, seed=config.seed)
+    for name, size in (("batch_size", config.batch_size), ("eval_batch_size",
+                                                           config.eval_batch_size)):
+        if size % jax.device_count() or size % jax.process_count():
+            raise ValueError(f"config.{name}={size} must be divisible by the "
+                             f"{jax.device_count()} devices")
+    if config.batch_size % config.grad_accum_steps or (
+            config.batch_size // config.grad_accum_steps) % jax.device_count():
+        raise ValueError(f"batch_size={config.batch_size} must split into grad_accum_steps="
+                         f"{config.grad_accum_steps} micro-batches divisible by the "
+                         f"{jax.device_count()} devices")
+    local_batch = config.batch_size // jax.process_count()
+    local_eval_batch = config.eval_batch_size // jax.process_count()
+    total_steps, steps_per_epoch = duration_in_steps(config, source.num_train_examples)
+    eval_every = config.eval_every_steps or steps_per_epoch
+
+    # ----------------------------------------------------------------- Model and optimiser
+    model = create_model(config.model.name, num_classes=source.num_classes,
+                         head=config.model.head, dtype=DTYPES[config.dtype],
+                         **config.model.overrides.to_dict())
+    schedule = optim.learning_rate_schedule(config, total_steps=total_steps,
+                                            steps_per_epoch=steps_per_epoch)
+    tx = optim.make_optimizer(config, schedule)
+
+    def init_state(rng):
+        images = jnp.zeros((1, *source.image_shape), jnp.float32)
+        variables = model.init({"params": rng, "dropout": rng}, images, train=False)
+        params = variables["params"]
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "batch_stats": variables.get("batch_stats", {}),
+                 "opt_state": tx.init(params), "nonfinite_step": -jnp.ones((), jnp.int32)}
+        if config.ema_decay > 0:
+            state["ema_params"] = params
+        return state
+
+    # ----------------------------------------------------------------- Sharding
+    init_rng = jax.random.key(config.seed)
+    abstract_state = jax.eval_shape(init_state, init_rng)
+    state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=config.fsdp,
+                                              fsdp_min_size=config.fsdp_min_size)
+    meta = {"model": config.model.name, "head": config.model.head,
+            "num_classes": source.num_classes, "overrides": config.model.overrides.to_dict(),
+            "dataset": config.dataset.name}
+
+    # ----------------------------------------------------------------- Update step
+    train_step = jax.jit(make_train_step(model, tx, config, schedule, mesh),
+                         in_shardings=(state_sharding, data_sharding),
+                         out_shardings=(state_sharding, None), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model))
+
+    # ----------------------------------------------------------------- Checkpoint restore
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    mngr = checkpoint.manager(ckpt_dir, max_to_keep=config.keep_checkpoints)
+    latest = mngr.latest_step()
+    if latest is not None:
+        logging.info("resuming from %s step %d", ckpt_dir, latest)
+        state = checkpoint.restore_state(
+            mngr, latest, sharding.with_shardings(abstract_state, state_sharding))
+    else:
+        state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
+        if config.init_from.path:
+            logging.info("initialising from %s (drop_head=%s)", config.init_from.path,
+                         config.init_from.drop_head)
+            target = {"params": state["params"], "batch_stats": state["batch_stats"]}
+            variables, _ = checkpoint.restore_model(config.init_from.path, target,
+                                                    drop_head=config.init_from.drop_head)
+            state = jax.jit(functools.partial(_with_variables, ema=config.ema_decay > 0),
+                            out_shardings=state_sharding, donate_argnums=0)(state, variables)
+    start_step = int(state["step"])
+
+    # ----------------------------------------------------------------- Evaluation
+    def evaluate(step: int) -> dict[str, float]:
+        results = {}
+        weights = {"eval": state["params"]}
+        if "ema_params" in state:
+            weights["eval_ema"] = state["ema_params"]
+        for prefix, params in weights.items():
+            total = None
+            for batch in source.eval_batches(local_batch_size=local_eval_batch,
+                                             process_index=jax.process_index(),
+                                             process_count=jax.process_count()):
+                batch = sharding.global_batch(batch, data_sharding)
+                total = metrics.add(total, eval_step(params, state["batch_stats"], batch))
+            for k, v in metrics.finalize(total).items():
+                results[f"{prefix}/{k}"] = v
+        writer.write_scalars(step, {k: v for k, v in results.items() if not k.endswith("count")})
+        logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+        return results
+
+    def check_finite():
+        bad = int(state["nonfinite_step"])
+        if bad >= 0:
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {bad}; training stopped and no checkpoint "
+                f"was written after it (the last good one, step {mngr.latest_step()}, is "
+                "intact). Lower the learning rate, enable grad_clip_norm or use float32.")
+
+    # ----------------------------------------------------------------- Loop
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+    progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                               every_secs=None, every_steps=config.log_every_steps)
+    logging.info("training %s (head=%s) for %d steps (%d per epoch) from step %d",
+                 config.model.name, config.model.head, total_steps, steps_per_epoch, start_step)
+    batches = source.train_batches(start_step=start_step, local_batch_size=local_batch,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+    pending, results, chrono = [], {}, time.time()
+    for step in range(start_step + 1, total_steps + 1):
+        state, step_metrics = train_step(state, sharding.global_batch(next(batches),
+                                                                      data_sharding))
+        pending.append(step_metrics)
+        progress(step)
+        if step % config.log_every_steps == 0 or step == total_steps:
+            check_finite()
+            summary = {f"train/{k}": float(np.mean([m[k] for m in jax.device_get(pending)]))
+                       for k in pending[0]}
+            elapsed = time.time() - chrono
+            summary["train/images_per_sec"] = len(pending) * config.batch_size / elapsed
+            writer.write_scalars(step, summary)
+            pending, chrono = [], time.time()
+        if step % eval_every == 0 or step == total_steps:
+            with progress.timed("eval"):
+                results = evaluate(step)
+        if step % config.checkpoint_every_steps == 0 or step == total_steps:
+            check_finite()
+            checkpoint.save_state(mngr, step, state, meta)
+    if start_step >= total_steps:  # already finished: just report
+        results = evaluate(start_step)
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.flush()
+    results["train_step_compilations"] = train_step._cache_size()  # pylint: disable=protected-access
+    return results
+
+
+def _with_variables(state, variables, ema: bool):
+    state = dict(state, params=variables["params"], batch_stats=variables["batch_stats"])
+    if ema:
+        state["ema_params"] = variables["params"]
+    return state
