@@ -106,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ml_collections.ConfigDict()
     c.init_from.path = ""             # a checkpoint dir (another run's, or convert's)
     c.init_from.drop_head = False     # keep this model's new head
+    c.eval_only = False               # evaluate the workdir's or init_from's checkpoint
     return c
 
 
@@ -138,4 +139,58 @@ def apply_demo(c: ml_collections.ConfigDict, **model_overrides) -> ml_collection
     c.eval_every_steps = 0
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 2
+    return c
+
+
+def imagenet_config(model: str, head: str) -> ml_collections.ConfigDict:
+    """The base config on ImageNet-1k at 224 px for `model` with `head`."""
+    c = base_config()
+    c.model.name = model
+    c.model.head = head
+    c.dataset.name = "imagenet2012"
+    c.dataset.num_classes = 1000
+    c.dataset.image_size = 224
+    c.dataset.eval_crop_ratio = 0.875
+    return c
+
+
+def resnet_recipe(model: str, head: str) -> ml_collections.ConfigDict:
+    """The reference's ResNet recipe (NOAH_SPEC section 3)."""
+    c = imagenet_config(model, head)
+    c.batch_size = 256
+    c.eval_batch_size = 256
+    c.num_epochs = 100.0
+    c.optimizer.name = "sgd"
+    c.optimizer.momentum = 0.9
+    c.optimizer.weight_decay = 1e-4
+    c.schedule.name = "step"
+    c.schedule.base_lr = 0.1
+    c.schedule.base_batch_size = 256
+    c.schedule.decay_epochs = (30.0, 60.0, 90.0)
+    c.schedule.decay_factor = 0.1
+    return c
+
+
+def mlp_recipe(model: str, head: str) -> ml_collections.ConfigDict:
+    """The reference's Mixer / gMLP recipe (NOAH_SPEC section 3)."""
+    c = imagenet_config(model, head)
+    c.model.overrides.drop_rate = 0.0233
+    c.model.overrides.drop_path_rate = 0.1
+    c.dataset.eval_crop_ratio = 0.9
+    c.batch_size = 1536
+    c.eval_batch_size = 1536
+    c.num_epochs = 300.0
+    c.optimizer.name = "adamw"
+    c.optimizer.eps = 1e-6
+    c.optimizer.weight_decay = 0.067
+    c.schedule.name = "cosine"
+    c.schedule.base_lr = 7e-4
+    c.schedule.base_batch_size = 1536
+    c.schedule.warmup_epochs = 20.0
+    c.schedule.end_lr = 1e-5
+    c.grad_clip_norm = 1.0
+    c.label_smoothing = 0.1
+    c.ema_decay = 0.99992
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 2000
     return c

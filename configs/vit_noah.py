@@ -10,7 +10,7 @@ tiny_075 62.55 -> 66.64, tiny 72.16 -> 74.29, small 79.78 -> 80.56, base 81.85 -
 
   python main.py --config=configs/vit_noah.py:demo --workdir=runs/demo
 
-The demo: a 4-block NOAH ViT (DeiT-Tiny x0.5 width, 8 px patches) on the embedded
+The demo: a 4-block NOAH DeiT-Tiny (8 px patches) on the embedded
 digits at 32 px; about 96-99% test top-1 in a few minutes on 2 CPU cores.
 """
 

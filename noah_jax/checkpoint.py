@@ -95,8 +95,11 @@ def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
                                 "directory written by training or by `python -m noah_jax.convert`")
     with manager(directory, read_only=True) as mngr:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        if target is None:
-            restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.PyTreeRestore()))
+        if target is None:  # as stored, as host numpy arrays, whatever wrote it
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                    dict(mngr.item_metadata(step)["model"]))
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                model=ocp.args.PyTreeRestore(restore_args=as_numpy)))
             return dict(restored.model), meta
         # Models without BatchNorm have no 'batch_stats' in eval_shape(init); the
         # checkpoint stores an empty one.

@@ -16,9 +16,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
-def create_mesh(data: int = -1, model: int = 1) -> Mesh:
-    """A (data, model) mesh over all devices; -1 takes the devices the other axis leaves."""
-    count = jax.device_count()
+def create_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
+    """A (data, model) mesh over `devices` (all by default); -1 takes what the other leaves."""
+    count = len(devices) if devices is not None else jax.device_count()
     if data == -1:
         data = count // model
     if data * model != count:
@@ -28,7 +28,8 @@ def create_mesh(data: int = -1, model: int = 1) -> Mesh:
     # Auto axes: shardings are constraints that XLA propagates (GSPMD), as big_vision and
     # the Flax examples use them; jax.make_mesh's default became Explicit axes.
     auto = jax.sharding.AxisType.Auto
-    return jax.make_mesh((data, model), ("data", "model"), axis_types=(auto, auto))
+    return jax.make_mesh((data, model), ("data", "model"), axis_types=(auto, auto),
+                         devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

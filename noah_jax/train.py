@@ -132,7 +132,9 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
         # NaN guard: a non-finite step leaves the state untouched and records its number;
         # the host stops the run before anything non-finite reaches a checkpoint.
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params_finite = jax.tree.reduce(
+            jnp.logical_and, jax.tree.map(lambda p: jnp.isfinite(p).all(), new_state["params"]))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         new_state["step"] = state["step"] + 1
         new_state["nonfinite_step"] = jnp.where(
@@ -266,10 +268,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def check_finite():
         bad = int(state["nonfinite_step"])
         if bad >= 0:
+            mngr.wait_until_finished()
+            last = mngr.latest_step()
+            kept = (f"the last good checkpoint, step {last}, is intact" if last is not None
+                    else "no checkpoint had been written yet")
             raise FloatingPointError(
-                f"non-finite loss or gradient at step {bad}; training stopped and no checkpoint "
-                f"was written after it (the last good one, step {mngr.latest_step()}, is "
-                "intact). Lower the learning rate, enable grad_clip_norm or use float32.")
+                f"non-finite loss, gradient or parameters at step {bad}: training stopped "
+                f"before writing anything after it ({kept}). Lower the learning rate, enable "
+                "grad_clip_norm or compute in float32.")
+
+    if config.eval_only:
+        if latest is None and not config.init_from.path:
+            raise ValueError("config.eval_only needs a checkpoint: a workdir with one, or "
+                             "config.init_from.path (e.g. the output of noah_jax.convert)")
+        results = evaluate(start_step)
+        mngr.close()
+        writer.flush()
+        return results
 
     # ----------------------------------------------------------------- Loop
     from clu import periodic_actions  # pylint: disable=g-import-not-at-top
@@ -281,30 +296,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count())
     pending, results, chrono = [], {}, time.time()
-    for step in range(start_step + 1, total_steps + 1):
-        state, step_metrics = train_step(state, sharding.global_batch(next(batches),
-                                                                      data_sharding))
-        pending.append(step_metrics)
-        progress(step)
-        if step % config.log_every_steps == 0 or step == total_steps:
-            check_finite()
-            summary = {f"train/{k}": float(np.mean([m[k] for m in jax.device_get(pending)]))
-                       for k in pending[0]}
-            elapsed = time.time() - chrono
-            summary["train/images_per_sec"] = len(pending) * config.batch_size / elapsed
-            writer.write_scalars(step, summary)
-            pending, chrono = [], time.time()
-        if step % eval_every == 0 or step == total_steps:
-            with progress.timed("eval"):
-                results = evaluate(step)
-        if step % config.checkpoint_every_steps == 0 or step == total_steps:
-            check_finite()
-            checkpoint.save_state(mngr, step, state, meta)
-    if start_step >= total_steps:  # already finished: just report
-        results = evaluate(start_step)
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.flush()
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            batch = sharding.global_batch(next(batches), data_sharding)
+            state, step_metrics = train_step(state, batch)
+            pending.append(step_metrics)
+            progress(step)
+            if step % config.log_every_steps == 0 or step == total_steps:
+                check_finite()
+                pending = jax.device_get(pending)
+                summary = {f"train/{k}": float(np.mean([m[k] for m in pending]))
+                           for k in pending[0]}
+                summary["train/images_per_sec"] = (len(pending) * config.batch_size
+                                                   / (time.time() - chrono))
+                writer.write_scalars(step, summary)
+                pending, chrono = [], time.time()
+            if step % eval_every == 0 or step == total_steps:
+                with progress.timed("eval"):
+                    results = evaluate(step)
+            if step % config.checkpoint_every_steps == 0 or step == total_steps:
+                check_finite()
+                checkpoint.save_state(mngr, step, state, meta)
+        if start_step >= total_steps:  # already finished: just report
+            results = evaluate(start_step)
+    finally:
+        # Also on errors (the NaN guard): the last good checkpoint finishes writing.
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.flush()
     results["train_step_compilations"] = train_step._cache_size()  # pylint: disable=protected-access
     return results
 

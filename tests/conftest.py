@@ -1,4 +1,4 @@
-"""Test-wide settings: CPU only, cheap XLA compiles, float32 matmuls at full precision."""
+"""Test-wide settings: CPU only, 8 fake devices, cheap XLA compiles, full-precision matmuls."""
 
 import os
 
@@ -9,6 +9,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_backend_optimization_level=0").strip()
+
+# Eight fake CPU devices, so sharded code runs as on a multi-device host.
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
 

@@ -1,0 +1,26 @@
+"""gMLP with the NOAH head on ImageNet-1k: the reference's Mixer/gMLP recipe.
+
+  python main.py --config=configs/gmlp_noah.py:variant=ti16 --workdir=runs/gmlp_ti16_noah
+
+300 epochs, AdamW (eps 1e-6, lr 7e-4 at the reference's global batch 8 x 192 = 1536,
+weight decay 0.067), 20 warm-up epochs then cosine to 1e-5, label smoothing 0.1,
+dropout 0.0233, drop path 0.1, gradient clipping at norm 1.0, EMA 0.99992; evaluation
+crop ratio 0.9. Head: N=4, r=1/2, dropout 0.1. Expected ImageNet top-1 (paper,
+baseline -> NOAH): Ti/16 72.05 -> 73.39, Ti/16 x0.75 65.95 -> 67.71, Ti/16 x0.5
+54.99 -> 56.89, S/16 79.65 -> 79.95.
+Arguments: variant=ti16|ti16_075|ti16_050|s16|b16, head=noah|linear, demo.
+"""
+
+from configs import common
+
+VARIANTS = ("ti16", "ti16_075", "ti16_050", "s16", "b16")
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, variant="ti16", head="noah", demo=False)
+    if a.variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {a.variant!r}")
+    c = common.mlp_recipe(f"gmlp_{a.variant}_224", a.head)
+    if a.demo:
+        common.apply_demo(c, patch_size=8, num_blocks=4, drop_rate=0.0, drop_path_rate=0.0)
+    return c

@@ -1,0 +1,32 @@
+"""MobileNetV2 with the NOAH head on ImageNet-1k: the reference's MobileNetV2 recipe.
+
+  python main.py --config=configs/mobilenetv2_noah.py:width=100 --workdir=runs/mbv2_100_noah
+
+150 epochs, SGD (momentum 0.9, lr 0.05 at batch 256, weight decay 4e-5 on weights with
+more than one dimension), cosine schedule; RandomResizedCrop 224 and flips. Head: N=8,
+r=1/4, dropout 0.2. Expected ImageNet top-1 (paper, baseline -> NOAH): x1.0 72.02 ->
+73.35, x0.75 69.65 -> 71.44, x0.5 64.30 -> 67.44, x0.35 59.62 -> 63.40.
+Arguments: width=035|050|075|100, head=noah|linear.
+"""
+
+from configs import common
+
+WIDTHS = ("035", "050", "075", "100")
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, width="100", head="noah")
+    if a.width not in WIDTHS:
+        raise ValueError(f"width must be one of {WIDTHS}, got {a.width!r}")
+    c = common.imagenet_config(f"mobilenetv2_{a.width}", a.head)
+    c.batch_size = 256
+    c.eval_batch_size = 256
+    c.num_epochs = 150.0
+    c.optimizer.name = "sgd"
+    c.optimizer.momentum = 0.9
+    c.optimizer.weight_decay = 4e-5
+    c.schedule.name = "cosine"
+    c.schedule.base_lr = 0.05
+    c.schedule.base_batch_size = 256
+    c.schedule.end_lr = 0.0
+    return c

@@ -1,0 +1,291 @@
+"""The trainer end to end on the embedded digits, on 8 fake CPU devices (see conftest)."""
+
+import importlib
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from noah_jax import checkpoint, data, optim, sharding, train
+from noah_jax.models import create_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PARITY = ROOT.parent / "shared" / "parity"
+
+
+def set_fields(c, **changes):
+    for key, value in changes.items():
+        node = c
+        *path, leaf = key.split("__")
+        for p in path:
+            node = node[p]
+        node[leaf] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+    return c
+
+
+def demo_config(**changes):
+    """The README demo, shrunk: a 1-block NOAH ViT, 6 steps of 16 digits."""
+    c = importlib.import_module("configs.vit_noah").get_config("demo")
+    c.model.overrides.depth = 1
+    c.model.overrides.embed_dim = 96
+    c.model.overrides.attn_heads = 3
+    c.num_epochs = 0.0
+    c.total_steps = 6
+    c.batch_size = 16
+    c.eval_batch_size = 48   # 360 eval digits = 7.5 batches: the last one is padded
+    c.log_every_steps = 3
+    c.eval_every_steps = 6
+    c.checkpoint_every_steps = 3
+    return set_fields(c, **changes)
+
+
+def direct_eval(config, variables):
+    """Top-1 and loss over every eval image, computed without the trainer's machinery."""
+    source = data.get_source(config.dataset, seed=config.seed)
+    model = create_model(config.model.name, num_classes=source.num_classes,
+                         head=config.model.head, **config.model.overrides.to_dict())
+    images, labels = [], []
+    for batch in source.eval_batches(local_batch_size=1000, process_index=0, process_count=1):
+        keep = batch["mask"] > 0
+        images.append(batch["image"][keep])
+        labels.append(batch["label"][keep])
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images),
+                        np.float64)
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
+        -1, keepdims=True)) - logits.max(-1, keepdims=True)
+    return (len(labels), np.mean(np.argmax(logits, -1) == labels),
+            -np.mean(log_probs[np.arange(len(labels)), labels]))
+
+
+def test_demo_run_trains_checkpoints_logs_and_evaluates_every_example_once(tmp_path):
+    config = demo_config()
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert jax.device_count() == 8
+    assert results["train_step_compilations"] == 1
+    # Exact evaluation: 360 digits in padded batches of 48 over 8 devices, each once.
+    variables, meta = checkpoint.restore_model(tmp_path / "checkpoints")
+    count, top1, loss = direct_eval(config, variables)
+    assert results["eval/count"] == count == 360
+    assert results["eval/top1"] == pytest.approx(top1, abs=1e-9)
+    assert results["eval/loss"] == pytest.approx(loss, rel=1e-5)
+    assert meta["model"] == "deit_tiny_patch16_224" and meta["num_classes"] == 10
+    assert checkpoint.latest_step(tmp_path / "checkpoints") == 6
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 6
+
+
+def step_once(config, devices, images, labels):
+    """One jitted train step on a mesh over `devices`; returns (metrics, new params)."""
+    mesh = sharding.create_mesh(len(devices), 1, devices=devices)
+    model = create_model(config.model.name, num_classes=10, head=config.model.head,
+                         **config.model.overrides.to_dict())
+    schedule = optim.learning_rate_schedule(config, total_steps=10, steps_per_epoch=5)
+    tx = optim.make_optimizer(config, schedule)
+    variables = model.init(jax.random.key(0), images[:1])
+    state = {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
+             "batch_stats": variables.get("batch_stats", {}),
+             "opt_state": tx.init(variables["params"]), "nonfinite_step": jnp.array(-1)}
+    shardings = sharding.state_shardings(jax.eval_shape(lambda: state), mesh,
+                                         fsdp=config.fsdp, fsdp_min_size=config.fsdp_min_size)
+    state = jax.device_put(state, shardings)
+    batch = sharding.global_batch({"image": images, "label": labels},
+                                  sharding.batch_sharding(mesh))
+    step = jax.jit(train.make_train_step(model, tx, config, schedule, mesh),
+                   out_shardings=(shardings, None))
+    new_state, metrics = step(state, batch)
+    return jax.device_get(metrics), jax.device_get(new_state), shardings
+
+
+@pytest.mark.parametrize("model_changes", [
+    {},  # ViT with dropout in the head (per-example random bits must not depend on devices)
+    {"model__name": "resnet18", "model__overrides": {"stage_sizes": (1, 1, 1, 1)}},  # BN
+])
+def test_same_global_batch_gives_the_same_step_on_1_and_8_devices(model_changes):
+    config = demo_config(**model_changes)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((16, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, 16).astype(np.int32)
+    m1, s1, _ = step_once(config, jax.devices()[:1], images, labels)
+    m8, s8, _ = step_once(config, jax.devices(), images, labels)
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s1, s8)
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    config = demo_config()
+    config.model.overrides.dropout = 0.0
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((16, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, 16).astype(np.int32)
+    m1, s1, _ = step_once(config, jax.devices(), images, labels)
+    config.grad_accum_steps = 2
+    m2, s2, _ = step_once(config, jax.devices(), images, labels)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 s1["params"], s2["params"])
+
+
+def test_fsdp_shards_parameters_over_data_and_computes_the_same_step():
+    config = demo_config(fsdp=True, fsdp_min_size=1024)
+    rng = np.random.default_rng(2)
+    images = rng.standard_normal((16, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, 16).astype(np.int32)
+    m_fsdp, s_fsdp, shardings = step_once(config, jax.devices(), images, labels)
+    specs = jax.tree.leaves(jax.tree.map(lambda s: s.spec, shardings["params"]),
+                            is_leaf=lambda x: isinstance(x, P))
+    assert P("data", None) in specs or P(None, "data") in specs
+    fc1 = shardings["params"]["blocks_0"]["mlp"]["fc1"]["kernel"]  # [96, 384]
+    assert fc1.spec == P(None, "data")
+    config.fsdp = False
+    m_rep, s_rep, _ = step_once(config, jax.devices(), images, labels)
+    np.testing.assert_allclose(m_fsdp["loss"], m_rep["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 s_fsdp["params"], s_rep["params"])
+
+
+def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    # An absurd learning rate blows the parameters up within a few steps.
+    config = demo_config(total_steps=12, checkpoint_every_steps=1, log_every_steps=1,
+                         grad_clip_norm=0.0, schedule__base_lr=1e30,
+                         schedule__warmup_epochs=0.0, optimizer__name="sgd")
+    with pytest.raises(FloatingPointError, match=r"non-finite .* at step (\d+)") as info:
+        train.train_and_evaluate(config, str(tmp_path))
+    bad_step = int(re.search(r"step (\d+)", str(info.value)).group(1))
+    last = checkpoint.latest_step(tmp_path / "checkpoints")
+    assert last is not None and last <= bad_step
+    variables, _ = checkpoint.restore_model(tmp_path / "checkpoints")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
+
+
+def test_a_checkpoint_of_another_model_is_refused_with_the_keys_listed(tmp_path):
+    train.train_and_evaluate(demo_config(total_steps=3), str(tmp_path))
+    other = demo_config(total_steps=6)
+    other.model.overrides.depth = 2
+    with pytest.raises(checkpoint.CheckpointMismatchError,
+                       match=r"missing in checkpoint: params/blocks_1/attn/proj/bias"):
+        train.train_and_evaluate(other, str(tmp_path))
+
+
+def run_main(workdir, *flags, **popen):
+    command = [sys.executable, str(ROOT / "main.py"), "--config",
+               str(ROOT / "configs" / "vit_noah.py") + ":demo", f"--workdir={workdir}",
+               "--config.model.overrides.depth=1", "--config.num_epochs=0",
+               "--config.total_steps=40", "--config.batch_size=16",
+               "--config.checkpoint_every_steps=4", "--config.log_every_steps=4",
+               "--config.eval_every_steps=40", *flags]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_killed_and_restarted_run_ends_with_the_same_parameters(tmp_path):
+    straight = run_main(tmp_path / "straight")
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out[-3000:]
+
+    killed = run_main(tmp_path / "killed")
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and (checkpoint.latest_step(ckpts) or 0) < 12:
+        time.sleep(0.2)
+        assert killed.poll() is None, killed.communicate()[0][-3000:]
+    killed.send_signal(signal.SIGKILL)  # mid-run, possibly mid-save
+    killed.communicate()
+    assert 12 <= checkpoint.latest_step(ckpts) < 40
+    resumed = run_main(tmp_path / "killed")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resuming from" in out
+
+    a, _ = checkpoint.restore_model(tmp_path / "straight" / "checkpoints")
+    b, _ = checkpoint.restore_model(ckpts)
+    assert checkpoint.latest_step(ckpts) == 40
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_a_mistyped_config_key_names_the_valid_ones(tmp_path):
+    proc = run_main(tmp_path, "--config.batch_sise=8")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "batch_sise" in out and "batch_size" in out
+    with pytest.raises(ValueError, match=r"unknown config argument 'varaint'.*'variant'"):
+        importlib.import_module("configs.vit_noah").get_config("varaint=tiny")
+
+
+RECIPES = [
+    ("resnet18_noah", "", "resnet18", 0.1), ("resnet18_noah", "head=linear,depth=34",
+                                             "resnet34", 0.1),
+    ("resnet50_noah", "depth=152", "resnet152", 0.1),
+    ("mobilenetv2_noah", "width=035", "mobilenetv2_035", 0.05),
+    ("vit_noah", "variant=small", "deit_small_patch16_224", 1e-3),
+    ("mixer_noah", "variant=b16", "mixer_b16_224", 7e-4),
+    ("gmlp_noah", "variant=ti16_050,head=linear", "gmlp_ti16_050_224", 7e-4),
+]
+
+
+@pytest.mark.parametrize("name,arg,model_name,peak_lr", RECIPES)
+def test_recipe_configs_build_their_model_and_optimiser(name, arg, model_name, peak_lr):
+    config = importlib.import_module(f"configs.{name}").get_config(arg)
+    assert config.model.name == model_name
+    model = create_model(config.model.name, num_classes=config.dataset.num_classes,
+                         head=config.model.head, **config.model.overrides.to_dict())
+    size = config.dataset.image_size
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    steps_per_epoch = 1_281_167 // config.batch_size
+    total, _ = train.duration_in_steps(config, 1_281_167)
+    schedule = optim.learning_rate_schedule(config, total_steps=total,
+                                            steps_per_epoch=steps_per_epoch)
+    tx = optim.make_optimizer(config, schedule)
+    opt_state = jax.eval_shape(tx.init, variables["params"])
+    assert jax.tree.leaves(opt_state)
+    warmup = int(round(config.schedule.warmup_epochs * steps_per_epoch))
+    assert float(schedule(warmup)) == pytest.approx(peak_lr, rel=1e-6)
+    assert float(schedule(total)) == pytest.approx(config.schedule.end_lr
+                                                   if config.schedule.name == "cosine" else
+                                                   peak_lr * 1e-3, rel=1e-4, abs=1e-12)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_run_equals_one_process_run(tmp_path):
+    """A real 2-host cluster on this machine (gloo collectives), 4 CPU devices each."""
+    flags = ["--config.total_steps=8", "--config.checkpoint_every_steps=8",
+             "--config.eval_every_steps=8"]
+    single = run_main(tmp_path / "single", *flags)
+    out, _ = single.communicate(timeout=600)
+    assert single.returncode == 0, out[-3000:]
+
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("device_count=8", "device_count=4")
+    port = free_port()
+    procs = [run_main(tmp_path / "multi", *flags, f"--coordinator_address=127.0.0.1:{port}",
+                      "--num_processes=2", f"--process_id={i}", env=env) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
+    assert "2 processes" in outs[0] and "over 8 devices" in outs[0]
+    # Process 0 reports; both evaluated all 360 digits together.
+    top1 = [re.search(r"test top-1: ([\d.]+)% \((\d+) images\)", o) for o in outs]
+    assert top1[0] and top1[0].group(2) == "360" and top1[1] is None
+
+    a, _ = checkpoint.restore_model(tmp_path / "single" / "checkpoints")
+    b, _ = checkpoint.restore_model(tmp_path / "multi" / "checkpoints")
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
+    single_top1 = re.search(r"test top-1: ([\d.]+)%", out).group(1)
+    assert top1[0].group(1) == single_top1
