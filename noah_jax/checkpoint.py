@@ -31,7 +31,8 @@ def manager(directory: str | os.PathLike, *, max_to_keep: Optional[int] = None,
     """A CheckpointManager over `directory` with this project's items."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, read_only=read_only,
                                            enable_async_checkpointing=async_save,
-                                           create=not read_only)
+                                           create=not read_only,
+                                           save_interval_steps=0 if read_only else 1)
     handlers = {"model": ocp.PyTreeCheckpointHandler(), "train": ocp.PyTreeCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(os.path.abspath(directory), options=options,

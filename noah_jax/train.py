@@ -37,10 +37,13 @@ def _hide_accelerators_from_tensorflow():
 
 
 class _DropOrbaxInfo(logging_lib.Filter):
-    """Orbax logs several INFO lines per checkpoint; keep its warnings and errors only."""
+    """Orbax logs several INFO lines per checkpoint, and a warning each time a checkpoint
+    is opened read-only on purpose; keep its other warnings and errors."""
 
     def filter(self, record):
-        return record.levelno >= logging_lib.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" not in record.pathname:
+            return True
+        return record.levelno >= logging_lib.WARNING and "read only" not in record.getMessage()
 
 
 def _quiet_orbax():

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from configs import common
 from noah_jax import checkpoint, data, optim, sharding, train
 from noah_jax.models import create_model
 
@@ -289,3 +290,39 @@ def test_two_process_run_equals_one_process_run(tmp_path):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
     single_top1 = re.search(r"test top-1: ([\d.]+)%", out).group(1)
     assert top1[0].group(1) == single_top1
+
+
+def test_converted_reference_checkpoint_is_scored_by_eval_and_fine_tuned_by_the_trainer(
+        tmp_path):
+    fixture = PARITY / "resnet18_noah.npz"
+    if not fixture.exists():
+        pytest.skip(f"{fixture} is absent (a clone without ../shared)")
+    from noah_jax import convert
+    full, backbone = tmp_path / "full", tmp_path / "backbone"
+    convert.main(["--model", "resnet18", "--input", str(fixture), "--output", str(full)])
+    convert.main(["--model", "resnet18", "--input", str(fixture), "--output", str(backbone),
+                  "--drop-head", "--num-classes", "10"])
+
+    # Evaluation scores the converted 1000-class model: 12 synthetic 224 px images.
+    config = common.resnet_recipe("resnet18", "noah")
+    set_fields(config, dataset__name="synthetic", dataset__num_eval_examples=12,
+               dataset__num_train_examples=16, eval_batch_size=8, batch_size=8,
+               init_from__path=str(full), eval_only=True)
+    results = train.train_and_evaluate(config, str(tmp_path / "eval"))
+    variables, _ = checkpoint.restore_model(full)
+    count, top1, loss = direct_eval(config, variables)
+    assert results["eval/count"] == count == 12
+    assert results["eval/top1"] == pytest.approx(top1, abs=1e-9)
+    assert results["eval/loss"] == pytest.approx(loss, rel=1e-4)
+
+    # Fine-tuning starts from the converted backbone with a fresh 10-class head: with a
+    # zero learning rate, one step leaves every backbone parameter as converted.
+    config = demo_config(model__name="resnet18", model__overrides={}, total_steps=1,
+                         schedule__base_lr=0.0, schedule__warmup_epochs=0.0,
+                         init_from__path=str(backbone), init_from__drop_head=True)
+    train.train_and_evaluate(config, str(tmp_path / "finetune"))
+    tuned, _ = checkpoint.restore_model(tmp_path / "finetune" / "checkpoints")
+    assert tuned["params"]["head"]["query"]["kernel"].shape == (4, 64, 10)  # Ck/N = 64
+    for name in ("conv1", "layer4_1"):
+        jax.tree.map(np.testing.assert_array_equal, tuned["params"][name],
+                     variables["params"][name])
