@@ -23,15 +23,8 @@ def get_config(arg=None):
     a = common.parse_arg(arg, variant="tiny", head="noah", demo=False)
     if a.variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {a.variant!r}")
-    c = common.base_config()
-    c.model.name = f"deit_{a.variant}_patch16_224"
-    c.model.head = a.head
+    c = common.imagenet_config(f"deit_{a.variant}_patch16_224", a.head)
     c.model.overrides.drop_path_rate = 0.1
-
-    c.dataset.name = "imagenet2012"
-    c.dataset.num_classes = 1000
-    c.dataset.image_size = 224
-    c.dataset.eval_crop_ratio = 0.875
     c.batch_size = 1024
     c.eval_batch_size = 1024
     c.num_epochs = 300.0

@@ -180,3 +180,39 @@ def eval_index_batches(num_examples: int, *, local_batch_size: int, process_inde
             yield np.where(valid, positions, 0), valid.astype(np.float32)
 
     return generate()
+
+
+class IndexedSource:
+    """A source whose examples are addressed by index: the batch order above, once.
+
+    Subclasses set `seed`, `num_train_examples`, `num_eval_examples` and implement
+    `train_examples(indices, positions)` (positions: stream positions, for per-example
+    randomness) and `eval_examples(indices)`, each returning {'image', 'label'}.
+    """
+
+    seed: int
+    num_train_examples: int
+    num_eval_examples: int
+
+    def train_examples(self, indices: np.ndarray, positions: np.ndarray) -> Batch:
+        raise NotImplementedError
+
+    def eval_examples(self, indices: np.ndarray) -> Batch:
+        raise NotImplementedError
+
+    def train_batches(self, *, start_step: int, local_batch_size: int, process_index: int,
+                      process_count: int) -> Iterator[Batch]:
+        index_batches = train_index_batches(
+            self.seed, self.num_train_examples, start_step=start_step,
+            local_batch_size=local_batch_size, process_index=process_index,
+            process_count=process_count)
+        # A generator expression, not `yield`, so bad arguments raise here, not at next().
+        return (self.train_examples(indices, positions)
+                for _, positions, indices in index_batches)
+
+    def eval_batches(self, *, local_batch_size: int, process_index: int,
+                     process_count: int) -> Iterator[Batch]:
+        index_batches = eval_index_batches(
+            self.num_eval_examples, local_batch_size=local_batch_size,
+            process_index=process_index, process_count=process_count)
+        return ({**self.eval_examples(indices), "mask": mask} for indices, mask in index_batches)

@@ -25,7 +25,6 @@ never TensorFlow.
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import numpy as np
 
@@ -63,7 +62,7 @@ def split_indices() -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[NUM_TEST_EXAMPLES:]), np.sort(order[:NUM_TEST_EXAMPLES])
 
 
-class DigitsSource:
+class DigitsSource(base.IndexedSource):
     """scikit-learn's digits at image_size x image_size x 3; see the module docstring.
 
     `train_images` / `eval_images` hold the normalised, un-augmented float32
@@ -119,26 +118,12 @@ class DigitsSource:
         cols = dx[:, None, None] + np.arange(w)[None, None, :]   # [b, 1, W]
         return self._padded_train[indices[:, None, None], rows, cols]  # [b, H, W, 3]
 
-    def train_batches(self, *, start_step: int, local_batch_size: int, process_index: int,
-                      process_count: int) -> Iterator[base.Batch]:
-        index_batches = base.train_index_batches(
-            self.seed, self.num_train_examples, start_step=start_step,
-            local_batch_size=local_batch_size, process_index=process_index,
-            process_count=process_count)
-        # A generator expression, not `yield`, so bad arguments raise here, not at next().
-        return (self._train_batch(indices, positions) for _, positions, indices in index_batches)
-
-    def _train_batch(self, indices: np.ndarray, positions: np.ndarray) -> base.Batch:
+    def train_examples(self, indices: np.ndarray, positions: np.ndarray) -> base.Batch:
         if self.augment:
             images = self._shifted(indices, positions)
         else:
             images = self.train_images[indices]
         return {"image": images, "label": self.train_labels[indices]}
 
-    def eval_batches(self, *, local_batch_size: int, process_index: int,
-                     process_count: int) -> Iterator[base.Batch]:
-        index_batches = base.eval_index_batches(
-            self.num_eval_examples, local_batch_size=local_batch_size,
-            process_index=process_index, process_count=process_count)
-        return ({"image": self.eval_images[indices], "label": self.eval_labels[indices],
-                 "mask": mask} for indices, mask in index_batches)
+    def eval_examples(self, indices: np.ndarray) -> base.Batch:
+        return {"image": self.eval_images[indices], "label": self.eval_labels[indices]}

@@ -19,7 +19,6 @@ neither TensorFlow nor scikit-learn, so it runs on bare accelerator machines.
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import numpy as np
 
@@ -32,7 +31,7 @@ _LABEL_TAG, _NOISE_TAG, _PATTERN_TAG = 0x4C41_42, 0x4E4F_4953, 0x5041_54  # LAB,
 _SQRT3 = np.float32(np.sqrt(3.0))
 
 
-class SyntheticSource:
+class SyntheticSource(base.IndexedSource):
     """Random labelled images of shape (image_size, image_size, 3); see the module docstring."""
 
     name = "synthetic"
@@ -81,18 +80,9 @@ class SyntheticSource:
         images = grid[:, self._upsample][:, :, self._upsample]
         return {"image": images, "label": labels}
 
-    def train_batches(self, *, start_step: int, local_batch_size: int, process_index: int,
-                      process_count: int) -> Iterator[base.Batch]:
-        index_batches = base.train_index_batches(
-            self.seed, self.num_train_examples, start_step=start_step,
-            local_batch_size=local_batch_size, process_index=process_index,
-            process_count=process_count)
-        # A generator expression, not `yield`, so bad arguments raise here, not at next().
-        return (self.examples(TRAIN, indices) for _, _, indices in index_batches)
+    def train_examples(self, indices: np.ndarray, positions: np.ndarray) -> base.Batch:
+        del positions  # an example's content depends on its index alone
+        return self.examples(TRAIN, indices)
 
-    def eval_batches(self, *, local_batch_size: int, process_index: int,
-                     process_count: int) -> Iterator[base.Batch]:
-        index_batches = base.eval_index_batches(
-            self.num_eval_examples, local_batch_size=local_batch_size,
-            process_index=process_index, process_count=process_count)
-        return ({**self.examples(EVAL, indices), "mask": mask} for indices, mask in index_batches)
+    def eval_examples(self, indices: np.ndarray) -> base.Batch:
+        return self.examples(EVAL, indices)
