@@ -196,6 +196,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_every = config.eval_every_steps or steps_per_epoch
 
     # ----------------------------------------------------------------- Model and optimiser
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     model = create_model(config.model.name, num_classes=source.num_classes,
                          head=config.model.head, dtype=DTYPES[config.dtype],
                          **config.model.overrides.to_dict())
