@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from noah_jax import losses
+
 
 def classification_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
     """Sums of loss, top-1 and top-5 hits, and the count, over examples with mask 1."""
@@ -52,8 +54,6 @@ def finalize(total: Mapping[str, jax.Array]) -> dict:
 # (or all rows plus the mask) and calls `mean_average_precision` / `multilabel_f1`
 # once. The loss, which is a per-example sum, goes through `multilabel_sums`.
 # Both host metrics return fractions in [0, 1] (papers print them x 100).
-
-from noah_jax import losses  # noqa: E402 (losses sits left of metrics in the data flow)
 
 
 def multilabel_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
