@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from noah_jax import checkpoint, data, metrics, optim, sharding
+from noah_jax import checkpoint, data, losses, metrics, optim, sharding
 from noah_jax.models import create_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -69,16 +69,6 @@ def duration_in_steps(config: ml_collections.ConfigDict, num_train_examples: int
     return int(round(config.num_epochs * steps_per_epoch)), steps_per_epoch
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
-    """Mean softmax cross-entropy in float32; labels are class ids or (soft) targets."""
-    logits = logits.astype(jnp.float32)
-    if labels.ndim == 1:
-        labels = jax.nn.one_hot(labels, logits.shape[-1])
-    if label_smoothing > 0:
-        labels = optax.smooth_labels(labels, label_smoothing)
-    return optax.softmax_cross_entropy(logits, labels).mean()
-
-
 def make_train_step(model, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
                     schedule: optax.Schedule, mesh):
     """The pure update step: (state, batch) -> (state, metrics)."""
@@ -89,7 +79,7 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
         logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images,
                                        train=True, rngs={"dropout": rng},
                                        mutable=["batch_stats"])
-        loss = cross_entropy(logits, labels, config.label_smoothing)
+        loss = losses.softmax_cross_entropy(logits, labels, config.label_smoothing).mean()
         top1 = jnp.mean(jnp.argmax(logits, -1) == (labels if labels.ndim == 1
                                                      else jnp.argmax(labels, -1)))
         return loss, (new_vars.get("batch_stats", batch_stats), top1)
