@@ -326,3 +326,32 @@ def test_converted_reference_checkpoint_is_scored_by_eval_and_fine_tuned_by_the_
     for name in ("conv1", "layer4_1"):
         jax.tree.map(np.testing.assert_array_equal, tuned["params"][name],
                      variables["params"][name])
+
+
+def test_bfloat16_run_with_ema_keeps_float32_state_and_evaluates_both(tmp_path):
+    config = demo_config(dtype="bfloat16", ema_decay=0.5, total_steps=3, eval_every_steps=3)
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert results["eval/count"] == results["eval_ema/count"] == 360
+    stored = jax.tree.leaves(checkpoint.restore_model(tmp_path / "checkpoints")[0])
+    assert all(x.dtype == np.float32 for x in stored)
+    with pytest.raises(ValueError, match=r"config.dtype must be one of \['bfloat16', 'float32'\]"):
+        train.train_and_evaluate(demo_config(dtype="float16"), str(tmp_path / "bad"))
+
+
+def test_ema_is_the_decayed_average_of_the_parameters():
+    config = demo_config(ema_decay=0.75)
+    mesh = sharding.create_mesh(1, 1, devices=jax.devices()[:1])
+    model = create_model(config.model.name, num_classes=10, **config.model.overrides.to_dict())
+    schedule = optim.learning_rate_schedule(config, total_steps=10, steps_per_epoch=5)
+    tx = optim.make_optimizer(config, schedule)
+    images = jnp.asarray(np.random.default_rng(3).standard_normal((16, 32, 32, 3)), jnp.float32)
+    params = model.init(jax.random.key(0), images[:1])["params"]
+    ema = jax.tree.map(lambda p: p + 1.0, params)  # an EMA that differs from the params
+    state = {"step": jnp.array(4), "params": params, "batch_stats": {},
+             "opt_state": tx.init(params), "ema_params": ema, "nonfinite_step": jnp.array(-1)}
+    new_state, _ = jax.jit(train.make_train_step(model, tx, config, schedule, mesh))(
+        state, {"image": images, "label": jnp.arange(16) % 10})
+    jax.tree.map(lambda e, old, new: np.testing.assert_allclose(
+        e, 0.75 * old + 0.25 * new, rtol=1e-6, atol=1e-7),
+        new_state["ema_params"], ema, new_state["params"])
+    assert int(new_state["step"]) == 5
