@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's variables do not fit the model they are loaded into."""
@@ -41,8 +41,8 @@ def manager(directory: str | os.PathLike, *, max_to_keep: Optional[int] = None,
 
 def tree_mismatches(expected: Any, found: Any) -> list[str]:
     """Differences between two variable trees, one line each, by '/'-joined key."""
-    want = {"/".join(k): v for k, v in flatten_dict(_as_dict(expected)).items()}
-    have = {"/".join(k): v for k, v in flatten_dict(_as_dict(found)).items()}
+    want = flatten_dict(dict(expected), sep="/")
+    have = flatten_dict(dict(found), sep="/")
     lines = [f"missing in checkpoint: {k} {tuple(np.shape(want[k]))}"
              for k in sorted(want.keys() - have.keys())]
     lines += [f"unexpected in checkpoint: {k} {tuple(np.shape(have[k]))}"
@@ -52,10 +52,6 @@ def tree_mismatches(expected: Any, found: Any) -> list[str]:
               for k in sorted(want.keys() & have.keys())
               if tuple(np.shape(want[k])) != tuple(np.shape(have[k]))]
     return lines
-
-
-def _as_dict(tree: Any) -> dict:
-    return jax.tree.map(lambda x: x, dict(tree)) if tree is not None else {}
 
 
 def save_model(directory: str | os.PathLike, variables: Mapping[str, Any],
@@ -114,15 +110,21 @@ def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
                 f"checkpoint {directory} (step {step}: {meta.get('model', '?')}, "
                 f"head={meta.get('head', '?')}) does not fit the model:\n  "
                 + "\n  ".join(problems))
-        restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.PyTreeRestore(
-            wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
-            partial_restore=drop_head))).model
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            model=_restore_into(wanted, partial=drop_head))).model
     restored = {col: dict(tree) for col, tree in restored.items()}
     if drop_head:
         for col, tree in target.items():
             if "head" in tree:
                 restored[col]["head"] = tree["head"]
     return restored, meta
+
+
+def _restore_into(target: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """Restore args that give arrays the target's shapes, dtypes and shardings."""
+    return ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=partial)
 
 
 def _without_head(variables: Mapping[str, Any]) -> dict:
@@ -164,13 +166,9 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, target: Mapping[str, A
             "optimiser:\n  " + "\n  ".join(problems)
             + "\nUse a fresh --workdir for a different model, or the same config to resume.")
 
-    def restore_args(tree):
-        return ocp.args.PyTreeRestore(
-            tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
-
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(
-            model=restore_args(model_target), train=restore_args(train_target)))
+            model=_restore_into(model_target), train=_restore_into(train_target)))
     except (ValueError, KeyError, TypeError) as e:  # the optimiser state differs
         raise CheckpointMismatchError(
             f"the training state at {mngr.directory} step {step} does not fit this run's "

@@ -69,6 +69,20 @@ def duration_in_steps(config: ml_collections.ConfigDict, num_train_examples: int
     return int(round(config.num_epochs * steps_per_epoch)), steps_per_epoch
 
 
+def init_train_state(model, tx: optax.GradientTransformation, image_shape, rng, *,
+                     ema: bool) -> dict[str, Any]:
+    """The train state at step 0: a dict, as checkpoints store it."""
+    images = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = model.init({"params": rng, "dropout": rng}, images, train=False)
+    params = variables["params"]
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "batch_stats": variables.get("batch_stats", {}),
+             "opt_state": tx.init(params), "nonfinite_step": -jnp.ones((), jnp.int32)}
+    if ema:
+        state["ema_params"] = params
+    return state
+
+
 def make_train_step(model, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
                     schedule: optax.Schedule, mesh):
     """The pure update step: (state, batch) -> (state, metrics)."""
@@ -195,16 +209,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                             steps_per_epoch=steps_per_epoch)
     tx = optim.make_optimizer(config, schedule)
 
-    def init_state(rng):
-        images = jnp.zeros((1, *source.image_shape), jnp.float32)
-        variables = model.init({"params": rng, "dropout": rng}, images, train=False)
-        params = variables["params"]
-        state = {"step": jnp.zeros((), jnp.int32), "params": params,
-                 "batch_stats": variables.get("batch_stats", {}),
-                 "opt_state": tx.init(params), "nonfinite_step": -jnp.ones((), jnp.int32)}
-        if config.ema_decay > 0:
-            state["ema_params"] = params
-        return state
+    init_state = functools.partial(init_train_state, model, tx, source.image_shape,
+                                   ema=config.ema_decay > 0)
 
     # ----------------------------------------------------------------- Sharding
     init_rng = jax.random.key(config.seed)

@@ -94,10 +94,7 @@ def step_once(config, devices, images, labels):
                          **config.model.overrides.to_dict())
     schedule = optim.learning_rate_schedule(config, total_steps=10, steps_per_epoch=5)
     tx = optim.make_optimizer(config, schedule)
-    variables = model.init(jax.random.key(0), images[:1])
-    state = {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
-             "batch_stats": variables.get("batch_stats", {}),
-             "opt_state": tx.init(variables["params"]), "nonfinite_step": jnp.array(-1)}
+    state = train.init_train_state(model, tx, images.shape[1:], jax.random.key(0), ema=False)
     shardings = sharding.state_shardings(jax.eval_shape(lambda: state), mesh,
                                          fsdp=config.fsdp, fsdp_min_size=config.fsdp_min_size)
     state = jax.device_put(state, shardings)
@@ -345,10 +342,9 @@ def test_ema_is_the_decayed_average_of_the_parameters():
     schedule = optim.learning_rate_schedule(config, total_steps=10, steps_per_epoch=5)
     tx = optim.make_optimizer(config, schedule)
     images = jnp.asarray(np.random.default_rng(3).standard_normal((16, 32, 32, 3)), jnp.float32)
-    params = model.init(jax.random.key(0), images[:1])["params"]
-    ema = jax.tree.map(lambda p: p + 1.0, params)  # an EMA that differs from the params
-    state = {"step": jnp.array(4), "params": params, "batch_stats": {},
-             "opt_state": tx.init(params), "ema_params": ema, "nonfinite_step": jnp.array(-1)}
+    state = train.init_train_state(model, tx, images.shape[1:], jax.random.key(0), ema=True)
+    ema = jax.tree.map(lambda p: p + 1.0, state["params"])  # an EMA that differs from them
+    state.update(step=jnp.array(4), ema_params=ema)
     new_state, _ = jax.jit(train.make_train_step(model, tx, config, schedule, mesh))(
         state, {"image": images, "label": jnp.arange(16) % 10})
     jax.tree.map(lambda e, old, new: np.testing.assert_allclose(
