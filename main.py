@@ -38,6 +38,10 @@ def main(argv):
         summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in sorted(results.items()))
         logging.info("final: %s", summary)
+        if "eval/mAP" in results:
+            print(f"test mAP: {100 * results['eval/mAP']:.2f}%, CF1 "
+                  f"{100 * results['eval/CF1']:.2f}%, OF1 {100 * results['eval/OF1']:.2f}% "
+                  f"({int(results['eval/count'])} images)", flush=True)
         if "eval/top1" in results:
             print(f"test top-1: {100 * results['eval/top1']:.2f}% "
                   f"({int(results['eval/count'])} images)", flush=True)

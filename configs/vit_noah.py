@@ -39,6 +39,19 @@ def get_config(arg=None):
     c.schedule.end_lr = 1e-5
     c.label_smoothing = 0.1
     c.ema_decay = 0.99996
+    # DeiT's augmentation: RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 (pixel
+    # mode), mixup 0.8 / cutmix 1.0 (switch 0.5), repeated augmentation x3. DeiT also
+    # sets colour jitter 0.4, which timm ignores when RandAugment is on: left off.
+    c.augment.rand_augment_layers = 2
+    c.augment.rand_augment_magnitude = 9.0
+    c.augment.rand_augment_std = 0.5
+    c.augment.rand_augment_increasing = True
+    c.augment.random_erasing = 0.25
+    c.augment.mixup_alpha = 0.8
+    c.augment.cutmix_alpha = 1.0
+    c.augment.mix_switch_prob = 0.5
+    c.augment.repeats = 3
+    c.dataset.extra_evals = ("imagenet_v2", "imagenet2012_real")
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2000
 

@@ -14,6 +14,7 @@ key, unexpected key and shape mismatch by name (STYLE.md 5: loading fails loudly
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Mapping, Optional
 
@@ -73,8 +74,38 @@ def latest_step(directory: str | os.PathLike) -> Optional[int]:
         return mngr.latest_step()
 
 
+def resize_position_embedding(pos_embed: np.ndarray, num_tokens: int) -> np.ndarray:
+    """ViT position embeddings [1, P + g*g, D] -> [1, P + G*G, D] for G*G = num_tokens - P.
+
+    The P prefix tokens (the class token) are kept; the g x g grid is resized
+    bicubically to G x G, as when fine-tuning at another resolution (ImageNet 224 px
+    -> COCO 448 px). P is what the square grids leave over.
+    """
+    stored = pos_embed.shape[1]
+    g = math.isqrt(stored)
+    prefix = stored - g * g
+    new_g = math.isqrt(num_tokens - prefix)
+    if num_tokens <= prefix or new_g * new_g != num_tokens - prefix:
+        raise ValueError(f"cannot resize position embeddings of {stored} tokens to {num_tokens}")
+    grid = pos_embed[0, prefix:].reshape(g, g, -1).astype(np.float32)
+    grid = np.asarray(jax.image.resize(grid, (new_g, new_g, grid.shape[-1]), "bicubic"))
+    out = np.concatenate([pos_embed[0, :prefix].astype(np.float32),
+                          grid.reshape(new_g * new_g, -1)], axis=0)
+    return out[None].astype(pos_embed.dtype)
+
+
+def _place(value: np.ndarray, like: Any) -> jax.Array:
+    """A host array as a (possibly multi-host) global array shaped and sharded like `like`."""
+    sharding = getattr(like, "sharding", None)
+    value = np.asarray(value, like.dtype)
+    if sharding is None:
+        return jax.numpy.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
-                  step: Optional[int] = None, drop_head: bool = False):
+                  step: Optional[int] = None, drop_head: bool = False,
+                  resize_pos_embed: bool = False):
     """Restores the 'model' item (and 'meta') of a checkpoint.
 
     target: the model's variables, or their `jax.eval_shape` (optionally carrying
@@ -83,6 +114,9 @@ def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
       target, arrays come back as stored.
     drop_head: restore everything but the 'head' and keep the target's head
       (fine-tuning on another label set); the target then needs concrete head values.
+    resize_pos_embed: a stored ViT 'pos_embed' of another token count (another image
+      size) is resized to the target's (`resize_position_embedding`) instead of being
+      a mismatch.
 
     Returns (variables, meta).
     """
@@ -104,14 +138,33 @@ def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
         wanted = _without_head(target) if drop_head else target
         stored = mngr.item_metadata(step)["model"]
         stored = {col: tree for col, tree in stored.items() if tree}
+        resize = (resize_pos_embed and "pos_embed" in wanted["params"]
+                  and "pos_embed" in stored.get("params", {})
+                  and tuple(stored["params"]["pos_embed"].shape)
+                  != tuple(wanted["params"]["pos_embed"].shape))
+        if resize:
+            stored = dict(stored, params=dict(stored["params"]))
+            stored["params"]["pos_embed"] = wanted["params"]["pos_embed"]
         problems = tree_mismatches(wanted, _without_head(stored) if drop_head else stored)
         if problems:
             raise CheckpointMismatchError(
                 f"checkpoint {directory} (step {step}: {meta.get('model', '?')}, "
                 f"head={meta.get('head', '?')}) does not fit the model:\n  "
                 + "\n  ".join(problems))
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            model=_restore_into(wanted, partial=drop_head))).model
+        if resize:
+            # Everything as stored (host numpy), then resized and placed like the target.
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                    dict(mngr.item_metadata(step)["model"]))
+            raw = dict(mngr.restore(step, args=ocp.args.Composite(
+                model=ocp.args.PyTreeRestore(restore_args=as_numpy))).model)
+            raw = {col: dict(raw.get(col) or {}) for col in wanted}
+            raw["params"]["pos_embed"] = resize_position_embedding(
+                raw["params"]["pos_embed"], wanted["params"]["pos_embed"].shape[1])
+            restored = jax.tree.map(_place, {col: {k: raw[col][k] for k in tree}
+                                             for col, tree in wanted.items()}, wanted)
+        else:
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                model=_restore_into(wanted, partial=drop_head))).model
     restored = {col: dict(tree) for col, tree in restored.items()}
     if drop_head:
         for col, tree in target.items():

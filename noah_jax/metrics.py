@@ -33,6 +33,16 @@ def classification_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -
     }
 
 
+def real_accuracy_sums(logits: jax.Array, real_labels: jax.Array, mask: jax.Array) -> dict:
+    """ImageNet-ReaL top-1 (Beyer et al. 2020): a prediction is right when it is one of
+    the image's real labels (multi-hot [B, K]); images without real labels are not
+    counted. Sums and count, as `classification_sums`."""
+    counted = mask.astype(jnp.float32) * (jnp.max(real_labels, axis=-1) > 0)
+    top1 = jnp.argmax(logits.astype(jnp.float32), axis=-1)
+    hit = jnp.take_along_axis(real_labels, top1[:, None], axis=-1)[:, 0] > 0
+    return {"top1": jnp.sum(hit * counted), "count": jnp.sum(counted)}
+
+
 def add(total: dict | None, sums: Mapping[str, jax.Array]) -> dict:
     return dict(sums) if total is None else {k: total[k] + sums[k] for k in total}
 

@@ -24,6 +24,7 @@ from noah_jax import checkpoint, data, losses, metrics, optim, sharding
 from noah_jax.models import create_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+LOSSES = ("softmax_xent", "sigmoid_xent", "asl")
 
 
 def _hide_accelerators_from_tensorflow():
@@ -83,8 +84,35 @@ def init_train_state(model, tx: optax.GradientTransformation, image_shape, rng, 
     return state
 
 
+def per_example_loss(config: ml_collections.ConfigDict, logits: jax.Array,
+                     labels: jax.Array) -> jax.Array:
+    """config.loss on a batch, [B]. Labels: int ids [B], soft targets or multi-hot [B, K]."""
+    if config.loss == "softmax_xent":
+        # Soft targets (mixup/cutmix) arrive already smoothed by the input pipeline.
+        smoothing = config.label_smoothing if labels.ndim == 1 else 0.0
+        return losses.softmax_cross_entropy(logits, labels, smoothing)
+    if labels.ndim == 1:
+        labels = jax.nn.one_hot(labels, logits.shape[-1])
+    if config.loss == "sigmoid_xent":
+        return losses.sigmoid_binary_cross_entropy(logits, labels)
+    if config.loss == "asl":
+        return losses.asymmetric_loss(logits, labels, config.asl.gamma_neg,
+                                      config.asl.gamma_pos, config.asl.clip)
+    raise ValueError(f"config.loss must be one of {LOSSES}, got {config.loss!r}")
+
+
+def top1_hits(logits: jax.Array, labels: jax.Array, multilabel: bool) -> jax.Array:
+    """Per example: is the top class right? (multi-label: one of the positives)."""
+    predicted = jnp.argmax(logits, -1)
+    if labels.ndim == 1:
+        return predicted == labels
+    if multilabel:
+        return jnp.take_along_axis(labels, predicted[:, None], axis=-1)[:, 0] > 0
+    return predicted == jnp.argmax(labels, -1)
+
+
 def make_train_step(model, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-                    schedule: optax.Schedule, mesh):
+                    schedule: optax.Schedule, mesh, *, multilabel: bool = False):
     """The pure update step: (state, batch) -> (state, metrics)."""
     accum = config.grad_accum_steps
     batch_axis = sharding.batch_sharding(mesh).spec
@@ -93,9 +121,8 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
         logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images,
                                        train=True, rngs={"dropout": rng},
                                        mutable=["batch_stats"])
-        loss = losses.softmax_cross_entropy(logits, labels, config.label_smoothing).mean()
-        top1 = jnp.mean(jnp.argmax(logits, -1) == (labels if labels.ndim == 1
-                                                     else jnp.argmax(labels, -1)))
+        loss = per_example_loss(config, logits, labels).mean()
+        top1 = jnp.mean(top1_hits(logits, labels, multilabel))
         return loss, (new_vars.get("batch_stats", batch_stats), top1)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -153,12 +180,30 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
     return train_step
 
 
-def make_eval_step(model):
+def make_eval_step(model, kind: str = "single"):
+    """(params, batch_stats, batch) -> metric sums. kind: 'single' (top-1/top-5),
+    'real' (ImageNet-ReaL top-1) or 'multilabel', which also returns the float32
+    logits, labels and mask for the host-side mAP."""
     def eval_step(params, batch_stats, batch):
         logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
                              train=False)
-        return metrics.classification_sums(logits, batch["label"], batch["mask"])
+        if kind == "single":
+            return metrics.classification_sums(logits, batch["label"], batch["mask"])
+        if kind == "real":
+            return metrics.real_accuracy_sums(logits, batch["label"], batch["mask"])
+        sums = metrics.multilabel_sums(logits, batch["label"], batch["mask"])
+        return sums, (logits.astype(jnp.float32), batch["label"], batch["mask"])
     return eval_step
+
+
+def multilabel_results(total: dict, rows: list) -> dict[str, float]:
+    """Finalised loss plus mAP and CP/CR/CF1/OP/OR/OF1 (sigmoid >= 0.5) over all rows."""
+    logits, labels, mask = (np.concatenate([np.asarray(r[i]) for r in rows]) for i in range(3))
+    results = metrics.finalize(total)
+    scores = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    results["mAP"] = metrics.mean_average_precision(logits, labels, mask)
+    results.update(metrics.multilabel_f1(scores, labels, mask))
+    return results
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -183,7 +228,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  jax.process_count())
 
     # ----------------------------------------------------------------- Input
-    source = data.get_source(config.dataset, seed=config.seed)
+    source = data.get_source(config.dataset, seed=config.seed, augment=config.augment,
+                             label_smoothing=config.label_smoothing)
+    multilabel = getattr(source, "multilabel", False)
+    if config.loss not in LOSSES:
+        raise ValueError(f"config.loss must be one of {LOSSES}, got {config.loss!r}")
+    if multilabel and config.loss == "softmax_xent":
+        raise ValueError(f"dataset {config.dataset.name!r} is multi-label: set config.loss "
+                         "to 'sigmoid_xent' or 'asl'")
     for name, size in (("batch_size", config.batch_size), ("eval_batch_size",
                                                            config.eval_batch_size)):
         if size % jax.device_count() or size % jax.process_count():
@@ -222,10 +274,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "dataset": config.dataset.name}
 
     # ----------------------------------------------------------------- Update step
-    train_step = jax.jit(make_train_step(model, tx, config, schedule, mesh),
+    train_step = jax.jit(make_train_step(model, tx, config, schedule, mesh,
+                                         multilabel=multilabel),
                          in_shardings=(state_sharding, data_sharding),
                          out_shardings=(state_sharding, None), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model))
+    # Multi-label steps return their rows replicated, so every process holds the whole
+    # evaluation set's scores for the exact mAP.
+    eval_steps = {kind: jax.jit(make_eval_step(model, kind),
+                                out_shardings=(None, sharding.replicated(mesh))
+                                if kind == "multilabel" else None)
+                  for kind in ("single", "real", "multilabel")}
 
     # ----------------------------------------------------------------- Checkpoint restore
     ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -242,26 +300,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          config.init_from.drop_head)
             target = {"params": state["params"], "batch_stats": state["batch_stats"]}
             variables, _ = checkpoint.restore_model(config.init_from.path, target,
-                                                    drop_head=config.init_from.drop_head)
+                                                    drop_head=config.init_from.drop_head,
+                                                    resize_pos_embed=True)
             state = jax.jit(functools.partial(_with_variables, ema=config.ema_decay > 0),
                             out_shardings=state_sharding, donate_argnums=0)(state, variables)
     start_step = int(state["step"])
 
     # ----------------------------------------------------------------- Evaluation
+    # (name, kind, batches) of every evaluation set: the dataset's own, then extras.
+    eval_sets = [("", "multilabel" if multilabel else "single", source.eval_batches)]
+    for name, extra in getattr(source, "extra_evals", {}).items():
+        eval_sets.append((f"{name}/", extra.kind, extra.batches))
+
+    def evaluate_set(params, kind: str, batches) -> dict[str, float]:
+        total, rows = None, []
+        for batch in batches(local_batch_size=local_eval_batch,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count()):
+            batch = sharding.global_batch(batch, data_sharding)
+            out = eval_steps[kind](params, state["batch_stats"], batch)
+            if kind == "multilabel":
+                out, row = out
+                rows.append(jax.device_get(row))
+            total = metrics.add(total, out)
+        return multilabel_results(total, rows) if kind == "multilabel" else metrics.finalize(
+            total)
+
     def evaluate(step: int) -> dict[str, float]:
         results = {}
         weights = {"eval": state["params"]}
         if "ema_params" in state:
             weights["eval_ema"] = state["ema_params"]
         for prefix, params in weights.items():
-            total = None
-            for batch in source.eval_batches(local_batch_size=local_eval_batch,
-                                             process_index=jax.process_index(),
-                                             process_count=jax.process_count()):
-                batch = sharding.global_batch(batch, data_sharding)
-                total = metrics.add(total, eval_step(params, state["batch_stats"], batch))
-            for k, v in metrics.finalize(total).items():
-                results[f"{prefix}/{k}"] = v
+            for name, kind, batches in eval_sets:
+                for k, v in evaluate_set(params, kind, batches).items():
+                    results[f"{prefix}/{name}{k}"] = v
         writer.write_scalars(step, {k: v for k, v in results.items() if not k.endswith("count")})
         logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
         return results

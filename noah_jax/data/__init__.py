@@ -1,4 +1,4 @@
-"""Input sources: `get_source(config.dataset, seed=config.seed) -> Source`.
+"""Input sources: `get_source(config.dataset, seed=..., augment=config.augment) -> Source`.
 
 A `Source` (noah_jax/data/base.py) gives sizes, the image shape and two iterators
 of host-side numpy batches: an endless, resumable `train_batches` and a finite,
@@ -8,9 +8,15 @@ padded and masked `eval_batches`. Names:
              the CPU demo, no download.
   synthetic  random labelled images of any size and class count
              (noah_jax/data/synthetic.py); benchmarks and smoke tests.
+  folder     your own images, root/<split>/<class>/<image> under dataset.data_dir
+             (noah_jax/data/folder.py).
+  TFDS names imagenet2012, coco/2017, voc/2007, cifar10, cifar100, imagenette,
+             oxford_iiit_pet (noah_jax/data/tfds_source.py); imagenet_v2 and
+             imagenet2012_real as dataset.extra_evals.
 
-Submodules are imported on demand, so asking for 'synthetic' never imports
-scikit-learn, and nothing here imports TensorFlow.
+The TFDS and folder sources run tf.data pipelines (noah_jax/data/pipeline.py) with
+the augmentation of config.augment. Submodules are imported on demand, so asking for
+'synthetic' never imports scikit-learn or TensorFlow.
 """
 
 from __future__ import annotations
@@ -21,20 +27,34 @@ from noah_jax.data.base import Batch, Source
 
 __all__ = ["AVAILABLE_SOURCES", "Batch", "Source", "get_source"]
 
-AVAILABLE_SOURCES = ("digits", "synthetic")
+AVAILABLE_SOURCES = ("digits", "synthetic", "folder", "imagenet2012", "coco/2017", "voc/2007",
+                     "cifar10", "cifar100", "imagenette", "oxford_iiit_pet")
 
 
-def get_source(dataset_config: ml_collections.ConfigDict, *, seed: int) -> Source:
-    """The source named by `dataset_config.name`, built from the `dataset` config fields."""
+def _in_memory_checks(dataset_config: ml_collections.ConfigDict) -> None:
+    name = dataset_config.name
+    if name == "digits" and (dataset_config.num_train_examples
+                             or dataset_config.num_eval_examples):
+        # These fields mean something only for 'synthetic'; a nonzero value here is a
+        # config mistake, not something to ignore.
+        raise ValueError("dataset.num_train_examples / num_eval_examples apply to "
+                         "'synthetic' only; leave them 0 for 'digits'")
+
+
+def get_source(dataset_config: ml_collections.ConfigDict, *, seed: int,
+               augment: ml_collections.ConfigDict | None = None,
+               label_smoothing: float = 0.0) -> Source:
+    """The source named by `dataset_config.name`, built from the `dataset` config fields.
+
+    `augment` (config.augment) drives the tf.data sources' preprocessing; the
+    in-memory demo sources have their own fixed augmentation and ignore it.
+    `label_smoothing` smooths the targets that mixup/cutmix produce.
+    """
     name = dataset_config.name
     if name == "digits":
         from noah_jax.data.digits import NUM_CLASSES, DigitsSource
 
-        # These fields mean something only for 'synthetic'; a nonzero value here is a
-        # config mistake, not something to ignore.
-        if dataset_config.num_train_examples or dataset_config.num_eval_examples:
-            raise ValueError("dataset.num_train_examples / num_eval_examples apply to "
-                             "'synthetic' only; leave them 0 for 'digits'")
+        _in_memory_checks(dataset_config)
         if dataset_config.num_classes != NUM_CLASSES:
             raise ValueError(f"dataset 'digits' has {NUM_CLASSES} classes, but "
                              f"dataset.num_classes = {dataset_config.num_classes}")
@@ -49,5 +69,34 @@ def get_source(dataset_config: ml_collections.ConfigDict, *, seed: int) -> Sourc
                                 or synthetic.DEFAULT_NUM_TRAIN_EXAMPLES),
             num_eval_examples=(dataset_config.num_eval_examples
                                or synthetic.DEFAULT_NUM_EVAL_EXAMPLES))
-    raise ValueError(f"unknown dataset {name!r}; available: {', '.join(AVAILABLE_SOURCES)}. "
-                     "TFDS datasets such as imagenet2012 are not wired in yet.")
+
+    # tf.data sources from here on.
+    if dataset_config.num_train_examples or dataset_config.num_eval_examples:
+        raise ValueError("dataset.num_train_examples / num_eval_examples apply to "
+                         f"'synthetic' only; leave them 0 for {name!r}")
+    if augment is None:
+        raise ValueError(f"dataset {name!r} needs the augmentation config: "
+                         "get_source(config.dataset, seed=..., augment=config.augment)")
+    from noah_jax.data import pipeline
+
+    preprocess = pipeline.Preprocess.from_config(dataset_config, augment, label_smoothing)
+    if name == "folder":
+        from noah_jax.data.folder import FolderSource
+
+        if not dataset_config.data_dir:
+            raise ValueError("dataset 'folder' reads dataset.data_dir/<split>/<class>/"
+                             "<image>; set dataset.data_dir to that root folder")
+        return FolderSource(dataset_config.data_dir, preprocess, seed=seed,
+                            num_classes=dataset_config.num_classes,
+                            train_split=dataset_config.train_split,
+                            eval_split=dataset_config.eval_split,
+                            shuffle_buffer=dataset_config.shuffle_buffer)
+    from noah_jax.data import tfds_source
+
+    tfds_source.spec_for(name)  # unknown names fail here, listing the known ones
+    return tfds_source.TfdsSource(
+        name, preprocess, seed=seed, num_classes=dataset_config.num_classes,
+        data_dir=dataset_config.data_dir, train_split=dataset_config.train_split,
+        eval_split=dataset_config.eval_split, shuffle_buffer=dataset_config.shuffle_buffer,
+        drop_unlabeled=dataset_config.drop_unlabeled,
+        extra_evals=tuple(dataset_config.extra_evals))

@@ -1,0 +1,271 @@
+"""TFDS datasets as `Source`s: ImageNet (+ ImageNet-V2 / ReaL), COCO and VOC multi-label,
+CIFAR, Imagenette and Oxford-IIIT Pet.
+
+Each process reads only its own shard (`tfds.split_for_jax_process`), with images left
+encoded (`tfds.decode.SkipDecoding`) until `noah_jax.data.pipeline` decodes and
+augments them, so the shuffle buffer and the resume skip hold bytes, not pixels.
+
+Labels. Single-label datasets give int32 class ids. COCO and VOC give float32 multi-hot
+vectors: an image is positive for a class when at least one object of that class is
+annotated (COCO: crowd annotations included; VOC: objects marked difficult included,
+i.e. the `labels` feature). Images with no annotated object carry no positive label;
+with `dataset.drop_unlabeled` (the default) they are left out of both training and
+evaluation, as ML-GCN / ASL do (COCO 2017: 1,021 of 118,287 train and 48 of 5,000
+val images). Leaving them out needs their count per process shard, which is taken
+once with a labels-only pass (no image decoding) over the shard. The training
+duration in epochs counts the split's full size from the TFDS metadata.
+
+ImageNet-ReaL (`imagenet2012_real`) evaluates with its multi-hot "real" labels:
+a prediction is right when it is one of an image's real labels, and images without
+real labels are not counted (`noah_jax.metrics.real_accuracy_sums`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from noah_jax.data import pipeline
+from noah_jax.data.base import Batch
+
+# How each label kind turns a record into (encoded image, label), and what it reads.
+_SINGLE, _COCO, _VOC, _REAL = "single", "coco", "voc", "real"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    tfds_name: str
+    train_split: str | None   # None: evaluation only
+    eval_split: str
+    num_classes: int
+    kind: str = _SINGLE
+    prepare: str = ""         # how to prepare it, for the "not prepared" message
+
+    @property
+    def multilabel(self) -> bool:
+        return self.kind in (_COCO, _VOC)
+
+
+_DOWNLOAD = ("it downloads its own files, so run this on a machine with internet access "
+             "and copy the resulting folder into data_dir if needed")
+_IMAGENET_MANUAL = (
+    "ImageNet needs a manual download: register at https://image-net.org/download-images, "
+    "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {manual_dir}, then run\n"
+    "  tfds build imagenet2012 --data_dir={data_dir} --manual_dir={manual_dir}\n"
+    "(about 150 GB and a few hours; the TFDS metadata ships with tensorflow-datasets)")
+
+DATASETS: dict[str, DatasetSpec] = {
+    "imagenet2012": DatasetSpec("imagenet2012", "train", "validation", 1000,
+                                prepare=_IMAGENET_MANUAL),
+    "imagenet_v2": DatasetSpec("imagenet_v2", None, "test", 1000, prepare=_DOWNLOAD),
+    "imagenet2012_real": DatasetSpec(
+        "imagenet2012_real", None, "validation", 1000, _REAL,
+        prepare="ReaL labels come with the ImageNet validation images: prepare imagenet2012 "
+                "first (same manual archives), then\n  tfds build imagenet2012_real "
+                "--data_dir={data_dir} --manual_dir={manual_dir}"),
+    "coco/2017": DatasetSpec("coco/2017", "train", "validation", 80, _COCO, prepare=_DOWNLOAD),
+    "voc/2007": DatasetSpec("voc/2007", "train+validation", "test", 20, _VOC,
+                            prepare=_DOWNLOAD),
+    "cifar10": DatasetSpec("cifar10", "train", "test", 10, prepare=_DOWNLOAD),
+    "cifar100": DatasetSpec("cifar100", "train", "test", 100, prepare=_DOWNLOAD),
+    "imagenette": DatasetSpec("imagenette", "train", "validation", 10, prepare=_DOWNLOAD),
+    "oxford_iiit_pet": DatasetSpec("oxford_iiit_pet", "train", "test", 37,
+                                   prepare=_DOWNLOAD),
+}
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """A TFDS dataset that has not been built in data_dir; the message says how."""
+
+
+def spec_for(name: str) -> DatasetSpec:
+    """The spec of a dataset name; TFDS configs and versions ('imagenette/320px-v2',
+    'imagenet2012:5.1.0') resolve to their family, keeping the full name for TFDS."""
+    base = name.split(":")[0]
+    spec = DATASETS.get(base) or DATASETS.get(base.split("/")[0])
+    if spec is None:
+        raise ValueError(f"unknown dataset {name!r}; available: "
+                         f"{', '.join(sorted(DATASETS))}, digits, synthetic, folder")
+    return dataclasses.replace(spec, tfds_name=name)
+
+
+def prepared_builder(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:
+    """`tfds.builder(name)`, or a DatasetNotPreparedError that says how to prepare it."""
+    spec = spec_for(name)
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    if not builder.is_prepared():
+        root = data_dir or "~/tensorflow_datasets (the TFDS default; set dataset.data_dir)"
+        manual = f"{data_dir or '~/tensorflow_datasets'}/downloads/manual"
+        how = spec.prepare.format(data_dir=data_dir or "~/tensorflow_datasets",
+                                  manual_dir=manual)
+        if "tfds build" not in how:
+            how = (f"{how}:\n  tfds build {name} --data_dir="
+                   f"{data_dir or '~/tensorflow_datasets'}")
+        raise DatasetNotPreparedError(
+            f"TFDS dataset {name!r} is not prepared in {root} (looked for "
+            f"{builder.data_dir}). To prepare it: {how}\nThen point dataset.data_dir "
+            "at that folder (a local path or a gs:// bucket).")
+    return builder
+
+
+# ----------------------------------------------------------------------------------
+# Records and labels.
+# ----------------------------------------------------------------------------------
+def _label_features(kind: str) -> dict:
+    return {_SINGLE: {"label": True}, _COCO: {"objects": {"label": True}},
+            _VOC: {"labels": True}, _REAL: {"real_label": True}}[kind]
+
+
+def _label_ids(kind: str, record: dict) -> tf.Tensor:
+    """The class ids of a multi-label record (int64 [n], possibly empty)."""
+    if kind == _COCO:
+        return record["objects"]["label"]
+    return record["labels" if kind == _VOC else "real_label"]
+
+
+def make_parse(kind: str, num_classes: int) -> pipeline.Parse:
+    def parse(record):
+        if kind == _SINGLE:
+            return record["image"], tf.cast(record["label"], tf.int32)
+        ids = _label_ids(kind, record)
+        multi_hot = tf.reduce_sum(tf.one_hot(ids, num_classes, dtype=tf.float32), axis=0)
+        return record["image"], tf.minimum(multi_hot, 1.0)
+    return parse
+
+
+class _Split:
+    """One TFDS split as sharded records, with per-shard sizes (filtered if asked)."""
+
+    def __init__(self, builder, split: str, kind: str, drop_unlabeled: bool):
+        self.builder, self.split, self.kind = builder, split, kind
+        self.drop_unlabeled = drop_unlabeled and kind in (_COCO, _VOC)
+        try:
+            self.raw_size = builder.info.splits[split].num_examples
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{builder.name} has no split {split!r}; its splits: "
+                             f"{', '.join(builder.info.splits)}") from e
+
+    def shard(self, process_index: int, process_count: int):
+        return tfds.split_for_jax_process(self.split, process_index=process_index,
+                                          process_count=process_count)
+
+    def _read(self, shard, features: dict) -> tf.data.Dataset:
+        decoders = {"image": tfds.decode.SkipDecoding()} if "image" in features else None
+        ds = self.builder.as_dataset(
+            split=shard, shuffle_files=False,
+            decoders=tfds.decode.PartialDecoding(features, decoders=decoders),
+            read_config=tfds.ReadConfig(try_autocache=False))
+        if self.drop_unlabeled:
+            ds = ds.filter(lambda r: tf.size(_label_ids(self.kind, r)) > 0)
+        return ds
+
+    def records(self, process_index: int, process_count: int) -> tf.data.Dataset:
+        features = {"image": True, **_label_features(self.kind)}
+        return self._read(self.shard(process_index, process_count), features)
+
+    @functools.lru_cache(maxsize=64)
+    def size(self, process_index: int, process_count: int) -> int:
+        shard = self.shard(process_index, process_count)
+        if not self.drop_unlabeled:
+            return self.builder.info.splits[shard].num_examples
+        ds = self._read(shard, _label_features(self.kind))
+        return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+
+    def total(self) -> int:
+        return self.raw_size if not self.drop_unlabeled else self.size(0, 1)
+
+
+# ----------------------------------------------------------------------------------
+# The source.
+# ----------------------------------------------------------------------------------
+class EvalSet:
+    """A finite evaluation set: `kind` is 'single', 'multilabel' or 'real'."""
+
+    def __init__(self, split: _Split, preprocess: pipeline.Preprocess, num_classes: int):
+        self._split, self._preprocess, self.num_classes = split, preprocess, num_classes
+        self.kind = {_SINGLE: "single", _REAL: "real"}.get(split.kind, "multilabel")
+        self._parse = make_parse(split.kind, num_classes)
+
+    @property
+    def num_examples(self) -> int:
+        return self._split.total()
+
+    def batches(self, *, local_batch_size: int, process_index: int, process_count: int
+                ) -> Iterator[Batch]:
+        sizes = [self._split.size(i, process_count) for i in range(process_count)]
+        num_batches = max(-(-n // local_batch_size) for n in sizes)
+        single = self.kind == "single"
+        ds = pipeline.eval_dataset(
+            self._split.records(process_index, process_count), sizes[process_index],
+            self._parse, self._preprocess, num_batches=num_batches,
+            local_batch_size=local_batch_size,
+            label_shape=() if single else (self.num_classes,),
+            label_dtype=tf.int32 if single else tf.float32)
+        return pipeline.as_numpy(ds)
+
+
+class TfdsSource:
+    """A TFDS dataset; see the module docstring for labels and `pipeline` for order."""
+
+    def __init__(self, name: str, preprocess: pipeline.Preprocess, *, seed: int,
+                 num_classes: int, data_dir: str = "", train_split: str = "",
+                 eval_split: str = "", shuffle_buffer: int = 50_000,
+                 drop_unlabeled: bool = True, extra_evals: tuple[str, ...] = ()):
+        spec = spec_for(name)
+        if spec.train_split is None:
+            raise ValueError(f"{name!r} is an evaluation-only dataset; train on imagenet2012 "
+                             f"and list it in dataset.extra_evals")
+        if num_classes != spec.num_classes:
+            raise ValueError(f"dataset {name!r} has {spec.num_classes} classes, but "
+                             f"dataset.num_classes = {num_classes}; set it to "
+                             f"{spec.num_classes}")
+        builder = prepared_builder(name, data_dir)
+        self.name = name
+        self.num_classes = num_classes
+        self.multilabel = spec.multilabel
+        self.image_shape = (preprocess.image_size, preprocess.image_size, 3)
+        self.seed, self._preprocess, self._shuffle_buffer = seed, preprocess, shuffle_buffer
+        self._train = _Split(builder, train_split or spec.train_split, spec.kind,
+                             drop_unlabeled)
+        self._eval = EvalSet(_Split(builder, eval_split or spec.eval_split, spec.kind,
+                                    drop_unlabeled), preprocess, num_classes)
+        self._parse = make_parse(spec.kind, num_classes)
+        self.num_train_examples = self._train.raw_size
+        self.num_eval_examples = self._eval.num_examples
+
+        self.extra_evals: dict[str, EvalSet] = {}
+        for extra in extra_evals:
+            extra_spec = spec_for(extra)
+            if extra_spec.num_classes != num_classes or extra_spec.multilabel:
+                raise ValueError(f"extra evaluation {extra!r} does not share the label "
+                                 f"space of {name!r}")
+            try:
+                extra_builder = prepared_builder(extra, data_dir)
+            except DatasetNotPreparedError as e:
+                logging.warning("skipping the extra evaluation on %s: %s", extra,
+                                str(e).splitlines()[0])
+                continue
+            self.extra_evals[extra] = EvalSet(
+                _Split(extra_builder, extra_spec.eval_split, extra_spec.kind, False),
+                preprocess, num_classes)
+
+    def train_batches(self, *, start_step: int, local_batch_size: int, process_index: int,
+                      process_count: int) -> Iterator[Batch]:
+        ds = pipeline.train_dataset(
+            self._train.records(process_index, process_count),
+            self._train.size(process_index, process_count), self._parse, self._preprocess,
+            seed=self.seed, process_index=process_index, start_step=start_step,
+            local_batch_size=local_batch_size, num_classes=self.num_classes,
+            shuffle_buffer=self._shuffle_buffer)
+        return pipeline.as_numpy(ds)
+
+    def eval_batches(self, *, local_batch_size: int, process_index: int,
+                     process_count: int) -> Iterator[Batch]:
+        return self._eval.batches(local_batch_size=local_batch_size,
+                                  process_index=process_index, process_count=process_count)
