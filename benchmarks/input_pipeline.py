@@ -19,9 +19,12 @@ batching, mixup/cutmix and the conversion of each batch to numpy. Recipes:
   cnn    inception crop 224 + flip
   deit   + RandAugment(2, 9, std 0.5, increasing), random erasing 0.25,
          mixup 0.8 / cutmix 1.0 (smoothing 0.1), repeated augmentation x3
-  mixer  + RandAugment(3, 6, std 1.0, not increasing), random erasing 0.25,
-         mixup 0.5 / cutmix 1.0 (smoothing 0.1)
+  mixer  + RandAugment(3, 6, std 1.0, not increasing), mixup 0.5 / cutmix 1.0
+         (smoothing 0.1)
   eval   resize + centre crop 224, crop ratio 0.875
+
+Each recipe's settings are read from its config (configs/resnet18_noah.py,
+vit_noah.py, mixer_noah.py) through `Preprocess.from_config`, as training does.
 
 Timing: `--warmup` batches are drawn first (tracing, autotuning, filling the prefetch
 buffers), then the time to draw `--batches` more is measured. Train datasets repeat
@@ -39,6 +42,7 @@ processes competing for the same cores lower it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import sys
@@ -62,21 +66,24 @@ NUM_CLASSES = 1000
 IMAGE_SIZE = 224
 BASE_SHAPES = ((375, 500), (500, 375), (400, 400))  # (height, width)
 
-# The recipes, as `pipeline.Preprocess` settings (see the module docstring).
-RECIPES = {
-    "cnn": dict(image_size=IMAGE_SIZE),
-    "deit": dict(image_size=IMAGE_SIZE, rand_augment_layers=2, rand_augment_magnitude=9.0,
-                 rand_augment_std=0.5, rand_augment_increasing=True, random_erasing=0.25,
-                 mixup_alpha=0.8, cutmix_alpha=1.0, mix_label_smoothing=0.1, repeats=3),
-    "mixer": dict(image_size=IMAGE_SIZE, rand_augment_layers=3, rand_augment_magnitude=6.0,
-                  rand_augment_std=1.0, rand_augment_increasing=False, random_erasing=0.25,
-                  mixup_alpha=0.5, cutmix_alpha=1.0, mix_label_smoothing=0.1),
-    "eval": dict(image_size=IMAGE_SIZE, eval_crop="center", eval_crop_ratio=0.875),
-}
+# The recipes: the augmentation of the project's own ImageNet configs, so the numbers
+# follow any change to them (config module, what the recipe runs).
+RECIPE_CONFIGS = {"cnn": "resnet18_noah", "deit": "vit_noah", "mixer": "mixer_noah",
+                  "eval": "resnet18_noah"}
+RECIPES = tuple(RECIPE_CONFIGS)
+
+
+def preprocess_for(recipe: str) -> pipeline.Preprocess:
+    """`pipeline.Preprocess` of the recipe's config, exactly as `noah_jax.train` builds it."""
+    config = importlib.import_module(f"configs.{RECIPE_CONFIGS[recipe]}").get_config()
+    return pipeline.Preprocess.from_config(config.dataset, config.augment,
+                                           config.label_smoothing)
+
+
 DESCRIPTIONS = {
     "cnn": "CNN train (inception crop + flip)",
     "deit": "DeiT train (RandAug 2/9, erase, mixup/cutmix, repeats 3)",
-    "mixer": "Mixer train (RandAug 3/6, erase, mixup/cutmix)",
+    "mixer": "Mixer train (RandAug 3/6, mixup/cutmix)",
     "eval": "eval (centre crop 224, ratio 0.875)",
 }
 
@@ -128,7 +135,7 @@ def build_dataset(recipe: str, records: tf.data.Dataset, num_records: int, *,
                   batch_size: int, total_batches: int, threads: Optional[int]
                   ) -> tf.data.Dataset:
     """The dataset a training or evaluation run would build for `recipe`."""
-    p = pipeline.Preprocess(**RECIPES[recipe])
+    p = preprocess_for(recipe)
     if recipe == "eval":
         n = total_batches * batch_size
         ds = pipeline.eval_dataset(records.repeat(), n, parse, p, num_batches=total_batches,
@@ -200,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.num_images < 1 or args.batch_size < 2 or args.batches < 1 or args.warmup < 0:
         parser.error("need --num_images >= 1, --batch_size >= 2, --batches >= 1, "
                      "--warmup >= 0")
-    if args.batch_size % 2 and any(pipeline.Preprocess(**RECIPES[r]).mixes for r in recipes):
+    if args.batch_size % 2 and any(preprocess_for(r).mixes for r in recipes):
         parser.error("mixup/cutmix recipes need an even --batch_size")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")

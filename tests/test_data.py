@@ -319,9 +319,15 @@ def test_get_source_dispatch_and_config_checks():
     assert (source.num_train_examples, source.num_eval_examples) == (1024, 256)
     assert source.image_shape == (16, 16, 3) and source.num_classes == 3
 
-    config.name = "imagenet2012"
-    with pytest.raises(ValueError, match="digits, synthetic"):
+    config.name = "imagenet2012"  # a tf.data source needs config.augment
+    with pytest.raises(ValueError, match="augment=config.augment"):
         get_source(config, seed=0)
+    config.name = "imagenet2021"
+    with pytest.raises(ValueError, match="available: .*imagenet2012.*digits, synthetic, folder"):
+        get_source(config, seed=0, augment=base_config().augment)
+    config.name = "folder"  # needs its root folder
+    with pytest.raises(ValueError, match="set dataset.data_dir"):
+        get_source(config, seed=0, augment=base_config().augment)
 
     config.name = "digits"  # num_classes 3 is wrong for digits
     with pytest.raises(ValueError, match="10 classes"):
