@@ -532,19 +532,30 @@ def random_erasing(image, seed, probability=0.25, area=(0.02, 1 / 3),
                    attempts: int = 10):
     """Replace a `sample_erase_box` box of a normalised float image by N(0, 1) noise
     (mode 'pixel': per pixel and channel; 'rand': one colour per channel; 'const': 0)."""
+    if mode not in ("pixel", "rand", "const"):
+        raise ValueError(f"unknown random erasing mode {mode!r}; use 'pixel', 'rand' or 'const'")
     box_seed, noise_seed = _split(seed, 2)
     image = tf.convert_to_tensor(image, tf.float32)
     shape = tf.shape(image)
-    box = sample_erase_box(shape, box_seed, probability, area, log_ratio, attempts)
-    if mode == "pixel":
-        fill = tf.random.stateless_normal(shape, noise_seed)
-    elif mode == "rand":
-        fill = tf.random.stateless_normal([1, 1, shape[2]], noise_seed) + tf.zeros_like(image)
-    elif mode == "const":
-        fill = tf.zeros_like(image)
-    else:
-        raise ValueError(f"unknown random erasing mode {mode!r}; use 'pixel', 'rand' or 'const'")
-    return tf.where(_box_mask(shape[0], shape[1], box), fill, image)
+    top, left, box_h, box_w = tf.unstack(
+        sample_erase_box(shape, box_seed, probability, area, log_ratio, attempts))
+
+    def erase():
+        # Noise for the box only, padded into place: most images are not erased, and
+        # the erased ones should not pay for a full image of random numbers.
+        if mode == "pixel":
+            fill = tf.random.stateless_normal([box_h, box_w, shape[2]], noise_seed)
+        elif mode == "rand":
+            fill = (tf.random.stateless_normal([1, 1, shape[2]], noise_seed)
+                    + tf.zeros([box_h, box_w, shape[2]]))
+        else:
+            fill = tf.zeros([box_h, box_w, shape[2]])
+        padding = tf.stack([[top, shape[0] - top - box_h], [left, shape[1] - left - box_w],
+                            [0, 0]])
+        inside = tf.pad(tf.ones([box_h, box_w, 1], tf.bool), padding, constant_values=False)
+        return tf.where(inside, tf.pad(fill, padding), image)
+
+    return tf.cond(box_h * box_w > 0, erase, lambda: image)
 
 
 # ----------------------------------------------------------------------------------
@@ -620,10 +631,17 @@ def mixup_cutmix(images, labels, seed, *, num_classes: int | None = None, mixup_
     shape = tf.shape(images)
     lam, use_cutmix, box = sample_mix_params(shape, seed, mixup_alpha, cutmix_alpha,
                                              switch_prob, mix_prob)
-    flipped = tf.reverse(images, axis=[0])
     lam_x = tf.cast(lam, images.dtype)
-    blended = images * lam_x + flipped * (1 - lam_x)
-    pasted = tf.where(_box_mask(shape[1], shape[2], box)[None], flipped, images)
-    mixed = tf.where(use_cutmix, pasted, blended)
+
+    def paste():
+        flipped = tf.reverse(images, axis=[0])
+        return tf.where(_box_mask(shape[1], shape[2], box)[None], flipped, images)
+
+    def blend():
+        return images * lam_x + tf.reverse(images, axis=[0]) * (1 - lam_x)
+
+    # Only the branch in use is computed; lam = 1 (no mixing this batch) copies nothing.
+    mixed = tf.cond(use_cutmix, paste,
+                    lambda: tf.cond(lam_x < 1, blend, lambda: tf.identity(images)))
     targets = lam * smooth + (1.0 - lam) * tf.reverse(smooth, axis=[0])
     return mixed, targets
