@@ -34,6 +34,7 @@ SPLITS = {
     "imagenet2012_real": {"validation": 13},
     "coco/2017": {"train": 30, "validation": 11},
     "voc/2007": {"train": 6, "validation": 4, "test": 7},
+    "cifar10": {"train": 12, "test": 5},
 }
 
 
@@ -49,7 +50,7 @@ def dataset_config(data_dir, name, **changes):
     c.dataset.name = name
     c.dataset.data_dir = data_dir
     c.dataset.image_size = 32
-    c.dataset.num_classes = {"coco/2017": 80, "voc/2007": 20}.get(name, 1000)
+    c.dataset.num_classes = {"coco/2017": 80, "voc/2007": 20, "cifar10": 10}.get(name, 1000)
     c.dataset.shuffle_buffer = 16
     for key, value in changes.items():
         section, field = key.split("__")
@@ -183,6 +184,25 @@ def test_resume_across_epoch_boundary_and_reshuffled_epochs(data_dir):
     epochs = np.concatenate(straight)[:80].reshape(2, 40)
     assert sorted(epochs[0]) == sorted(epochs[1])  # each epoch is a permutation
     assert not np.array_equal(epochs[0], epochs[1])  # a different one
+
+
+def test_cifar_png_images_through_the_non_jpeg_path(data_dir):
+    c = dataset_config(data_dir, "cifar10", dataset__eval_crop_ratio=1.0)
+    source = source_of(c)
+    assert (source.num_train_examples, source.num_eval_examples) == (12, 5)
+    labels, _ = eval_rows(source.eval_batches, 1, 4)
+    assert sorted(labels) == sorted(tfds_fakes.single_label("test", i, 10) for i in range(5))
+    # At 32 px with crop ratio 1 the eval image is the stored PNG, normalised.
+    batch = next(source.eval_batches(local_batch_size=5, process_index=0, process_count=1))
+    stored = {tfds_fakes.single_label("test", i, 10):
+              tfds_fakes.example("cifar10", "test", i)["image"] for i in range(5)}
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    for image, label in zip(batch["image"], batch["label"]):
+        np.testing.assert_allclose(image, (stored[label] / 255.0 - mean) / std, atol=1e-5)
+    train = next(source.train_batches(start_step=0, local_batch_size=4, process_index=0,
+                                      process_count=1))
+    assert train["image"].shape == (4, 32, 32, 3) and np.isfinite(train["image"]).all()
+    assert train["image"].std() > 0.3  # real pixels, not padding
 
 
 def test_imagenet_real_labels_and_metric(data_dir):

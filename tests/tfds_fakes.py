@@ -64,6 +64,10 @@ def example(name: str, split: str, i: int) -> dict:
     img = image(name, split, i)
     if name in ("imagenet2012", "imagenet_v2/matched-frequency"):
         return {"image": img, "label": single_label(split, i), "file_name": f"{split}_{i}.JPEG"}
+    if name == "cifar10":  # 32 x 32 PNGs
+        rng = _rng(name, split, i)
+        return {"id": f"{split}_{i}", "label": single_label(split, i, 10),
+                "image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)}
     if name == "imagenet2012_real":
         real = [] if i % 4 == 0 else sorted({single_label(split, i), (i * 11) % 1000})
         return {"image": img, "original_label": single_label(split, i), "real_label": real,
