@@ -230,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ----------------------------------------------------------------- Input
     source = data.get_source(config.dataset, seed=config.seed, augment=config.augment,
                              label_smoothing=config.label_smoothing)
-    multilabel = getattr(source, "multilabel", False)
+    multilabel = source.multilabel
     if config.loss not in LOSSES:
         raise ValueError(f"config.loss must be one of {LOSSES}, got {config.loss!r}")
     if multilabel and config.loss == "softmax_xent":
@@ -309,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ----------------------------------------------------------------- Evaluation
     # (name, kind, batches) of every evaluation set: the dataset's own, then extras.
     eval_sets = [("", "multilabel" if multilabel else "single", source.eval_batches)]
-    for name, extra in getattr(source, "extra_evals", {}).items():
+    for name, extra in source.extra_evals.items():
         eval_sets.append((f"{name}/", extra.kind, extra.batches))
 
     def evaluate_set(params, kind: str, batches) -> dict[str, float]:

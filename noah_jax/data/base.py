@@ -24,6 +24,7 @@ any example's randomness is computed directly, without replaying a stream.
 from __future__ import annotations
 
 import functools
+import types
 from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
@@ -44,11 +45,15 @@ class Source(Protocol):
     image_shape: tuple[int, int, int]  # (H, W, 3)
     num_train_examples: int
     num_eval_examples: int
+    multilabel: bool            # labels are multi-hot float32 [b, K] (COCO, VOC)
+    extra_evals: dict           # name -> further evaluation sets (tfds_source.EvalSet)
 
     def train_batches(self, *, start_step: int, local_batch_size: int, process_index: int,
                       process_count: int) -> Iterator[Batch]:
-        """Endless; yields this process's {'image' f32 [b,H,W,3], 'label' i32 [b]} for
-        steps start_step, start_step + 1, ... (see the module docstring for the order)."""
+        """Endless; yields this process's {'image' f32 [b,H,W,3], 'label'} for steps
+        start_step, start_step + 1, ... Labels are int32 [b], or float32 [b, K] (multi-hot,
+        or mixup/cutmix targets). The in-memory sources' order is in the module
+        docstring; the tf.data sources' in noah_jax/data/pipeline.py."""
         ...
 
     def eval_batches(self, *, local_batch_size: int, process_index: int,
@@ -193,6 +198,8 @@ class IndexedSource:
     seed: int
     num_train_examples: int
     num_eval_examples: int
+    multilabel = False
+    extra_evals = types.MappingProxyType({})  # read-only: shared by every instance
 
     def train_examples(self, indices: np.ndarray, positions: np.ndarray) -> Batch:
         raise NotImplementedError
