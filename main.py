@@ -5,6 +5,8 @@ and single fields can be overridden (`--config.batch_size=128`). A run restarted
 the same --workdir resumes from its newest checkpoint.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -32,8 +34,14 @@ def main(argv):
                                    process_id=FLAGS.process_id)
     elif FLAGS.distributed:
         jax.distributed.initialize()
-    from noah_jax import train  # pylint: disable=g-import-not-at-top
-    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    from noah_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
+    try:
+        results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (FileNotFoundError, checkpoint.CheckpointMismatchError, FloatingPointError) as e:
+        # Errors about the user's data, checkpoints or numbers: their message says what
+        # to do, and a traceback through TFDS or Orbax would only bury it.
+        logging.error("%s: %s", type(e).__name__, e)
+        sys.exit(f"error: {e}")
     if jax.process_index() == 0:
         summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in sorted(results.items()))

@@ -96,6 +96,16 @@ def test_an_unprepared_dataset_says_how_to_prepare_it(tmp_path):
         source_of(c)
 
 
+def test_main_reports_an_unprepared_dataset_without_a_traceback(tmp_path):
+    command = [sys.executable, str(ROOT / "main.py"),
+               f"--config={ROOT / 'configs' / 'resnet18_noah.py'}",
+               f"--workdir={tmp_path / 'run'}", f"--config.dataset.data_dir={tmp_path}"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert f"tfds build imagenet2012 --data_dir={tmp_path}" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
 def test_unknown_names_and_wrong_class_counts_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="available: .*coco/2017.*imagenet2012.*folder"):
         source_of(dataset_config(str(tmp_path), "imagenet2021"))
