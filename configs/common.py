@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.eval_crop_ratio = 0.875
     c.dataset.train_split = ""        # '' = the dataset's own (TFDS split / folder name)
     c.dataset.eval_split = ""
-    c.dataset.shuffle_buffer = 50_000  # encoded images per process (tf.data sources)
+    c.dataset.shuffle_buffer = 50_000  # encoded images per process (ImageNet: ~5.5 GB)
     c.dataset.drop_unlabeled = True   # COCO/VOC: leave out images with no annotated object
     c.dataset.extra_evals = ()        # e.g. ('imagenet_v2', 'imagenet2012_real'), if prepared
 
