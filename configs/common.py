@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.eval_split = ""
     c.dataset.shuffle_buffer = 50_000  # encoded images per process (ImageNet: ~5.5 GB)
     c.dataset.drop_unlabeled = True   # COCO/VOC: leave out images with no annotated object
-    c.dataset.extra_evals = ()        # e.g. ('imagenet_v2', 'imagenet2012_real'), if prepared
+    c.dataset.extra_evals = ()        # ('imagenet_v2', 'imagenet2012_real'): at the end, if prepared
 
     # --- Augmentation of the tf.data sources (noah_jax/data/pipeline.py); the
     # in-memory demo sources ignore it. Defaults: the CNN recipe.

@@ -307,10 +307,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_step = int(state["step"])
 
     # ----------------------------------------------------------------- Evaluation
-    # (name, kind, batches) of every evaluation set: the dataset's own, then extras.
-    eval_sets = [("", "multilabel" if multilabel else "single", source.eval_batches)]
-    for name, extra in source.extra_evals.items():
-        eval_sets.append((f"{name}/", extra.kind, extra.batches))
+    # (name, kind, batches) of the dataset's own evaluation set, and of the extra ones
+    # (ImageNet-V2 / ReaL), which run only at the end of training and with eval_only.
+    main_set = ("", "multilabel" if multilabel else "single", source.eval_batches)
+    extra_sets = [(f"{name}/", extra.kind, extra.batches)
+                  for name, extra in source.extra_evals.items()]
 
     def evaluate_set(params, kind: str, batches) -> dict[str, float]:
         total, rows = None, []
@@ -326,13 +327,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return multilabel_results(total, rows) if kind == "multilabel" else metrics.finalize(
             total)
 
-    def evaluate(step: int) -> dict[str, float]:
+    def evaluate(step: int, final: bool = True) -> dict[str, float]:
         results = {}
         weights = {"eval": state["params"]}
         if "ema_params" in state:
             weights["eval_ema"] = state["ema_params"]
         for prefix, params in weights.items():
-            for name, kind, batches in eval_sets:
+            for name, kind, batches in [main_set, *(extra_sets if final else [])]:
                 for k, v in evaluate_set(params, kind, batches).items():
                     results[f"{prefix}/{name}{k}"] = v
         writer.write_scalars(step, {k: v for k, v in results.items() if not k.endswith("count")})
@@ -387,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 pending, chrono = [], time.time()
             if step % eval_every == 0 or step == total_steps:
                 with progress.timed("eval"):
-                    results = evaluate(step)
+                    results = evaluate(step, final=step == total_steps)
             if step % config.checkpoint_every_steps == 0 or step == total_steps:
                 check_finite()
                 checkpoint.save_state(mngr, step, state, meta)
