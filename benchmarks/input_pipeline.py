@@ -142,7 +142,7 @@ def build_dataset(recipe: str, records: tf.data.Dataset, num_records: int, *,
                                    local_batch_size=batch_size, label_shape=(),
                                    label_dtype=tf.int32)
     else:
-        ds = pipeline.train_dataset(records, num_records, parse, p, seed=0, process_index=0,
+        ds = pipeline.train_dataset([(records, num_records)], parse, p, seed=0, process_index=0,
                                     start_step=0, local_batch_size=batch_size,
                                     num_classes=NUM_CLASSES, shuffle_buffer=num_records)
     if threads is not None:

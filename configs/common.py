@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.train_split = ""        # '' = the dataset's own (TFDS split / folder name)
     c.dataset.eval_split = ""
     c.dataset.shuffle_buffer = 50_000  # encoded images per process (ImageNet: ~5.5 GB)
+    c.dataset.shuffle_pieces = 16     # sub-splits per process, interleaved anew each epoch
     c.dataset.drop_unlabeled = True   # COCO/VOC: leave out images with no annotated object
     c.dataset.extra_evals = ()        # ('imagenet_v2', 'imagenet2012_real'): at the end, if prepared
 

@@ -78,7 +78,7 @@ def test_train_dataset_epochs_seeds_and_errors():
     p = pipeline.Preprocess(image_size=8, flip=False)
 
     def take(n, start=0, seed=0, process_index=0):
-        ds = pipeline.train_dataset(records(images, labels), 6, parse, p, seed=seed,
+        ds = pipeline.train_dataset([(records(images, labels), 6)], parse, p, seed=seed,
                                     process_index=process_index, start_step=start,
                                     local_batch_size=4, num_classes=6, shuffle_buffer=6)
         it = ds.as_numpy_iterator()
@@ -96,13 +96,39 @@ def test_train_dataset_epochs_seeds_and_errors():
     assert not np.array_equal(stream.ravel(), other_process)
 
     with pytest.raises(ValueError, match="must be even"):
-        pipeline.train_dataset(records(images, labels), 6, parse,
+        pipeline.train_dataset([(records(images, labels), 6)], parse,
                                pipeline.Preprocess(image_size=8, mixup_alpha=0.8), seed=0,
                                process_index=0, start_step=0, local_batch_size=3,
                                num_classes=6, shuffle_buffer=6)
     with pytest.raises(ValueError, match="no training records"):
-        pipeline.train_dataset(records(images, labels), 0, parse, p, seed=0, process_index=0,
+        pipeline.train_dataset([(records(images, labels), 0)], parse, p, seed=0, process_index=0,
                                start_step=0, local_batch_size=2, num_classes=6,
                                shuffle_buffer=6)
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         pipeline.Preprocess(image_size=8, repeats=0)
+
+
+def test_pieces_are_interleaved_in_a_new_random_order_every_epoch():
+    """Three pieces (0-3, 4-7, 8-11), no shuffle buffer: every epoch takes each record
+    once, in a random interleave that keeps each piece's own order."""
+    images = [image(8, 8, i) for i in range(12)]
+    pieces = [(records(images[k:k + 4], list(range(k, k + 4)), "png"), 4) for k in (0, 4, 8)]
+    p = pipeline.Preprocess(image_size=8, flip=False)
+
+    def stream(start, n):
+        ds = pipeline.train_dataset(pieces, parse, p, seed=3, process_index=0,
+                                    start_step=start, local_batch_size=4, num_classes=12,
+                                    shuffle_buffer=1)
+        it = ds.as_numpy_iterator()
+        return np.concatenate([next(it)["label"] for _ in range(n)])
+
+    epochs = stream(0, 15).reshape(5, 12)
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(12))
+        for k in (0, 4, 8):
+            np.testing.assert_array_equal([x for x in epoch if k <= x < k + 4],
+                                          range(k, k + 4))
+    assert len({tuple(e) for e in epochs}) == 5
+    # Not piece after piece: the first four records come from more than one piece.
+    assert any(len({x // 4 for x in e[:4]}) > 1 for e in epochs)
+    np.testing.assert_array_equal(stream(7, 8), epochs.ravel()[28:60])  # resumed

@@ -90,7 +90,8 @@ def get_source(dataset_config: ml_collections.ConfigDict, *, seed: int,
                             num_classes=dataset_config.num_classes,
                             train_split=dataset_config.train_split,
                             eval_split=dataset_config.eval_split,
-                            shuffle_buffer=dataset_config.shuffle_buffer)
+                            shuffle_buffer=dataset_config.shuffle_buffer,
+                            shuffle_pieces=dataset_config.shuffle_pieces)
     from noah_jax.data import tfds_source
 
     tfds_source.spec_for(name)  # unknown names fail here, listing the known ones
@@ -98,5 +99,6 @@ def get_source(dataset_config: ml_collections.ConfigDict, *, seed: int,
         name, preprocess, seed=seed, num_classes=dataset_config.num_classes,
         data_dir=dataset_config.data_dir, train_split=dataset_config.train_split,
         eval_split=dataset_config.eval_split, shuffle_buffer=dataset_config.shuffle_buffer,
+        shuffle_pieces=dataset_config.shuffle_pieces,
         drop_unlabeled=dataset_config.drop_unlabeled,
         extra_evals=tuple(dataset_config.extra_evals))

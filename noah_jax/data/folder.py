@@ -43,6 +43,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 DEFAULT_TRAIN_SPLIT = "train"
 DEFAULT_EVAL_SPLITS = ("val", "validation", "test")
 _SKIPPED_SHOWN = 5  # how many skipped paths a warning names
+_PIECES_TAG = 0x50494543  # "PIEC": the fixed order a shard is cut into pieces in
 
 _LAYOUT = ("expected root/<split>/<class name>/<images>, e.g. root/train/cat/1.jpg and "
            "root/val/cat/2.jpg")
@@ -106,8 +107,9 @@ class FolderSource:
     `num_classes` is the configured class count; it must equal the number of class
     folders, so that a typo'd or missing folder fails here instead of training a
     head of the wrong width. `train_split` / `eval_split` name the split folders
-    ('' = the defaults). `shuffle_buffer` bounds the per-epoch shuffle of the
-    training files (a buffer as large as the shard is a full shuffle).
+    ('' = the defaults). Training order: each process's files, in a fixed random
+    order, are cut into `shuffle_pieces` chunks that `pipeline.train_dataset`
+    interleaves anew each epoch, then shuffles with a `shuffle_buffer` buffer.
 
     Attributes besides the `Source` ones: `root`, `train_split`, `eval_split` (the
     resolved folder names), `class_names` (label k is class_names[k]), `skipped`
@@ -120,7 +122,7 @@ class FolderSource:
 
     def __init__(self, root: str, preprocess: pipeline.Preprocess, *, seed: int,
                  num_classes: int, train_split: str = "", eval_split: str = "",
-                 shuffle_buffer: int = 10_000):
+                 shuffle_buffer: int = 10_000, shuffle_pieces: int = 16):
         if not root or not tf.io.gfile.isdir(root):
             raise ValueError(f"image folder {root!r} does not exist or is not a folder; give "
                              f"the path of a folder laid out as: {_LAYOUT}")
@@ -128,6 +130,7 @@ class FolderSource:
         self.preprocess = preprocess
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
+        self.shuffle_pieces = shuffle_pieces
         self.train_split = train_split or DEFAULT_TRAIN_SPLIT
         self.eval_split = eval_split or self._default_eval_split()
         train_dir = tf.io.gfile.join(root, self.train_split)
@@ -218,10 +221,16 @@ class FolderSource:
             raise ValueError(f"{self.num_train_examples} training images cannot be shared "
                              f"among {process_count} processes; add images or use fewer "
                              f"processes")
-        paths = self._train_paths[process_index::process_count]
+        paths = np.asarray(self._train_paths[process_index::process_count], object)
         labels = self._train_labels[process_index::process_count]
+        # The sorted list is grouped by class: put the shard in a fixed random order
+        # (from the seed) before cutting it into the pieces the pipeline interleaves.
+        order = np.argsort(base.hash_u64(self.seed, _PIECES_TAG, process_index,
+                                         np.arange(len(paths), dtype=np.uint64)), kind="stable")
+        pieces = [(self._records(list(paths[chunk]), labels[chunk]), len(chunk))
+                  for chunk in np.array_split(order, min(self.shuffle_pieces, len(order)))]
         ds = pipeline.train_dataset(
-            self._records(paths, labels), len(paths), _parse, self.preprocess, seed=self.seed,
+            pieces, _parse, self.preprocess, seed=self.seed,
             process_index=process_index, start_step=start_step,
             local_batch_size=local_batch_size, num_classes=self.num_classes,
             shuffle_buffer=self.shuffle_buffer)

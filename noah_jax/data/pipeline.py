@@ -1,18 +1,24 @@
 """tf.data pipelines shared by the TFDS and image-folder sources.
 
-Both sources hand this module a per-process `tf.data.Dataset` of raw records (encoded
-image bytes plus label fields, in a fixed order) and a `parse` function
-record -> (encoded image, label). From these it builds:
+Both sources hand this module their per-process raw records (encoded image bytes plus
+label fields, in a fixed order) and a `parse` function record -> (encoded image,
+label); for training, the records come as K "pieces" (contiguous sub-splits of the
+process's shard: TFDS file ranges, or chunks of a folder's file list). From these it
+builds:
 
-  train  records -> per-epoch shuffle -> [repeated augmentation] -> skip to the resume
-         point -> decode + augment (parallel, deterministic) -> batch -> [mixup/cutmix]
-         -> prefetch. Endless.
+  train  pieces -> per-epoch random interleave of the pieces -> shuffle buffer ->
+         [repeated augmentation] -> skip to the resume point -> decode + augment
+         (parallel, deterministic) -> batch -> [mixup/cutmix] -> prefetch. Endless.
   eval   records -> decode + eval crop -> pad to an equal number of batches on every
          process (mask 0) -> batch -> prefetch. Finite.
 
 Data order and resumption. Process p reads only its own shard (n_p records). Its
-training stream is the concatenation of epochs; epoch e is the shard shuffled with a
-buffer seeded from (seed, p, e), each record repeated `repeats` times in a row. Step s
+training stream is the concatenation of epochs. Epoch e reads every record once: the
+next record comes from a piece drawn at random (a stateless shuffle, seeded from
+(seed, p, e), of the multiset holding each piece's index once per record of it), so
+the whole shard is mixed, not only a buffer's width of neighbouring records; a
+shuffle buffer seeded from (seed, p, e) then mixes locally, and each record is
+repeated `repeats` times in a row. Step s
 takes stream positions [s*b, (s+1)*b). A run resumed at step s rebuilds the stream
 from epoch (s*b) // (n_p*repeats) and skips the rest, which reads (but never decodes)
 at most one epoch of records, so a resumed run sees exactly the batches an
@@ -29,7 +35,7 @@ anything here runs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -43,6 +49,7 @@ Parse = Callable[[dict], tuple[tf.Tensor, tf.Tensor]]
 _EXAMPLE_TAG = 0x45584D50  # "EXMP": per-example augmentation seeds
 _SHUFFLE_TAG = 0x53485546  # "SHUF": per-epoch shuffle seeds
 _MIX_TAG = 0x4D495850      # "MIXP": per-batch mixup/cutmix seeds
+_ORDER_TAG = 0x4F524452    # "ORDR": per-epoch interleave order of the pieces
 
 TRAIN_CROPS = ("inception", "resize")
 EVAL_CROPS = ("center", "resize")
@@ -182,15 +189,18 @@ def _options() -> tf.data.Options:
     return options
 
 
-def train_dataset(records: tf.data.Dataset, num_records: int, parse: Parse, p: Preprocess, *,
-                  seed: int, process_index: int, start_step: int, local_batch_size: int,
-                  num_classes: int, shuffle_buffer: int) -> tf.data.Dataset:
+def train_dataset(pieces: Sequence[tuple[tf.data.Dataset, int]], parse: Parse,
+                  p: Preprocess, *, seed: int, process_index: int, start_step: int,
+                  local_batch_size: int, num_classes: int, shuffle_buffer: int
+                  ) -> tf.data.Dataset:
     """This process's endless training batches {'image' f32 [b,S,S,3], 'label'}.
 
-    `records` is the process's shard in a fixed order, `num_records` its length.
-    Labels are int32 [b] (single-label), or float32 [b, K] (multi-label, or mixed
-    targets when mixup/cutmix is on).
+    `pieces`: the process's shard as (records in a fixed order, their exact count)
+    pairs; one pair is fine. Labels are int32 [b] (single-label), or float32 [b, K]
+    (multi-label, or mixed targets when mixup/cutmix is on).
     """
+    pieces = [(ds, int(n)) for ds, n in pieces if n > 0]
+    num_records = sum(n for _, n in pieces)
     if num_records < 1:
         raise ValueError(f"process {process_index} has no training records")
     if start_step < 0 or local_batch_size < 1:
@@ -203,15 +213,25 @@ def train_dataset(records: tf.data.Dataset, num_records: int, parse: Parse, p: P
     first = start_step * local_batch_size
     first_epoch, skip = divmod(first, epoch_length)
     shuffle_key = _seed_int(seed, _SHUFFLE_TAG, process_index)
+    order_key = _seed_int(seed, _ORDER_TAG, process_index)
     example_key = _seed_int(seed, _EXAMPLE_TAG, process_index)
     mix_key = _seed_int(seed, _MIX_TAG, process_index)
     buffer = max(1, min(shuffle_buffer, num_records))
+    datasets = [ds for ds, _ in pieces]
+    piece_of_record = np.repeat(np.arange(len(pieces), dtype=np.int64), [n for _, n in pieces])
 
     def epoch(e):
+        key = tf.stack([tf.constant(shuffle_key, tf.int64), e])
+        if len(datasets) == 1:
+            ds = datasets[0]
+        else:
+            order = tf.random.experimental.stateless_shuffle(
+                tf.constant(piece_of_record), tf.stack([tf.constant(order_key, tf.int64), e]))
+            ds = tf.data.Dataset.choose_from_datasets(
+                datasets, tf.data.Dataset.from_tensor_slices(order))
         # A full-width hash of (shuffle_key, e): tf.data seeds are int64 scalars.
-        s = tf.random.stateless_uniform([], tf.stack([tf.constant(shuffle_key, tf.int64), e]),
-                                        minval=None, maxval=None, dtype=tf.int64)
-        ds = records.shuffle(buffer, seed=s, reshuffle_each_iteration=False)
+        s = tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
+        ds = ds.shuffle(buffer, seed=s, reshuffle_each_iteration=False)
         if p.repeats > 1:
             ds = ds.flat_map(lambda r: tf.data.Dataset.from_tensors(r).repeat(p.repeats))
         return ds

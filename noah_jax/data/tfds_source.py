@@ -166,16 +166,32 @@ class _Split:
         return ds
 
     def records(self, process_index: int, process_count: int) -> tf.data.Dataset:
-        features = {"image": True, **_label_features(self.kind)}
-        return self._read(self.shard(process_index, process_count), features)
+        return self._read(self.shard(process_index, process_count), self._features)
 
-    @functools.lru_cache(maxsize=64)
-    def size(self, process_index: int, process_count: int) -> int:
-        shard = self.shard(process_index, process_count)
+    @property
+    def _features(self) -> dict:
+        return {"image": True, **_label_features(self.kind)}
+
+    def pieces(self, process_index: int, process_count: int, num_pieces: int
+               ) -> list[tuple[tf.data.Dataset, int]]:
+        """This process's training records as (records, count) of `num_pieces` parts:
+        the split evenly divided into process_count * num_pieces contiguous parts, of
+        which process p takes parts p, p + P, p + 2P, ... (so process shares differ by
+        at most one record; the count is capped so that no part is empty)."""
+        num_pieces = max(1, min(num_pieces, self.raw_size // max(process_count, 1)))
+        parts = tfds.even_splits(self.split, n=process_count * num_pieces)
+        mine = parts[process_index::process_count]
+        return [(self._read(part, self._features), self._count(part)) for part in mine]
+
+    @functools.lru_cache(maxsize=256)
+    def _count(self, split) -> int:
         if not self.drop_unlabeled:
-            return self.builder.info.splits[shard].num_examples
-        ds = self._read(shard, _label_features(self.kind))
+            return self.builder.info.splits[split].num_examples
+        ds = self._read(split, _label_features(self.kind))
         return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+
+    def size(self, process_index: int, process_count: int) -> int:
+        return self._count(self.shard(process_index, process_count))
 
     def total(self) -> int:
         return self.raw_size if not self.drop_unlabeled else self.size(0, 1)
@@ -215,7 +231,7 @@ class TfdsSource:
 
     def __init__(self, name: str, preprocess: pipeline.Preprocess, *, seed: int,
                  num_classes: int, data_dir: str = "", train_split: str = "",
-                 eval_split: str = "", shuffle_buffer: int = 50_000,
+                 eval_split: str = "", shuffle_buffer: int = 50_000, shuffle_pieces: int = 16,
                  drop_unlabeled: bool = True, extra_evals: tuple[str, ...] = ()):
         spec = spec_for(name)
         if spec.train_split is None:
@@ -231,6 +247,7 @@ class TfdsSource:
         self.multilabel = spec.multilabel
         self.image_shape = (preprocess.image_size, preprocess.image_size, 3)
         self.seed, self._preprocess, self._shuffle_buffer = seed, preprocess, shuffle_buffer
+        self._shuffle_pieces = shuffle_pieces
         self._train = _Split(builder, train_split or spec.train_split, spec.kind,
                              drop_unlabeled)
         self._eval = EvalSet(_Split(builder, eval_split or spec.eval_split, spec.kind,
@@ -258,8 +275,8 @@ class TfdsSource:
     def train_batches(self, *, start_step: int, local_batch_size: int, process_index: int,
                       process_count: int) -> Iterator[Batch]:
         ds = pipeline.train_dataset(
-            self._train.records(process_index, process_count),
-            self._train.size(process_index, process_count), self._parse, self._preprocess,
+            self._train.pieces(process_index, process_count, self._shuffle_pieces),
+            self._parse, self._preprocess,
             seed=self.seed, process_index=process_index, start_step=start_step,
             local_batch_size=local_batch_size, num_classes=self.num_classes,
             shuffle_buffer=self._shuffle_buffer)
