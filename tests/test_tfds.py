@@ -445,3 +445,28 @@ def test_coco_map_over_two_processes_equals_one_process(coco_run, data_dir, tmp_
         assert match, out[-3000:]
         assert int(match.group(2)) == 8
         assert float(match.group(1)) == pytest.approx(results["eval/mAP"], abs=1e-6)
+
+
+@pytest.mark.parametrize("name,model_name,tokens", [
+    ("coco_resnet101_noah", "resnet101", None), ("coco_vit_large_noah", "vit_large_patch16_224", 784)])
+def test_coco_configs_build_their_448px_models(name, model_name, tokens):
+    module = importlib.import_module(f"configs.{name}")
+    with pytest.raises(ValueError, match="init=DIR"):
+        module.get_config()
+    config = module.get_config("init=/ckpt/imagenet,head=linear,loss=asl")
+    assert (config.model.name, config.model.head, config.loss) == (model_name, "linear", "asl")
+    assert (config.dataset.name, config.dataset.num_classes, config.dataset.image_size) == (
+        "coco/2017", 80, 448)
+    assert config.init_from.path == "/ckpt/imagenet" and config.init_from.drop_head
+    assert config.augment.train_crop == config.augment.eval_crop == "resize"
+    config = module.get_config("init=/ckpt/imagenet")
+    model = create_model(config.model.name, num_classes=80, head=config.model.head,
+                         **config.model.overrides.to_dict())
+    variables = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 448, 448, 3)))
+    logits = jax.eval_shape(lambda v: model.apply(v, np.zeros((2, 448, 448, 3)), train=False),
+                            variables)
+    assert logits.shape == (2, 80)
+    if tokens:
+        assert variables["params"]["pos_embed"].shape == (1, tokens, 1024)
+    voc = module.get_config("init=/x,dataset=voc/2007")
+    assert voc.dataset.num_classes == 20
