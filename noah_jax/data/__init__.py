@@ -11,8 +11,9 @@ padded and masked `eval_batches`. Names:
   folder     your own images, root/<split>/<class>/<image> under dataset.data_dir
              (noah_jax/data/folder.py).
   TFDS names imagenet2012, coco/2017, voc/2007, cifar10, cifar100, imagenette,
-             oxford_iiit_pet (noah_jax/data/tfds_source.py); imagenet_v2 and
-             imagenet2012_real as dataset.extra_evals.
+             oxford_iiit_pet, or any TFDS image-classification dataset
+             (noah_jax/data/tfds_source.py); imagenet_v2 and imagenet2012_real as
+             dataset.extra_evals.
 
 The TFDS and folder sources run tf.data pipelines (noah_jax/data/pipeline.py) with
 the augmentation of config.augment. Submodules are imported on demand, so asking for
@@ -94,7 +95,8 @@ def get_source(dataset_config: ml_collections.ConfigDict, *, seed: int,
                             shuffle_pieces=dataset_config.shuffle_pieces)
     from noah_jax.data import tfds_source
 
-    tfds_source.spec_for(name)  # unknown names fail here, listing the known ones
+    # Unknown names fail here, listing the known ones.
+    tfds_source.spec_for(name, dataset_config.data_dir)
     return tfds_source.TfdsSource(
         name, preprocess, seed=seed, num_classes=dataset_config.num_classes,
         data_dir=dataset_config.data_dir, train_split=dataset_config.train_split,

@@ -84,20 +84,37 @@ class DatasetNotPreparedError(FileNotFoundError):
     """A TFDS dataset that has not been built in data_dir; the message says how."""
 
 
-def spec_for(name: str) -> DatasetSpec:
+def spec_for(name: str, data_dir: str = "") -> DatasetSpec:
     """The spec of a dataset name; TFDS configs and versions ('imagenette/320px-v2',
-    'imagenet2012:5.1.0') resolve to their family, keeping the full name for TFDS."""
+    'imagenet2012:5.1.0') resolve to their family, keeping the full name for TFDS.
+
+    Any other TFDS dataset with an Image feature 'image' and a ClassLabel 'label'
+    (food101, stanford_dogs, ...) is read as single-label, trained on 'train' and
+    evaluated on 'validation', else 'test' (dataset.train_split / eval_split override).
+    """
     base = name.split(":")[0]
     spec = DATASETS.get(base) or DATASETS.get(base.split("/")[0])
-    if spec is None:
+    if spec is not None:
+        return dataclasses.replace(spec, tfds_name=name)
+    try:
+        features = tfds.builder(name, data_dir=data_dir or None).info.features
+    except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(f"unknown dataset {name!r}; available: "
-                         f"{', '.join(sorted(DATASETS))}, digits, synthetic, folder")
-    return dataclasses.replace(spec, tfds_name=name)
+                         f"{', '.join(sorted(DATASETS))}, digits, synthetic, folder, or any "
+                         "TFDS image-classification dataset (an 'image' and a 'label' "
+                         "feature)") from None
+    names = list(features.keys())
+    if not ("image" in names and isinstance(features["image"], tfds.features.Image)
+            and "label" in names and isinstance(features["label"], tfds.features.ClassLabel)):
+        raise ValueError(f"TFDS dataset {name!r} has features {sorted(features)}; this source "
+                         "reads image classification: an Image 'image' and a ClassLabel "
+                         "'label'")
+    return DatasetSpec(name, "train", "", features["label"].num_classes, prepare=_DOWNLOAD)
 
 
 def prepared_builder(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:
     """`tfds.builder(name)`, or a DatasetNotPreparedError that says how to prepare it."""
-    spec = spec_for(name)
+    spec = spec_for(name, data_dir)
     builder = tfds.builder(name, data_dir=data_dir or None)
     if not builder.is_prepared():
         root = data_dir or "~/tensorflow_datasets (the TFDS default; set dataset.data_dir)"
@@ -233,7 +250,7 @@ class TfdsSource:
                  num_classes: int, data_dir: str = "", train_split: str = "",
                  eval_split: str = "", shuffle_buffer: int = 50_000, shuffle_pieces: int = 16,
                  drop_unlabeled: bool = True, extra_evals: tuple[str, ...] = ()):
-        spec = spec_for(name)
+        spec = spec_for(name, data_dir)
         if spec.train_split is None:
             raise ValueError(f"{name!r} is an evaluation-only dataset; train on imagenet2012 "
                              f"and list it in dataset.extra_evals")
@@ -250,7 +267,9 @@ class TfdsSource:
         self._shuffle_pieces = shuffle_pieces
         self._train = _Split(builder, train_split or spec.train_split, spec.kind,
                              drop_unlabeled)
-        self._eval = EvalSet(_Split(builder, eval_split or spec.eval_split, spec.kind,
+        eval_split = eval_split or spec.eval_split or next(
+            (s for s in ("validation", "test") if s in builder.info.splits), "validation")
+        self._eval = EvalSet(_Split(builder, eval_split, spec.kind,
                                     drop_unlabeled), preprocess, num_classes)
         self._parse = make_parse(spec.kind, num_classes)
         self.num_train_examples = self._train.raw_size
