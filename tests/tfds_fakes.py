@@ -124,9 +124,11 @@ def _as_dataset(self, split, decoders=None, read_config=None, shuffle_files=Fals
 
 
 @contextlib.contextmanager
-def fake_tfds(data_dir: str, datasets: dict[str, dict[str, int]]):
-    """Prepared-looking fake `datasets` in `data_dir` (see the module docstring)."""
-    for name, splits in datasets.items():
+def fake_tfds(data_dir: str, datasets: dict[str, dict[str, int]] | None = None):
+    """Prepared-looking fake `datasets` in `data_dir` (see the module docstring).
+    `datasets=None` reuses the metadata an earlier call wrote there (for the
+    processes of a cluster, which must not all write the same files at once)."""
+    for name, splits in (datasets or {}).items():
         write_metadata(data_dir, name, splits)
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_FILES, data_dir=data_dir,
                                 as_dataset_fn=_as_dataset):
