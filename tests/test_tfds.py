@@ -27,6 +27,7 @@ from noah_jax.models import create_model  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import tfds_fakes  # noqa: E402
+from test_train import free_port, set_fields  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SPLITS = {
@@ -52,10 +53,7 @@ def dataset_config(data_dir, name, **changes):
     c.dataset.image_size = 32
     c.dataset.num_classes = {"coco/2017": 80, "voc/2007": 20, "cifar10": 10}.get(name, 1000)
     c.dataset.shuffle_buffer = 16
-    for key, value in changes.items():
-        section, field = key.split("__")
-        c[section][field] = value
-    return c
+    return set_fields(c, **changes)
 
 
 def source_of(c):
@@ -282,13 +280,7 @@ def tiny_config(data_dir, name, **changes):
     c.num_epochs, c.total_steps = 0.0, 4
     c.batch_size, c.eval_batch_size = 16, 8
     c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 4
-    for key, value in changes.items():
-        node = c
-        *path, leaf = key.split("__")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-    return c
+    return set_fields(c, **changes)
 
 
 def direct_logits(config, variables, batches_fn):
@@ -432,7 +424,6 @@ def test_coco_map_over_two_processes_equals_one_process(coco_run, data_dir, tmp_
     config_path.write_text(config.to_json())
     env = dict(os.environ)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("device_count=8", "device_count=4")
-    from test_train import free_port
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-c", script, port, str(i), str(config_path),
                                str(tmp_path / "eval")], cwd=ROOT, env=env,

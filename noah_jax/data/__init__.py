@@ -32,16 +32,6 @@ AVAILABLE_SOURCES = ("digits", "synthetic", "folder", "imagenet2012", "coco/2017
                      "cifar10", "cifar100", "imagenette", "oxford_iiit_pet")
 
 
-def _in_memory_checks(dataset_config: ml_collections.ConfigDict) -> None:
-    name = dataset_config.name
-    if name == "digits" and (dataset_config.num_train_examples
-                             or dataset_config.num_eval_examples):
-        # These fields mean something only for 'synthetic'; a nonzero value here is a
-        # config mistake, not something to ignore.
-        raise ValueError("dataset.num_train_examples / num_eval_examples apply to "
-                         "'synthetic' only; leave them 0 for 'digits'")
-
-
 def get_source(dataset_config: ml_collections.ConfigDict, *, seed: int,
                augment: ml_collections.ConfigDict | None = None,
                label_smoothing: float = 0.0) -> Source:
@@ -52,10 +42,15 @@ def get_source(dataset_config: ml_collections.ConfigDict, *, seed: int,
     `label_smoothing` smooths the targets that mixup/cutmix produce.
     """
     name = dataset_config.name
+    if name != "synthetic" and (dataset_config.num_train_examples
+                                or dataset_config.num_eval_examples):
+        # These fields mean something only for 'synthetic'; a nonzero value elsewhere is
+        # a config mistake, not something to ignore.
+        raise ValueError("dataset.num_train_examples / num_eval_examples apply to "
+                         f"'synthetic' only; leave them 0 for {name!r}")
     if name == "digits":
         from noah_jax.data.digits import NUM_CLASSES, DigitsSource
 
-        _in_memory_checks(dataset_config)
         if dataset_config.num_classes != NUM_CLASSES:
             raise ValueError(f"dataset 'digits' has {NUM_CLASSES} classes, but "
                              f"dataset.num_classes = {dataset_config.num_classes}")
@@ -72,9 +67,6 @@ def get_source(dataset_config: ml_collections.ConfigDict, *, seed: int,
                                or synthetic.DEFAULT_NUM_EVAL_EXAMPLES))
 
     # tf.data sources from here on.
-    if dataset_config.num_train_examples or dataset_config.num_eval_examples:
-        raise ValueError("dataset.num_train_examples / num_eval_examples apply to "
-                         f"'synthetic' only; leave them 0 for {name!r}")
     if augment is None:
         raise ValueError(f"dataset {name!r} needs the augmentation config: "
                          "get_source(config.dataset, seed=..., augment=config.augment)")
@@ -95,8 +87,6 @@ def get_source(dataset_config: ml_collections.ConfigDict, *, seed: int,
                             shuffle_pieces=dataset_config.shuffle_pieces)
     from noah_jax.data import tfds_source
 
-    # Unknown names fail here, listing the known ones.
-    tfds_source.spec_for(name, dataset_config.data_dir)
     return tfds_source.TfdsSource(
         name, preprocess, seed=seed, num_classes=dataset_config.num_classes,
         data_dir=dataset_config.data_dir, train_split=dataset_config.train_split,

@@ -112,9 +112,11 @@ def spec_for(name: str, data_dir: str = "") -> DatasetSpec:
     return DatasetSpec(name, "train", "", features["label"].num_classes, prepare=_DOWNLOAD)
 
 
-def prepared_builder(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:
-    """`tfds.builder(name)`, or a DatasetNotPreparedError that says how to prepare it."""
-    spec = spec_for(name, data_dir)
+def prepared_builder(name: str, data_dir: str = "", spec: DatasetSpec | None = None
+                     ) -> tfds.core.DatasetBuilder:
+    """`tfds.builder(name)`, or a DatasetNotPreparedError that says how to prepare it.
+    `spec`: the name's `spec_for`, when the caller has it already."""
+    spec = spec or spec_for(name, data_dir)
     builder = tfds.builder(name, data_dir=data_dir or None)
     if not builder.is_prepared():
         root = data_dir or "~/tensorflow_datasets (the TFDS default; set dataset.data_dir)"
@@ -258,7 +260,7 @@ class TfdsSource:
             raise ValueError(f"dataset {name!r} has {spec.num_classes} classes, but "
                              f"dataset.num_classes = {num_classes}; set it to "
                              f"{spec.num_classes}")
-        builder = prepared_builder(name, data_dir)
+        builder = prepared_builder(name, data_dir, spec)
         self.name = name
         self.num_classes = num_classes
         self.multilabel = spec.multilabel
@@ -282,7 +284,7 @@ class TfdsSource:
                 raise ValueError(f"extra evaluation {extra!r} does not share the label "
                                  f"space of {name!r}")
             try:
-                extra_builder = prepared_builder(extra, data_dir)
+                extra_builder = prepared_builder(extra, data_dir, extra_spec)
             except DatasetNotPreparedError as e:
                 logging.warning("skipping the extra evaluation on %s: %s", extra,
                                 str(e).splitlines()[0])
