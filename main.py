@@ -7,8 +7,10 @@ the same --workdir resumes from its newest checkpoint.
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from noah_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
@@ -39,13 +41,11 @@ def main(argv):
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (FileNotFoundError, checkpoint.CheckpointMismatchError, FloatingPointError) as e:
         # Errors about the user's data, checkpoints or numbers: their message says what
-        # to do, and a traceback through TFDS or Orbax would only bury it.
-        logging.error("%s: %s", type(e).__name__, e)
+        # to do, and a traceback through TFDS or Orbax would only bury it. Printed once,
+        # and kept in the run's log.txt when the run got that far.
+        train.append_to_run_log(FLAGS.workdir, f"{type(e).__name__}: {e}")
         sys.exit(f"error: {e}")
     if jax.process_index() == 0:
-        summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in sorted(results.items()))
-        logging.info("final: %s", summary)
         if "eval/mAP" in results:
             print(f"test mAP: {100 * results['eval/mAP']:.2f}%, CF1 "
                   f"{100 * results['eval/CF1']:.2f}%, OF1 {100 * results['eval/OF1']:.2f}% "
@@ -56,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

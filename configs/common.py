@@ -37,6 +37,19 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return result
 
 
+def declare_model_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Declares every override that `create_model(c.model.name, ...)` accepts as a field
+    of `c.model.overrides`, None (the model's own value) unless the recipe set it, so that
+    `--config.model.overrides.img_size=384` works from the command line. Every recipe's
+    `get_config` ends with it. The compute dtype is `config.dtype`, not an override."""
+    from noah_jax.models import model_override_types  # pylint: disable=g-import-not-at-top
+
+    for name, kind in model_override_types(c.model.name).items():
+        if name != "dtype" and name not in c.model.overrides:
+            c.model.overrides[name] = ml_collections.config_dict.placeholder(kind)
+    return c
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -46,7 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "resnet18"
     c.model.head = "noah"
     # Keyword overrides of create_model (head num_heads/key_ratio/dropout, drop_path_rate,
-    # drop_rate, img_size, architecture fields); empty means the reference's defaults.
+    # drop_rate, img_size, architecture fields). Each recipe declares all of its model's
+    # (`declare_model_overrides`), so any can be set from a flag; None keeps the
+    # reference's value.
     c.model.overrides = ml_collections.ConfigDict()
     c.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
 

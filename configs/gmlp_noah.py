@@ -23,4 +23,4 @@ def get_config(arg=None):
     c = common.mlp_recipe(f"gmlp_{a.variant}_224", a.head)
     if a.demo:
         common.apply_demo(c, patch_size=8, num_blocks=4, drop_rate=0.0, drop_path_rate=0.0)
-    return c
+    return common.declare_model_overrides(c)

@@ -24,4 +24,4 @@ def get_config(arg=None):
     if a.demo:
         common.apply_demo(c, patch_size=8, num_blocks=4, embed_dim=128, drop_rate=0.0,
                           drop_path_rate=0.0)
-    return c
+    return common.declare_model_overrides(c)

@@ -29,4 +29,4 @@ def get_config(arg=None):
     c.schedule.base_lr = 0.05
     c.schedule.base_batch_size = 256
     c.schedule.end_lr = 0.0
-    return c
+    return common.declare_model_overrides(c)

@@ -16,4 +16,4 @@ def get_config(arg=None):
     a = common.parse_arg(arg, head="noah", depth=18)
     if a.depth not in (18, 34):
         raise ValueError(f"depth must be 18 or 34 for this recipe, got {a.depth}")
-    return common.resnet_recipe(f"resnet{a.depth}", a.head)
+    return common.declare_model_overrides(common.resnet_recipe(f"resnet{a.depth}", a.head))

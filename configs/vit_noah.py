@@ -57,4 +57,4 @@ def get_config(arg=None):
 
     if a.demo:
         common.apply_demo(c, patch_size=8, depth=4, drop_path_rate=0.0)
-    return c
+    return common.declare_model_overrides(c)

@@ -37,25 +37,83 @@ def _hide_accelerators_from_tensorflow():
     tf.config.set_visible_devices([], "TPU")
 
 
-class _DropOrbaxInfo(logging_lib.Filter):
-    """Orbax logs several INFO lines per checkpoint, and a warning each time a checkpoint
-    is opened read-only on purpose; keep its other warnings and errors."""
+class _DropLibraryNotices(logging_lib.Filter):
+    """Keeps the console and the run log to what the user needs to read.
+
+    Dropped: Orbax's several INFO lines per checkpoint and its warning each time a
+    checkpoint is opened read-only on purpose; JAX's INFO notice that a platform it
+    probes is absent ("Unable to initialize backend 'tpu'" on every CPU/GPU machine;
+    the devices actually used are logged instead). Warnings and errors stay."""
 
     def filter(self, record):
-        if "/orbax/" not in record.pathname:
-            return True
-        return record.levelno >= logging_lib.WARNING and "read only" not in record.getMessage()
+        if "/orbax/" in record.pathname:
+            return record.levelno >= logging_lib.WARNING and "read only" not in record.getMessage()
+        if record.pathname.endswith("xla_bridge.py") and record.levelno < logging_lib.WARNING:
+            return "Unable to initialize backend" not in record.getMessage()
+        return True
 
 
-def _quiet_orbax():
+def _quiet_library_notices():
     handler = logging.get_absl_handler()
-    if not any(isinstance(f, _DropOrbaxInfo) for f in handler.filters):
-        handler.addFilter(_DropOrbaxInfo())
+    if not any(isinstance(f, _DropLibraryNotices) for f in handler.filters):
+        handler.addFilter(_DropLibraryNotices())
+
+
+RUN_LOG = "log.txt"
+_run_log_handler: logging_lib.Handler | None = None
+
+
+def _attach_run_log(workdir: str) -> None:
+    """Copies the log lines (INFO and up) of process 0 into workdir/log.txt, appending
+    across restarts. A handler left by an earlier run in this process is replaced."""
+    global _run_log_handler
+    _detach_run_log()
+    if jax.process_index() > 0:
+        return
+    handler = logging_lib.FileHandler(os.path.join(workdir, RUN_LOG))
+    handler.setLevel(logging_lib.INFO)
+    handler.setFormatter(logging_lib.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                               "%Y-%m-%d %H:%M:%S"))
+    handler.addFilter(_DropLibraryNotices())
+    logging_lib.getLogger().addHandler(handler)
+    _run_log_handler = handler
+
+
+def _detach_run_log() -> None:
+    global _run_log_handler
+    if _run_log_handler is not None:
+        logging_lib.getLogger().removeHandler(_run_log_handler)
+        _run_log_handler.close()
+        _run_log_handler = None
+
+
+def append_to_run_log(workdir: str, line: str) -> None:
+    """Adds `line` to workdir/log.txt if the run got as far as creating it (main.py
+    records the error that ended a run there, and prints it once on the console)."""
+    path = os.path.join(workdir, RUN_LOG)
+    if jax.process_index() == 0 and os.path.exists(path):
+        with open(path, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR {line}\n")
 
 
 def _metric_writer(workdir: str):
+    """TensorBoard event files on process 0; the readable lines are logged separately."""
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if jax.process_index() > 0:
+        return metric_writers.MultiWriter([])
+    return metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
+
+
+def _format_metrics(results: dict[str, float]) -> str:
+    return ", ".join(f"{k} {int(v)}" if k.endswith("count") else f"{k} {v:.4f}"
+                     for k, v in results.items())
+
+
+def _format_duration(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    if minutes >= 60:
+        return f"{minutes // 60}h{minutes % 60:02d}m"
+    return f"{minutes}m{int(seconds % 60):02d}s"
 
 
 def duration_in_steps(config: ml_collections.ConfigDict, num_train_examples: int
@@ -212,20 +270,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns the final evaluation metrics (and `train_step_compilations`).
     """
     # ----------------------------------------------------------------- Logging
+    # Nothing is written to the workdir until the config, the dataset and the model
+    # have been checked (section "Workdir" below).
     _hide_accelerators_from_tensorflow()
-    _quiet_orbax()
-    os.makedirs(workdir, exist_ok=True)
-    writer = _metric_writer(workdir)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    logging.info("config:\n%s", config)
+    _quiet_library_notices()
 
     # ----------------------------------------------------------------- Mesh
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.model)
     data_sharding = sharding.batch_sharding(mesh)
-    logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(),
-                 jax.process_count())
 
     # ----------------------------------------------------------------- Input
     source = data.get_source(config.dataset, seed=config.seed, augment=config.augment,
@@ -269,9 +321,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     abstract_state = jax.eval_shape(init_state, init_rng)
     state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=config.fsdp,
                                               fsdp_min_size=config.fsdp_min_size)
+    overrides = {k: v for k, v in config.model.overrides.to_dict().items() if v is not None}
     meta = {"model": config.model.name, "head": config.model.head,
-            "num_classes": source.num_classes, "overrides": config.model.overrides.to_dict(),
+            "num_classes": source.num_classes, "overrides": overrides,
             "dataset": config.dataset.name}
+
+    # ----------------------------------------------------------------- Workdir
+    # The config, the dataset and the model are valid: from here on the run writes.
+    os.makedirs(workdir, exist_ok=True)
+    _attach_run_log(workdir)
+    writer = _metric_writer(workdir)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    logging.info("%d device(s) of %s (%s) in %d process(es); mesh %s", jax.device_count(),
+                 jax.devices()[0].platform, jax.devices()[0].device_kind, jax.process_count(),
+                 dict(mesh.shape))
+    num_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
+    logging.info("model %s (head %s%s), %s parameters, %s compute; config in %s",
+                 config.model.name, config.model.head,
+                 f", overrides {overrides}" if overrides else "", f"{num_params:,}",
+                 config.dtype, os.path.join(workdir, "config.json"))
+    logging.info("data %s: %s training and %s evaluation images, %d classes, batch %d",
+                 config.dataset.name, f"{source.num_train_examples:,}",
+                 f"{source.num_eval_examples:,}", source.num_classes, config.batch_size)
 
     # ----------------------------------------------------------------- Update step
     train_step = jax.jit(make_train_step(model, tx, config, schedule, mesh,
@@ -337,7 +410,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 for k, v in evaluate_set(params, kind, batches).items():
                     results[f"{prefix}/{name}{k}"] = v
         writer.write_scalars(step, {k: v for k, v in results.items() if not k.endswith("count")})
-        logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+        logging.info("step %d: %s", step, _format_metrics(results))
         return results
 
     def check_finite():
@@ -359,36 +432,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         results = evaluate(start_step)
         mngr.close()
         writer.flush()
+        _detach_run_log()
         return results
 
     # ----------------------------------------------------------------- Loop
-    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-    progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                               every_secs=None, every_steps=config.log_every_steps)
-    logging.info("training %s (head=%s) for %d steps (%d per epoch) from step %d",
-                 config.model.name, config.model.head, total_steps, steps_per_epoch, start_step)
+    logging.info("training for %d steps (%d per epoch) from step %d, evaluating every %d",
+                 total_steps, steps_per_epoch, start_step, eval_every)
     batches = source.train_batches(start_step=start_step, local_batch_size=local_batch,
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count())
-    pending, results, chrono = [], {}, time.time()
+    # Throughput counts training time only; the ETA counts everything (eval included).
+    pending, results = [], {}
+    loop_start = chrono = time.time()
+    eval_seconds = interval_eval_seconds = 0.0
     try:
         for step in range(start_step + 1, total_steps + 1):
             batch = sharding.global_batch(next(batches), data_sharding)
             state, step_metrics = train_step(state, batch)
             pending.append(step_metrics)
-            progress(step)
             if step % config.log_every_steps == 0 or step == total_steps:
                 check_finite()
                 pending = jax.device_get(pending)
                 summary = {f"train/{k}": float(np.mean([m[k] for m in pending]))
                            for k in pending[0]}
-                summary["train/images_per_sec"] = (len(pending) * config.batch_size
-                                                   / (time.time() - chrono))
+                seconds = max(time.time() - chrono - interval_eval_seconds, 1e-9)
+                summary["train/steps_per_sec"] = len(pending) / seconds
+                summary["train/images_per_sec"] = len(pending) * config.batch_size / seconds
                 writer.write_scalars(step, summary)
-                pending, chrono = [], time.time()
+                elapsed = time.time() - loop_start
+                logging.info(
+                    "step %d/%d (epoch %.1f): loss %.4f, accuracy %.4f, lr %.3g, grad_norm %.3g;"
+                    " %.1f images/s, ETA %s (%.0f%% of the time in evaluation)", step,
+                    total_steps, step / steps_per_epoch, summary["train/loss"],
+                    summary["train/accuracy"], summary["train/learning_rate"],
+                    summary["train/grad_norm"], summary["train/images_per_sec"],
+                    _format_duration(elapsed / (step - start_step) * (total_steps - step)),
+                    100 * eval_seconds / max(elapsed, 1e-9))
+                pending, chrono, interval_eval_seconds = [], time.time(), 0.0
             if step % eval_every == 0 or step == total_steps:
-                with progress.timed("eval"):
-                    results = evaluate(step, final=step == total_steps)
+                eval_start = time.time()
+                results = evaluate(step, final=step == total_steps)
+                interval_eval_seconds += time.time() - eval_start
+                eval_seconds += time.time() - eval_start
             if step % config.checkpoint_every_steps == 0 or step == total_steps:
                 check_finite()
                 checkpoint.save_state(mngr, step, state, meta)
@@ -399,6 +484,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mngr.wait_until_finished()
         mngr.close()
         writer.flush()
+        _detach_run_log()
     results["train_step_compilations"] = train_step._cache_size()  # pylint: disable=protected-access
     return results
 

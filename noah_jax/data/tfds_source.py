@@ -45,39 +45,88 @@ class DatasetSpec:
     eval_split: str
     num_classes: int
     kind: str = _SINGLE
-    prepare: str = ""         # how to prepare it, for the "not prepared" message
+    # Preparing it (`python -m noah_jax.prepare`): the archives that must already lie in
+    # manual_dir (ImageNet's cannot be downloaded), those that may lie there instead of
+    # being downloaded (TFDS's own file names), where they come from, and the disk space
+    # and time a build takes.
+    manual_files: tuple[str, ...] = ()
+    optional_manual_files: tuple[str, ...] = ()
+    source: str = ""
+    disk: str = ""
+    disk_gb: float = 0.0      # the whole footprint, archives included (0: unknown)
 
     @property
     def multilabel(self) -> bool:
         return self.kind in (_COCO, _VOC)
 
 
-_DOWNLOAD = ("it downloads its own files, so run this on a machine with internet access "
-             "and copy the resulting folder into data_dir if needed")
-_IMAGENET_MANUAL = (
-    "ImageNet needs a manual download: register at https://image-net.org/download-images, "
-    "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {manual_dir}, then run\n"
-    "  tfds build imagenet2012 --data_dir={data_dir} --manual_dir={manual_dir}\n"
-    "(about 150 GB and a few hours; the TFDS metadata ships with tensorflow-datasets)")
-
+_IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+# Archive sizes are TFDS's registered ones; a built dataset takes about as much again,
+# since the TFRecords keep the JPEG bytes as they are.
 DATASETS: dict[str, DatasetSpec] = {
-    "imagenet2012": DatasetSpec("imagenet2012", "train", "validation", 1000,
-                                prepare=_IMAGENET_MANUAL),
-    "imagenet_v2": DatasetSpec("imagenet_v2", None, "test", 1000, prepare=_DOWNLOAD),
+    "imagenet2012": DatasetSpec(
+        "imagenet2012", "train", "validation", 1000, manual_files=_IMAGENET_ARCHIVES,
+        source="https://image-net.org/download-images (free registration)",
+        disk="about 310 GB: 155 GB of archives plus about 155 GB of TFRecords; "
+             "the build takes hours", disk_gb=310),
+    "imagenet_v2": DatasetSpec("imagenet_v2", None, "test", 1000,
+                               disk="about 2.5 GB (1.2 GB download)", disk_gb=2.5),
     "imagenet2012_real": DatasetSpec(
         "imagenet2012_real", None, "validation", 1000, _REAL,
-        prepare="ReaL labels come with the ImageNet validation images: prepare imagenet2012 "
-                "first (same manual archives), then\n  tfds build imagenet2012_real "
-                "--data_dir={data_dir} --manual_dir={manual_dir}"),
-    "coco/2017": DatasetSpec("coco/2017", "train", "validation", 80, _COCO, prepare=_DOWNLOAD),
-    "voc/2007": DatasetSpec("voc/2007", "train+validation", "test", 20, _VOC,
-                            prepare=_DOWNLOAD),
-    "cifar10": DatasetSpec("cifar10", "train", "test", 10, prepare=_DOWNLOAD),
-    "cifar100": DatasetSpec("cifar100", "train", "test", 100, prepare=_DOWNLOAD),
-    "imagenette": DatasetSpec("imagenette", "train", "validation", 10, prepare=_DOWNLOAD),
+        manual_files=("ILSVRC2012_img_val.tar",), optional_manual_files=("real.json",),
+        source="https://image-net.org/download-images, and the ReaL labels from "
+               "https://github.com/google-research/reassessed-imagenet",
+        disk="about 7 GB of TFRecords besides the 6.7 GB validation archive", disk_gb=14),
+    "coco/2017": DatasetSpec(
+        "coco/2017", "train", "validation", 80, _COCO,
+        optional_manual_files=("train2017.zip", "val2017.zip", "test2017.zip",
+                               "annotations_trainval2017.zip", "image_info_test2017.zip"),
+        source="https://cocodataset.org/#download",
+        disk="about 54 GB: 27 GB of archives plus about 27 GB of TFRecords", disk_gb=54),
+    "voc/2007": DatasetSpec(
+        "voc/2007", "train+validation", "test", 20, _VOC,
+        optional_manual_files=("VOCtrainval_06-Nov-2007.tar", "VOCtest_06-Nov-2007.tar"),
+        source="http://host.robots.ox.ac.uk/pascal/VOC/voc2007/",
+        disk="about 2 GB: 0.9 GB of archives plus about 0.9 GB of TFRecords", disk_gb=2),
+    "cifar10": DatasetSpec("cifar10", "train", "test", 10, disk="about 0.3 GB", disk_gb=0.3),
+    "cifar100": DatasetSpec("cifar100", "train", "test", 100, disk="about 0.3 GB",
+                            disk_gb=0.3),
+    "imagenette": DatasetSpec("imagenette", "train", "validation", 10, disk="about 3 GB",
+                              disk_gb=3),
     "oxford_iiit_pet": DatasetSpec("oxford_iiit_pet", "train", "test", 37,
-                                   prepare=_DOWNLOAD),
+                                   disk="about 1.6 GB", disk_gb=1.6),
 }
+
+
+def default_data_dir(data_dir: str = "") -> str:
+    return data_dir or "~/tensorflow_datasets"
+
+
+def default_manual_dir(data_dir: str = "") -> str:
+    """Where TFDS (and `noah_jax.prepare`) look for manually downloaded archives."""
+    return f"{default_data_dir(data_dir).rstrip('/')}/downloads/manual"
+
+
+def prepare_command(name: str, data_dir: str = "") -> str:
+    """The command that prepares `name` in `data_dir`, as the README gives it."""
+    return f"python -m noah_jax.prepare {name} --data_dir={default_data_dir(data_dir)}"
+
+
+def how_to_prepare(name: str, data_dir: str = "", spec: DatasetSpec | None = None) -> str:
+    """One sentence: what to put where, then the command, disk space and time."""
+    spec = spec or spec_for(name, data_dir)
+    steps = []
+    if spec.manual_files:
+        steps.append(f"put {' and '.join(spec.manual_files)} (from {spec.source}) in "
+                     f"{default_manual_dir(data_dir)}")
+    command = prepare_command(name, data_dir)
+    steps.append(f"run `{command}`" + (
+        " (it downloads the files; offline, put "
+        f"{', '.join(spec.optional_manual_files)} from {spec.source} in "
+        f"{default_manual_dir(data_dir)} first)" if spec.optional_manual_files else
+        "" if spec.manual_files else " (it downloads the files)"))
+    disk = f"; it needs {spec.disk}" if spec.disk else ""
+    return ", then ".join(steps) + disk
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -109,7 +158,7 @@ def spec_for(name: str, data_dir: str = "") -> DatasetSpec:
         raise ValueError(f"TFDS dataset {name!r} has features {sorted(features)}; this source "
                          "reads image classification: an Image 'image' and a ClassLabel "
                          "'label'")
-    return DatasetSpec(name, "train", "", features["label"].num_classes, prepare=_DOWNLOAD)
+    return DatasetSpec(name, "train", "", features["label"].num_classes)
 
 
 def prepared_builder(name: str, data_dir: str = "", spec: DatasetSpec | None = None
@@ -119,17 +168,10 @@ def prepared_builder(name: str, data_dir: str = "", spec: DatasetSpec | None = N
     spec = spec or spec_for(name, data_dir)
     builder = tfds.builder(name, data_dir=data_dir or None)
     if not builder.is_prepared():
-        root = data_dir or "~/tensorflow_datasets (the TFDS default; set dataset.data_dir)"
-        manual = f"{data_dir or '~/tensorflow_datasets'}/downloads/manual"
-        how = spec.prepare.format(data_dir=data_dir or "~/tensorflow_datasets",
-                                  manual_dir=manual)
-        if "tfds build" not in how:
-            how = (f"{how}:\n  tfds build {name} --data_dir="
-                   f"{data_dir or '~/tensorflow_datasets'}")
+        where = data_dir or "~/tensorflow_datasets (the default; set dataset.data_dir)"
         raise DatasetNotPreparedError(
-            f"TFDS dataset {name!r} is not prepared in {root} (looked for "
-            f"{builder.data_dir}). To prepare it: {how}\nThen point dataset.data_dir "
-            "at that folder (a local path or a gs:// bucket).")
+            f"TFDS dataset {name!r} is not prepared in {where}. To prepare it, "
+            f"{how_to_prepare(name, data_dir, spec)}.")
     return builder
 
 
@@ -286,8 +328,7 @@ class TfdsSource:
             try:
                 extra_builder = prepared_builder(extra, data_dir, extra_spec)
             except DatasetNotPreparedError as e:
-                logging.warning("skipping the extra evaluation on %s: %s", extra,
-                                str(e).splitlines()[0])
+                logging.warning("skipping the extra evaluation on %s: %s", extra, e)
                 continue
             self.extra_evals[extra] = EvalSet(
                 _Split(extra_builder, extra_spec.eval_split, extra_spec.kind, False),

@@ -9,10 +9,12 @@ the kwargs including the reference's head defaults (N, r, dropout) for it.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import functools
 import importlib
+import typing
 
 import flax.linen as nn
 
@@ -37,9 +39,27 @@ def list_models() -> list[str]:
 
 def model_overrides(name: str) -> list[str]:
     """The keyword overrides `create_model(name, ...)` accepts."""
+    return sorted(model_override_types(name))
+
+
+def model_override_types(name: str) -> dict[str, type]:
+    """{override: its Python type} for `create_model(name, ...)`: int, float, bool, str,
+    tuple (sequences), or object (`dtype`)."""
     cls, _ = _lookup(name)
-    return sorted(f.name for f in dataclasses.fields(cls)
-                  if f.name not in ("parent", "name", "num_classes", "head"))
+    hints = typing.get_type_hints(cls)
+    types = {}
+    for field in dataclasses.fields(cls):
+        if field.name in ("parent", "name", "num_classes", "head"):
+            continue
+        hint = hints.get(field.name, object)
+        origin = typing.get_origin(hint)
+        if hint in (int, float, bool, str):
+            types[field.name] = hint
+        elif origin is tuple or origin is collections.abc.Sequence:
+            types[field.name] = tuple
+        else:
+            types[field.name] = object
+    return types
 
 
 def _lookup(name: str) -> tuple[type[nn.Module], dict]:
@@ -67,9 +87,11 @@ def create_model(name: str, *, num_classes: int, head: str = "noah", **overrides
 
     overrides: any field of the family's module, e.g. the head's `num_heads`,
     `key_ratio`, `dropout`, `head_split`, `kv_split`, `merge`, the backbone's
-    `drop_path_rate` (transformers and MLPs) and the compute `dtype`.
+    `drop_path_rate` (transformers and MLPs) and the compute `dtype`. An override given
+    as None keeps the model's own value (the configs declare every override that way).
     """
     cls, defaults = _lookup(name)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if head not in HEAD_KINDS:
         raise ValueError(f"head must be one of {HEAD_KINDS}, got {head!r}")
     valid = model_overrides(name)

@@ -1,0 +1,153 @@
+"""Builds TFDS datasets for training: `python -m noah_jax.prepare NAME... --data_dir=DIR`.
+
+  python -m noah_jax.prepare imagenet2012 --data_dir=/data/tfds
+  python -m noah_jax.prepare coco/2017 voc/2007 --data_dir=/data/tfds
+
+It calls the TFDS builder API (`download_and_prepare`) with nothing but
+`requirements.txt` installed; the `tfds build` command line needs Apache Beam and
+mlcroissant besides, which this project does not install.
+
+Archives are read from `--manual_dir` (default DATA_DIR/downloads/manual):
+ImageNet's must be put there by hand (they need a registration); COCO's and VOC's are
+downloaded when the machine is online, or read from there under their usual names
+when it is not. Before building it checks that the archives are there and that the
+disk can hold the result, so a build does not fail hours in. A name that is already
+prepared is left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tarfile
+import time
+import zipfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ start-up notices
+
+from noah_jax.data import tfds_source  # noqa: E402  (after the environment above)
+
+_GB = 1e9
+
+
+class PrepareError(Exception):
+    """A problem the user can fix; its message says how."""
+
+
+def _local(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def _free_bytes(path: str) -> float | None:
+    """Free space on the disk that holds `path` (or its nearest existing parent)."""
+    if "://" in path:
+        return None  # a bucket
+    while path and not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return shutil.disk_usage(path).free
+
+
+def check(name: str, data_dir: str, manual_dir: str, spec: tfds_source.DatasetSpec, *,
+          disk: bool = True) -> None:
+    """Refuses, before any work, a build that cannot succeed here."""
+    missing = [f for f in spec.manual_files
+               if not os.path.exists(os.path.join(manual_dir, f))]
+    if missing:
+        raise PrepareError(
+            f"{name} needs {' and '.join(missing)} in {manual_dir} (from {spec.source}); "
+            f"put {'them' if len(missing) > 1 else 'it'} there, or pass --manual_dir=DIR "
+            "where they are")
+    free = _free_bytes(data_dir) if disk else None
+    if free is None:
+        return
+    archives = [os.path.join(manual_dir, f)
+                for f in (*spec.manual_files, *spec.optional_manual_files)]
+    present = [a for a in archives if os.path.exists(a)]
+    if len(present) == len(archives) and archives:
+        # Nothing to download: the TFRecords take about as much as the archives (they
+        # keep the JPEG bytes as they are).
+        needed = 1.05 * sum(os.path.getsize(a) for a in present)
+        what = f"about {needed / _GB:.1f} GB for the TFRecords"
+    elif spec.disk_gb:
+        # Archives already in manual_dir need no more room if they are on the same disk.
+        same_disk = _free_bytes(manual_dir) == free
+        needed = spec.disk_gb * _GB - (
+            sum(os.path.getsize(a) for a in present) if same_disk else 0)
+        what = f"{spec.disk}, {needed / _GB:.0f} GB of it still to be written"
+    else:
+        return
+    if free < needed:
+        raise PrepareError(
+            f"{name} needs {what}, but only {free / _GB:.1f} GB are free on the disk of "
+            f"{data_dir}; choose another --data_dir or free some space "
+            "(--skip_disk_check to try anyway)")
+
+
+def prepare(name: str, data_dir: str, manual_dir: str, *, skip_disk_check: bool = False
+            ) -> str:
+    """Builds `name` in `data_dir` unless it is already there; returns what was done."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    try:
+        spec = tfds_source.spec_for(name, data_dir)
+    except ValueError as e:
+        raise PrepareError(str(e)) from None
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():
+        return f"{name}: already prepared in {builder.data_dir}"
+    check(name, data_dir, manual_dir, spec, disk=not skip_disk_check)
+    print(f"preparing {name} in {data_dir} from {manual_dir}"
+          + (f" ({spec.disk})" if spec.disk else ""), flush=True)
+    start = time.time()
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
+        raise PrepareError(f"{name}: an archive in {manual_dir} is damaged or not the "
+                           f"expected one ({type(e).__name__}: {e}); download it again") from e
+    except (OSError, ConnectionError) as e:
+        offline = (f"; offline, put {', '.join(spec.optional_manual_files)} (from "
+                   f"{spec.source}) in {manual_dir}" if spec.optional_manual_files else "")
+        raise PrepareError(f"{name}: {type(e).__name__}: {e}{offline}") from e
+    splits = ", ".join(f"{split} {info.num_examples:,}"
+                       for split, info in builder.info.splits.items())
+    return (f"{name}: prepared in {builder.data_dir} in {time.time() - start:.0f} s "
+            f"({splits} examples)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m noah_jax.prepare",
+        description="Build TFDS datasets (TFRecords) that the training configs read with "
+                    "dataset.name=NAME and dataset.data_dir=DATA_DIR.")
+    parser.add_argument("names", nargs="+", metavar="NAME",
+                        help=f"TFDS names: {', '.join(tfds_source.DATASETS)}, or any TFDS "
+                             "image-classification dataset")
+    parser.add_argument("--data_dir", default="~/tensorflow_datasets",
+                        help="where the built dataset goes (default: %(default)s)")
+    parser.add_argument("--manual_dir", default="",
+                        help="where the manually downloaded archives lie "
+                             "(default: DATA_DIR/downloads/manual)")
+    parser.add_argument("--skip_disk_check", action="store_true",
+                        help="build even if the disk looks too small")
+    args = parser.parse_args(argv)
+    data_dir = _local(args.data_dir)
+    manual_dir = _local(args.manual_dir or tfds_source.default_manual_dir(data_dir))
+    for name in args.names:
+        try:
+            print(prepare(name, data_dir, manual_dir, skip_disk_check=args.skip_disk_check),
+                  flush=True)
+        except PrepareError as e:
+            print(f"{parser.prog}: error: {e}", file=sys.stderr)
+            return 1
+    print(f"train with --config.dataset.data_dir={data_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
