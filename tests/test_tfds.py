@@ -86,22 +86,29 @@ def test_an_unprepared_dataset_says_how_to_prepare_it(tmp_path):
     message = str(e.value)
     for needle in ("not prepared", str(tmp_path), "ILSVRC2012_img_train.tar",
                    "ILSVRC2012_img_val.tar", f"{tmp_path}/downloads/manual",
-                   f"tfds build imagenet2012 --data_dir={tmp_path}", "dataset.data_dir"):
+                   f"python -m noah_jax.prepare imagenet2012 --data_dir={tmp_path}",
+                   "310 GB"):
         assert needle in message, (needle, message)
+    assert "\n" not in message
     c = dataset_config(str(tmp_path), "coco/2017")
-    with pytest.raises(tfds_source.DatasetNotPreparedError,
-                       match=re.escape(f"tfds build coco/2017 --data_dir={tmp_path}")):
+    with pytest.raises(tfds_source.DatasetNotPreparedError) as e:
         source_of(c)
+    for needle in (f"python -m noah_jax.prepare coco/2017 --data_dir={tmp_path}",
+                   "train2017.zip", "54 GB"):
+        assert needle in str(e.value), (needle, str(e.value))
 
 
-def test_main_reports_an_unprepared_dataset_without_a_traceback(tmp_path):
+def test_main_reports_an_unprepared_dataset_once_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "run"
     command = [sys.executable, str(ROOT / "main.py"),
                f"--config={ROOT / 'configs' / 'resnet18_noah.py'}",
-               f"--workdir={tmp_path / 'run'}", f"--config.dataset.data_dir={tmp_path}"]
+               f"--workdir={workdir}", f"--config.dataset.data_dir={tmp_path}"]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
-    assert f"tfds build imagenet2012 --data_dir={tmp_path}" in proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
+    output = proc.stderr + proc.stdout
+    assert output.count(f"python -m noah_jax.prepare imagenet2012 --data_dir={tmp_path}") == 1
+    assert "Traceback" not in output
+    assert not workdir.exists()  # no config.json, no event file, no checkpoint folder
 
 
 def test_unknown_names_and_wrong_class_counts_name_the_fix(tmp_path):

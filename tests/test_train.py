@@ -212,15 +212,6 @@ def test_killed_and_restarted_run_ends_with_the_same_parameters(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_a_mistyped_config_key_names_the_valid_ones(tmp_path):
-    proc = run_main(tmp_path, "--config.batch_sise=8")
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert "batch_sise" in out and "batch_size" in out
-    with pytest.raises(ValueError, match=r"unknown config argument 'varaint'.*'variant'"):
-        importlib.import_module("configs.vit_noah").get_config("varaint=tiny")
-
-
 RECIPES = [
     ("resnet18_noah", "", "resnet18", 0.1), ("resnet18_noah", "head=linear,depth=34",
                                              "resnet34", 0.1),
