@@ -28,6 +28,11 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if "://" in FLAGS.workdir:
+        # The run log, config.json and the checkpoint bookkeeping use local file APIs.
+        sys.exit(f"error: --workdir={FLAGS.workdir}: a workdir must be a local path, or a "
+                 "bucket mounted as one (e.g. with Cloud Storage FUSE) at the same path on "
+                 "every host; dataset.data_dir may be a gs:// bucket")
     import jax  # pylint: disable=g-import-not-at-top
     if FLAGS.coordinator_address:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -55,8 +55,10 @@ def _free_bytes(path: str) -> float | None:
 def check(name: str, data_dir: str, manual_dir: str, spec: tfds_source.DatasetSpec, *,
           disk: bool = True) -> None:
     """Refuses, before any work, a build that cannot succeed here."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (reads gs:// too)
+
     missing = [f for f in spec.manual_files
-               if not os.path.exists(os.path.join(manual_dir, f))]
+               if not tf.io.gfile.exists(os.path.join(manual_dir, f))]
     if missing:
         raise PrepareError(
             f"{name} needs {' and '.join(missing)} in {manual_dir} (from {spec.source}); "
@@ -67,17 +69,17 @@ def check(name: str, data_dir: str, manual_dir: str, spec: tfds_source.DatasetSp
         return
     archives = [os.path.join(manual_dir, f)
                 for f in (*spec.manual_files, *spec.optional_manual_files)]
-    present = [a for a in archives if os.path.exists(a)]
+    present = [a for a in archives if tf.io.gfile.exists(a)]
+    present_bytes = sum(tf.io.gfile.stat(a).length for a in present)
     if len(present) == len(archives) and archives:
         # Nothing to download: the TFRecords take about as much as the archives (they
         # keep the JPEG bytes as they are).
-        needed = 1.05 * sum(os.path.getsize(a) for a in present)
+        needed = 1.05 * present_bytes
         what = f"about {needed / _GB:.1f} GB for the TFRecords"
     elif spec.disk_gb:
         # Archives already in manual_dir need no more room if they are on the same disk.
         same_disk = _free_bytes(manual_dir) == free
-        needed = spec.disk_gb * _GB - (
-            sum(os.path.getsize(a) for a in present) if same_disk else 0)
+        needed = spec.disk_gb * _GB - (present_bytes if same_disk else 0)
         what = f"{spec.disk}, {needed / _GB:.0f} GB of it still to be written"
     else:
         return
