@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -94,6 +95,7 @@ def prepare(name: str, data_dir: str, manual_dir: str, *, skip_disk_check: bool 
             ) -> str:
     """Builds `name` in `data_dir` unless it is already there; returns what was done."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from tensorflow_datasets.core.download import download_manager  # pylint: disable=g-import-not-at-top
 
     try:
         spec = tfds_source.spec_for(name, data_dir)
@@ -109,6 +111,12 @@ def prepare(name: str, data_dir: str, manual_dir: str, *, skip_disk_check: bool 
     try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except download_manager.NonMatchingChecksumError as e:
+        found = re.search(r"downloaded to (\S+),", str(e))
+        raise PrepareError(
+            f"{name}: {found.group(1) if found else 'an archive in ' + manual_dir} is not "
+            "the official file (its checksum differs from the one TFDS registered); "
+            f"download it again from {spec.source or 'its source'}") from e
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
         raise PrepareError(f"{name}: an archive in {manual_dir} is damaged or not the "
                            f"expected one ({type(e).__name__}: {e}); download it again") from e

@@ -147,3 +147,17 @@ def test_the_not_prepared_message_gives_the_prepare_command(tmp_path, name):
     with pytest.raises(tfds_source.DatasetNotPreparedError) as e:
         tfds_source.prepared_builder(name, str(tmp_path))
     assert f"python -m noah_jax.prepare {name} --data_dir={tmp_path}" in str(e.value)
+
+
+def test_a_wrong_archive_in_the_manual_dir_is_named(tmp_path, capsys):
+    """VOC from its archives in the manual dir (the offline route): the real builder
+    checks them against TFDS's registered checksums, and a wrong file is named."""
+    manual = tmp_path / "downloads" / "manual"
+    manual.mkdir(parents=True)
+    for name in ("VOCtrainval_06-Nov-2007.tar", "VOCtest_06-Nov-2007.tar"):
+        with tarfile.open(manual / name, "w") as tar:
+            _add(tar, "VOCdevkit/README", b"not the real archive")
+    assert prepare.main(["voc/2007", f"--data_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is not the official file" in err and str(manual) in err
+    assert "host.robots.ox.ac.uk" in err
