@@ -268,7 +268,7 @@ def test_two_process_run_equals_one_process_run(tmp_path):
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, o in zip(procs, outs):
         assert p.returncode == 0, o[-3000:]
-    assert "2 processes" in outs[0] and "over 8 devices" in outs[0]
+    assert "8 device(s) of cpu (cpu) in 2 process(es)" in outs[0]
     # Process 0 reports; both evaluated all 360 digits together.
     top1 = [re.search(r"test top-1: ([\d.]+)% \((\d+) images\)", o) for o in outs]
     assert top1[0] and top1[0].group(2) == "360" and top1[1] is None
