@@ -28,7 +28,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         if spec is not None:  # config_flags would defer this error to the first use
             _check_config_path(spec)
         return flags.FLAGS(argv)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
         # Whatever failed while parsing (flags, the config file, an override), the
         # message below names it; the traceback would only show ml_collections' insides.
         message = explain(argv, e)
@@ -108,7 +108,7 @@ def explain(argv: list[str], error: BaseException) -> str:
             config = load_config(spec)
         except UsageError as e:
             return str(e)
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:
             return f"--config={spec}: {_last_line(e)}"
     if config is not None:
         for arg, path in _overridden_paths(argv):

@@ -56,7 +56,7 @@ def _free_bytes(path: str) -> float | None:
 def check(name: str, data_dir: str, manual_dir: str, spec: tfds_source.DatasetSpec, *,
           disk: bool = True) -> None:
     """Refuses, before any work, a build that cannot succeed here."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (reads gs:// too)
+    import tensorflow as tf  # tf.io.gfile reads gs:// paths too
 
     missing = [f for f in spec.manual_files
                if not tf.io.gfile.exists(os.path.join(manual_dir, f))]
@@ -94,9 +94,13 @@ def check(name: str, data_dir: str, manual_dir: str, spec: tfds_source.DatasetSp
 def prepare(name: str, data_dir: str, manual_dir: str, *, skip_disk_check: bool = False
             ) -> str:
     """Builds `name` in `data_dir` unless it is already there; returns what was done."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from tensorflow_datasets.core.download import download_manager  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download import download_manager
 
+    if name in ("digits", "synthetic", "folder"):
+        raise PrepareError(f"{name!r} is not a TFDS dataset and needs no preparation (the "
+                           "digits ship with scikit-learn, synthetic images are generated, "
+                           "a folder is read as it is)")
     try:
         spec = tfds_source.spec_for(name, data_dir)
     except ValueError as e:
@@ -155,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         except PrepareError as e:
             print(f"{parser.prog}: error: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            # TFDS builds in an `incomplete.*` folder that it renames only when done, so an
+            # interrupted build is never taken for a prepared dataset.
+            print(f"{parser.prog}: interrupted while preparing {name}; run the same command "
+                  "again to start its build afresh", file=sys.stderr)
+            return 130
     print(f"train with --config.dataset.data_dir={data_dir}", flush=True)
     return 0
 

@@ -470,6 +470,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     100 * eval_seconds / max(elapsed, 1e-9))
                 pending, chrono, interval_eval_seconds = [], time.time(), 0.0
             if step % eval_every == 0 or step == total_steps:
+                jax.block_until_ready(state["step"])  # the queued steps count as training
                 eval_start = time.time()
                 results = evaluate(step, final=step == total_steps)
                 interval_eval_seconds += time.time() - eval_start
