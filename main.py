@@ -33,7 +33,7 @@ def main(argv):
         sys.exit(f"error: --workdir={FLAGS.workdir}: a workdir must be a local path, or a "
                  "bucket mounted as one (e.g. with Cloud Storage FUSE) at the same path on "
                  "every host; dataset.data_dir may be a gs:// bucket")
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax
     if FLAGS.coordinator_address:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
@@ -41,14 +41,14 @@ def main(argv):
                                    process_id=FLAGS.process_id)
     elif FLAGS.distributed:
         jax.distributed.initialize()
-    from noah_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
+    from noah_jax import checkpoint, run_log, train
     try:
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (FileNotFoundError, checkpoint.CheckpointMismatchError, FloatingPointError) as e:
         # Errors about the user's data, checkpoints or numbers: their message says what
         # to do, and a traceback through TFDS or Orbax would only bury it. Printed once,
         # and kept in the run's log.txt when the run got that far.
-        train.append_to_run_log(FLAGS.workdir, f"{type(e).__name__}: {e}")
+        run_log.append(FLAGS.workdir, f"{type(e).__name__}: {e}")
         sys.exit(f"error: {e}")
     if jax.process_index() == 0:
         if "eval/mAP" in results:

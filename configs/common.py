@@ -3,7 +3,7 @@
 Every recipe config builds on `base_config()`, which names every field the trainer
 reads (none hides as a code default), and parses its argument string with
 `parse_arg("variant=tiny_050,head=linear,runlocal", variant="tiny", head="noah", ...)`.
-Durations are given in epochs or steps; `noah_jax.train` converts them to steps in
+Durations are given in epochs or steps; `noah_jax.durations` converts them to steps in
 one place.
 """
 
@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 256           # global
     c.grad_accum_steps = 1            # micro-batches per step (batch_size % it == 0)
 
-    # --- Duration: set exactly one of num_epochs / total_steps (> 0).
+    # --- Duration: set exactly one of num_epochs / total_steps (> 0); the other 0.
     c.num_epochs = 100.0
     c.total_steps = 0
 
@@ -124,9 +124,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.schedule.name = "step"          # step | cosine | linear | constant
     c.schedule.base_lr = 0.1          # at batch size base_batch_size
     c.schedule.base_batch_size = 256  # lr = base_lr * batch_size / base_batch_size
+    # Warm-up and the step schedule's boundaries in epochs or in steps: set one unit of
+    # each, 0 / () the other (noah_jax/durations.py converts them).
     c.schedule.warmup_epochs = 0.0
+    c.schedule.warmup_steps = 0
     c.schedule.end_lr = 0.0           # cosine / linear floor
     c.schedule.decay_epochs = (30.0, 60.0, 90.0)  # step schedule boundaries
+    c.schedule.decay_steps = ()
     c.schedule.decay_factor = 0.1     # step schedule multiplier at each boundary
 
     # --- Loss: softmax_xent (single-label) | sigmoid_xent | asl (multi-label).

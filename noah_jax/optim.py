@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import ml_collections
 import optax
+
+from noah_jax import durations
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, *, total_steps: int,
@@ -12,11 +16,16 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, *, total_steps: in
     """Linear warm-up from 0, then step / cosine / linear decay or constant.
 
     The peak is `base_lr * batch_size / base_batch_size` (the linear scaling rule the
-    recipes state their learning rates with). Epoch-valued settings become steps here.
+    recipes state their learning rates with). The warm-up (`schedule.warmup_epochs` or
+    `warmup_steps`) and the step schedule's boundaries (`schedule.decay_epochs` or
+    `decay_steps`) become steps in `noah_jax.durations`.
     """
     s = config.schedule
     peak = s.base_lr * config.batch_size / s.base_batch_size
-    warmup = int(round(s.warmup_epochs * steps_per_epoch))
+    in_steps = functools.partial(durations.steps, s, steps_per_epoch=steps_per_epoch,
+                                 batch_size=config.batch_size, total_steps=total_steps,
+                                 where="config.schedule")
+    warmup = in_steps("warmup")
     decay_steps = max(total_steps - warmup, 1)
     if s.name == "cosine":
         main = optax.cosine_decay_schedule(peak, decay_steps, alpha=s.end_lr / peak if peak else 0)
@@ -24,8 +33,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, *, total_steps: in
         main = optax.linear_schedule(peak, s.end_lr, decay_steps)
     elif s.name == "step":
         # Boundaries count from the start of training, as the reference's MultiStepLR.
-        boundaries = {int(round(e * steps_per_epoch)) - warmup: s.decay_factor
-                      for e in s.decay_epochs}
+        boundaries = {b - warmup: s.decay_factor for b in in_steps("decay")}
         main = optax.piecewise_constant_schedule(peak, boundaries)
     elif s.name == "constant":
         main = optax.constant_schedule(peak)

@@ -1,17 +1,22 @@
-"""The trainer: one linear function, `train_and_evaluate(config, workdir)`.
+"""The trainer: `train_and_evaluate(config, workdir)`, one loop read top to bottom.
 
-Sections, in order: logging, mesh, input, model and optimiser, sharding, update step,
-checkpoint restore, evaluation, loop. Data flows one way: config -> source -> global
-batch -> model -> loss/metrics -> optimiser -> checkpoint/logs.
+It calls module-level pieces that take what they use and return what they make:
+`check_config` (every check that can fail before anything is written),
+`init_train_state` / `restore_or_init` (resume first: the workdir's newest checkpoint,
+else `config.init_from`, else a fresh start), `make_train_step` (the pure update),
+`evaluate` (every evaluation set, each by the evaluator of its kind in
+`noah_jax.evaluators`) and `check_finite` (the NaN guard). Data flows one way:
+config -> source -> global batch -> model -> loss/metrics -> optimiser ->
+checkpoint/logs; the state passes explicitly from piece to piece.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import logging as logging_lib
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -20,114 +25,71 @@ import numpy as np
 import optax
 from absl import logging
 
-from noah_jax import checkpoint, data, losses, metrics, optim, sharding
+from noah_jax import (checkpoint, data, durations, evaluators, losses, optim, run_log,
+                      sharding)
 from noah_jax.models import create_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LOSSES = ("softmax_xent", "sigmoid_xent", "asl")
 
 
-def _hide_accelerators_from_tensorflow():
-    """TensorFlow (input pipelines, TensorBoard) must never take accelerator memory."""
-    try:
-        import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    except ImportError:
-        return
-    tf.config.set_visible_devices([], "GPU")
-    tf.config.set_visible_devices([], "TPU")
+# ----------------------------------------------------------------------------------
+# Checks that run before anything is written.
+# ----------------------------------------------------------------------------------
+def loss_function(config: ml_collections.ConfigDict
+                  ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """config.loss as (logits, labels) -> per-example loss [B]; labels are int ids [B],
+    soft targets or multi-hot [B, K]. The one place that knows the loss names."""
+    if config.loss == "softmax_xent":
+        def softmax_xent(logits, labels):
+            # Soft targets (mixup/cutmix) arrive already smoothed by the input pipeline.
+            smoothing = config.label_smoothing if labels.ndim == 1 else 0.0
+            return losses.softmax_cross_entropy(logits, labels, smoothing)
+        return softmax_xent
+
+    def multi_hot(logits, labels):
+        return jax.nn.one_hot(labels, logits.shape[-1]) if labels.ndim == 1 else labels
+
+    if config.loss == "sigmoid_xent":
+        return lambda logits, labels: losses.sigmoid_binary_cross_entropy(
+            logits, multi_hot(logits, labels))
+    if config.loss == "asl":
+        return lambda logits, labels: losses.asymmetric_loss(
+            logits, multi_hot(logits, labels), config.asl.gamma_neg, config.asl.gamma_pos,
+            config.asl.clip)
+    raise ValueError(f"config.loss must be one of {LOSSES}, got {config.loss!r}")
 
 
-class _DropLibraryNotices(logging_lib.Filter):
-    """Keeps the console and the run log to what the user needs to read.
-
-    Dropped: Orbax's several INFO lines per checkpoint and its warning each time a
-    checkpoint is opened read-only on purpose; JAX's INFO notice that a platform it
-    probes is absent ("Unable to initialize backend 'tpu'" on every CPU/GPU machine;
-    the devices actually used are logged instead). Warnings and errors stay."""
-
-    def filter(self, record):
-        if "/orbax/" in record.pathname:
-            return record.levelno >= logging_lib.WARNING and "read only" not in record.getMessage()
-        if record.pathname.endswith("xla_bridge.py") and record.levelno < logging_lib.WARNING:
-            return "Unable to initialize backend" not in record.getMessage()
-        return True
-
-
-def _quiet_library_notices():
-    handler = logging.get_absl_handler()
-    if not any(isinstance(f, _DropLibraryNotices) for f in handler.filters):
-        handler.addFilter(_DropLibraryNotices())
-
-
-RUN_LOG = "log.txt"
-_run_log_handler: logging_lib.Handler | None = None
+def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses settings that cannot run here, before the dataset is opened."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+    loss_function(config)
+    devices, processes = jax.device_count(), jax.process_count()
+    for name in ("batch_size", "eval_batch_size"):
+        if config[name] % devices or config[name] % processes:
+            raise ValueError(f"config.{name}={config[name]} must be divisible by the "
+                             f"{devices} devices")
+    micro_batch, rest = divmod(config.batch_size, config.grad_accum_steps)
+    if rest or micro_batch % devices:
+        raise ValueError(f"batch_size={config.batch_size} must split into grad_accum_steps="
+                         f"{config.grad_accum_steps} micro-batches divisible by the "
+                         f"{devices} devices")
+    if (config.eval_only and not config.init_from.path
+            and checkpoint.latest_step(os.path.join(workdir, "checkpoints")) is None):
+        raise ValueError("config.eval_only needs a checkpoint: a workdir with one, or "
+                         "config.init_from.path (e.g. the output of noah_jax.convert)")
 
 
-def _attach_run_log(workdir: str) -> None:
-    """Copies the log lines (INFO and up) of process 0 into workdir/log.txt, appending
-    across restarts. A handler left by an earlier run in this process is replaced."""
-    global _run_log_handler
-    _detach_run_log()
-    if jax.process_index() > 0:
-        return
-    handler = logging_lib.FileHandler(os.path.join(workdir, RUN_LOG))
-    handler.setLevel(logging_lib.INFO)
-    handler.setFormatter(logging_lib.Formatter("%(asctime)s %(levelname)s %(message)s",
-                                               "%Y-%m-%d %H:%M:%S"))
-    handler.addFilter(_DropLibraryNotices())
-    logging_lib.getLogger().addHandler(handler)
-    _run_log_handler = handler
+def check_source(config: ml_collections.ConfigDict, source: data.Source) -> None:
+    if source.multilabel and config.loss == "softmax_xent":
+        raise ValueError(f"dataset {config.dataset.name!r} is multi-label: set config.loss "
+                         "to 'sigmoid_xent' or 'asl'")
 
 
-def _detach_run_log() -> None:
-    global _run_log_handler
-    if _run_log_handler is not None:
-        logging_lib.getLogger().removeHandler(_run_log_handler)
-        _run_log_handler.close()
-        _run_log_handler = None
-
-
-def append_to_run_log(workdir: str, line: str) -> None:
-    """Adds `line` to workdir/log.txt if the run got as far as creating it (main.py
-    records the error that ended a run there, and prints it once on the console)."""
-    path = os.path.join(workdir, RUN_LOG)
-    if jax.process_index() == 0 and os.path.exists(path):
-        with open(path, "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR {line}\n")
-
-
-def _metric_writer(workdir: str):
-    """TensorBoard event files on process 0; the readable lines are logged separately."""
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    if jax.process_index() > 0:
-        return metric_writers.MultiWriter([])
-    return metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
-
-
-def _format_metrics(results: dict[str, float]) -> str:
-    return ", ".join(f"{k} {int(v)}" if k.endswith("count") else f"{k} {v:.4f}"
-                     for k, v in results.items())
-
-
-def _format_duration(seconds: float) -> str:
-    minutes = int(seconds // 60)
-    if minutes >= 60:
-        return f"{minutes // 60}h{minutes % 60:02d}m"
-    return f"{minutes}m{int(seconds % 60):02d}s"
-
-
-def duration_in_steps(config: ml_collections.ConfigDict, num_train_examples: int
-                      ) -> tuple[int, int]:
-    """(total_steps, steps_per_epoch): the one place durations become steps."""
-    steps_per_epoch = max(num_train_examples // config.batch_size, 1)
-    if (config.total_steps > 0) == (config.num_epochs > 0):
-        raise ValueError("set exactly one of config.total_steps and config.num_epochs (> 0); "
-                         f"got total_steps={config.total_steps}, num_epochs={config.num_epochs}")
-    if config.total_steps > 0:
-        return config.total_steps, steps_per_epoch
-    return int(round(config.num_epochs * steps_per_epoch)), steps_per_epoch
-
-
+# ----------------------------------------------------------------------------------
+# The train state and the update step.
+# ----------------------------------------------------------------------------------
 def init_train_state(model, tx: optax.GradientTransformation, image_shape, rng, *,
                      ema: bool) -> dict[str, Any]:
     """The train state at step 0: a dict, as checkpoints store it."""
@@ -142,21 +104,33 @@ def init_train_state(model, tx: optax.GradientTransformation, image_shape, rng, 
     return state
 
 
-def per_example_loss(config: ml_collections.ConfigDict, logits: jax.Array,
-                     labels: jax.Array) -> jax.Array:
-    """config.loss on a batch, [B]. Labels: int ids [B], soft targets or multi-hot [B, K]."""
-    if config.loss == "softmax_xent":
-        # Soft targets (mixup/cutmix) arrive already smoothed by the input pipeline.
-        smoothing = config.label_smoothing if labels.ndim == 1 else 0.0
-        return losses.softmax_cross_entropy(logits, labels, smoothing)
-    if labels.ndim == 1:
-        labels = jax.nn.one_hot(labels, logits.shape[-1])
-    if config.loss == "sigmoid_xent":
-        return losses.sigmoid_binary_cross_entropy(logits, labels)
-    if config.loss == "asl":
-        return losses.asymmetric_loss(logits, labels, config.asl.gamma_neg,
-                                      config.asl.gamma_pos, config.asl.clip)
-    raise ValueError(f"config.loss must be one of {LOSSES}, got {config.loss!r}")
+def restore_or_init(config: ml_collections.ConfigDict, mngr, init_state, abstract_state,
+                    state_sharding) -> tuple[dict[str, Any], int | None]:
+    """(state, restored step or None): the newest checkpoint in the workdir, else a fresh
+    state, initialised from `config.init_from.path` when given."""
+    latest = mngr.latest_step()
+    if latest is not None:
+        logging.info("resuming from %s step %d", mngr.directory, latest)
+        return checkpoint.restore_state(
+            mngr, latest, sharding.with_shardings(abstract_state, state_sharding)), latest
+    state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
+    if config.init_from.path:
+        logging.info("initialising from %s (drop_head=%s)", config.init_from.path,
+                     config.init_from.drop_head)
+        target = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        variables, _ = checkpoint.restore_model(config.init_from.path, target,
+                                                drop_head=config.init_from.drop_head,
+                                                resize_pos_embed=True)
+        state = jax.jit(functools.partial(_with_variables, ema="ema_params" in state),
+                        out_shardings=state_sharding, donate_argnums=0)(state, variables)
+    return state, None
+
+
+def _with_variables(state, variables, ema: bool):
+    state = dict(state, params=variables["params"], batch_stats=variables["batch_stats"])
+    if ema:
+        state["ema_params"] = variables["params"]
+    return state
 
 
 def top1_hits(logits: jax.Array, labels: jax.Array, multilabel: bool) -> jax.Array:
@@ -173,13 +147,14 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
                     schedule: optax.Schedule, mesh, *, multilabel: bool = False):
     """The pure update step: (state, batch) -> (state, metrics)."""
     accum = config.grad_accum_steps
+    per_example_loss = loss_function(config)
     batch_axis = sharding.batch_sharding(mesh).spec
 
     def loss_fn(params, batch_stats, images, labels, rng):
         logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images,
                                        train=True, rngs={"dropout": rng},
                                        mutable=["batch_stats"])
-        loss = per_example_loss(config, logits, labels).mean()
+        loss = per_example_loss(logits, labels).mean()
         top1 = jnp.mean(top1_hits(logits, labels, multilabel))
         return loss, (new_vars.get("batch_stats", batch_stats), top1)
 
@@ -238,106 +213,109 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
     return train_step
 
 
-def make_eval_step(model, kind: str = "single"):
-    """(params, batch_stats, batch) -> metric sums. kind: 'single' (top-1/top-5),
-    'real' (ImageNet-ReaL top-1) or 'multilabel', which also returns the float32
-    logits, labels and mask for the host-side mAP."""
-    def eval_step(params, batch_stats, batch):
-        logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                             train=False)
-        if kind == "single":
-            return metrics.classification_sums(logits, batch["label"], batch["mask"])
-        if kind == "real":
-            return metrics.real_accuracy_sums(logits, batch["label"], batch["mask"])
-        sums = metrics.multilabel_sums(logits, batch["label"], batch["mask"])
-        return sums, (logits.astype(jnp.float32), batch["label"], batch["mask"])
-    return eval_step
+# ----------------------------------------------------------------------------------
+# Evaluation and the NaN guard.
+# ----------------------------------------------------------------------------------
+def evaluation_sets(source: data.Source) -> list[tuple[str, str, Callable, bool]]:
+    """(name, kind, batches, final_only) of the source's own evaluation set and of its
+    extra ones (ImageNet-V2 / ReaL), which run only at the end and with eval_only."""
+    return [("", source.eval_kind, source.eval_batches, False),
+            *((f"{name}/", extra.kind, extra.batches, True)
+              for name, extra in source.extra_evals.items())]
 
 
-def multilabel_results(total: dict, rows: list) -> dict[str, float]:
-    """Finalised loss plus mAP and CP/CR/CF1/OP/OR/OF1 (sigmoid >= 0.5) over all rows."""
-    logits, labels, mask = (np.concatenate([np.asarray(r[i]) for r in rows]) for i in range(3))
-    results = metrics.finalize(total)
-    scores = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    results["mAP"] = metrics.mean_average_precision(logits, labels, mask)
-    results.update(metrics.multilabel_f1(scores, labels, mask))
+def evaluate(state: dict[str, Any], sets, scorers: dict[str, evaluators.Evaluator], *,
+             local_batch_size: int, data_sharding, final: bool) -> dict[str, float]:
+    """Metrics of the raw (`eval/...`) and, with EMA, the averaged (`eval_ema/...`)
+    parameters on every evaluation set (`final`: the extra ones too)."""
+    weights = {"eval": state["params"]}
+    if "ema_params" in state:
+        weights["eval_ema"] = state["ema_params"]
+    results = {}
+    for prefix, params in weights.items():
+        for name, kind, batches, final_only in sets:
+            if final_only and not final:
+                continue
+            scores = scorers[kind].evaluate(
+                params, state["batch_stats"],
+                batches(local_batch_size=local_batch_size, process_index=jax.process_index(),
+                        process_count=jax.process_count()), data_sharding)
+            results.update({f"{prefix}/{name}{k}": v for k, v in scores.items()})
     return results
 
 
+def check_finite(state: dict[str, Any], mngr) -> None:
+    """Stops the run if a step was non-finite; that step was not applied, and the last
+    good checkpoint is left intact (its pending write finishes first)."""
+    bad = int(state["nonfinite_step"])
+    if bad < 0:
+        return
+    mngr.wait_until_finished()
+    last = mngr.latest_step()
+    kept = (f"the last good checkpoint, step {last}, is intact" if last is not None
+            else "no checkpoint had been written yet")
+    raise FloatingPointError(
+        f"non-finite loss, gradient or parameters at step {bad}: training stopped before "
+        f"writing anything after it ({kept}). Lower the learning rate, enable "
+        "grad_clip_norm or compute in float32.")
+
+
+# ----------------------------------------------------------------------------------
+# The trainer.
+# ----------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains and evaluates; resumes from the newest checkpoint in `workdir`.
 
-    Returns the final evaluation metrics (and `train_step_compilations`).
+    Returns the last evaluation's metrics.
     """
     # ----------------------------------------------------------------- Logging
     # Nothing is written to the workdir until the config, the dataset and the model
     # have been checked (section "Workdir" below).
-    _hide_accelerators_from_tensorflow()
-    _quiet_library_notices()
+    data.keep_tensorflow_off_accelerators()
+    run_log.quiet_library_notices()
 
     # ----------------------------------------------------------------- Mesh
+    check_config(config, workdir)
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.model)
     data_sharding = sharding.batch_sharding(mesh)
 
     # ----------------------------------------------------------------- Input
     source = data.get_source(config.dataset, seed=config.seed, augment=config.augment,
                              label_smoothing=config.label_smoothing)
-    multilabel = source.multilabel
-    if config.loss not in LOSSES:
-        raise ValueError(f"config.loss must be one of {LOSSES}, got {config.loss!r}")
-    if multilabel and config.loss == "softmax_xent":
-        raise ValueError(f"dataset {config.dataset.name!r} is multi-label: set config.loss "
-                         "to 'sigmoid_xent' or 'asl'")
-    for name, size in (("batch_size", config.batch_size), ("eval_batch_size",
-                                                           config.eval_batch_size)):
-        if size % jax.device_count() or size % jax.process_count():
-            raise ValueError(f"config.{name}={size} must be divisible by the "
-                             f"{jax.device_count()} devices")
-    if config.batch_size % config.grad_accum_steps or (
-            config.batch_size // config.grad_accum_steps) % jax.device_count():
-        raise ValueError(f"batch_size={config.batch_size} must split into grad_accum_steps="
-                         f"{config.grad_accum_steps} micro-batches divisible by the "
-                         f"{jax.device_count()} devices")
+    check_source(config, source)
     local_batch = config.batch_size // jax.process_count()
     local_eval_batch = config.eval_batch_size // jax.process_count()
-    total_steps, steps_per_epoch = duration_in_steps(config, source.num_train_examples)
+    total_steps, steps_per_epoch = durations.total_and_epoch_steps(
+        config, source.num_train_examples)
     eval_every = config.eval_every_steps or steps_per_epoch
 
     # ----------------------------------------------------------------- Model and optimiser
-    if config.dtype not in DTYPES:
-        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+    overrides = {k: v for k, v in config.model.overrides.to_dict().items() if v is not None}
     model = create_model(config.model.name, num_classes=source.num_classes,
-                         head=config.model.head, dtype=DTYPES[config.dtype],
-                         **config.model.overrides.to_dict())
+                         head=config.model.head, dtype=DTYPES[config.dtype], **overrides)
     schedule = optim.learning_rate_schedule(config, total_steps=total_steps,
                                             steps_per_epoch=steps_per_epoch)
     tx = optim.make_optimizer(config, schedule)
-
     init_state = functools.partial(init_train_state, model, tx, source.image_shape,
                                    ema=config.ema_decay > 0)
 
     # ----------------------------------------------------------------- Sharding
-    init_rng = jax.random.key(config.seed)
-    abstract_state = jax.eval_shape(init_state, init_rng)
+    abstract_state = jax.eval_shape(init_state, jax.random.key(config.seed))
     state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=config.fsdp,
                                               fsdp_min_size=config.fsdp_min_size)
-    overrides = {k: v for k, v in config.model.overrides.to_dict().items() if v is not None}
-    meta = {"model": config.model.name, "head": config.model.head,
-            "num_classes": source.num_classes, "overrides": overrides,
-            "dataset": config.dataset.name}
 
     # ----------------------------------------------------------------- Workdir
     # The config, the dataset and the model are valid: from here on the run writes.
     os.makedirs(workdir, exist_ok=True)
-    _attach_run_log(workdir)
-    writer = _metric_writer(workdir)
+    run_log.attach(workdir)
+    writer = run_log.metric_writer(workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+    num_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
     logging.info("%d device(s) of %s (%s) in %d process(es); mesh %s", jax.device_count(),
                  jax.devices()[0].platform, jax.devices()[0].device_kind, jax.process_count(),
                  dict(mesh.shape))
-    num_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
     logging.info("model %s (head %s%s), %s parameters, %s compute; config in %s",
                  config.model.name, config.model.head,
                  f", overrides {overrides}" if overrides else "", f"{num_params:,}",
@@ -345,153 +323,99 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("data %s: %s training and %s evaluation images, %d classes, batch %d",
                  config.dataset.name, f"{source.num_train_examples:,}",
                  f"{source.num_eval_examples:,}", source.num_classes, config.batch_size)
+    meta = {"model": config.model.name, "head": config.model.head,
+            "num_classes": source.num_classes, "overrides": overrides,
+            "dataset": config.dataset.name}
 
     # ----------------------------------------------------------------- Update step
     train_step = jax.jit(make_train_step(model, tx, config, schedule, mesh,
-                                         multilabel=multilabel),
+                                         multilabel=source.multilabel),
                          in_shardings=(state_sharding, data_sharding),
                          out_shardings=(state_sharding, None), donate_argnums=0)
-    # Multi-label steps return their rows replicated, so every process holds the whole
-    # evaluation set's scores for the exact mAP.
-    eval_steps = {kind: jax.jit(make_eval_step(model, kind),
-                                out_shardings=(None, sharding.replicated(mesh))
-                                if kind == "multilabel" else None)
-                  for kind in ("single", "real", "multilabel")}
+    sets = evaluation_sets(source)
+    scorers = {kind: evaluators.get(kind)(model, mesh) for kind in {s[1] for s in sets}}
+
+    def run_evaluation(state, step: int, final: bool) -> dict[str, float]:
+        results = evaluate(state, sets, scorers, local_batch_size=local_eval_batch,
+                           data_sharding=data_sharding, final=final)
+        writer.write_scalars(step, {k: v for k, v in results.items()
+                                    if not k.endswith("count")})
+        logging.info("step %d: %s", step, run_log.format_metrics(results))
+        return results
 
     # ----------------------------------------------------------------- Checkpoint restore
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    mngr = checkpoint.manager(ckpt_dir, max_to_keep=config.keep_checkpoints)
-    latest = mngr.latest_step()
-    if latest is not None:
-        logging.info("resuming from %s step %d", ckpt_dir, latest)
-        state = checkpoint.restore_state(
-            mngr, latest, sharding.with_shardings(abstract_state, state_sharding))
-    else:
-        state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
-        if config.init_from.path:
-            logging.info("initialising from %s (drop_head=%s)", config.init_from.path,
-                         config.init_from.drop_head)
-            target = {"params": state["params"], "batch_stats": state["batch_stats"]}
-            variables, _ = checkpoint.restore_model(config.init_from.path, target,
-                                                    drop_head=config.init_from.drop_head,
-                                                    resize_pos_embed=True)
-            state = jax.jit(functools.partial(_with_variables, ema=config.ema_decay > 0),
-                            out_shardings=state_sharding, donate_argnums=0)(state, variables)
-    start_step = int(state["step"])
-
-    # ----------------------------------------------------------------- Evaluation
-    # (name, kind, batches) of the dataset's own evaluation set, and of the extra ones
-    # (ImageNet-V2 / ReaL), which run only at the end of training and with eval_only.
-    main_set = ("", "multilabel" if multilabel else "single", source.eval_batches)
-    extra_sets = [(f"{name}/", extra.kind, extra.batches)
-                  for name, extra in source.extra_evals.items()]
-
-    def evaluate_set(params, kind: str, batches) -> dict[str, float]:
-        total, rows = None, []
-        for batch in batches(local_batch_size=local_eval_batch,
-                             process_index=jax.process_index(),
-                             process_count=jax.process_count()):
-            batch = sharding.global_batch(batch, data_sharding)
-            out = eval_steps[kind](params, state["batch_stats"], batch)
-            if kind == "multilabel":
-                out, row = out
-                rows.append(jax.device_get(row))
-            total = metrics.add(total, out)
-        return multilabel_results(total, rows) if kind == "multilabel" else metrics.finalize(
-            total)
-
-    def evaluate(step: int, final: bool = True) -> dict[str, float]:
-        results = {}
-        weights = {"eval": state["params"]}
-        if "ema_params" in state:
-            weights["eval_ema"] = state["ema_params"]
-        for prefix, params in weights.items():
-            for name, kind, batches in [main_set, *(extra_sets if final else [])]:
-                for k, v in evaluate_set(params, kind, batches).items():
-                    results[f"{prefix}/{name}{k}"] = v
-        writer.write_scalars(step, {k: v for k, v in results.items() if not k.endswith("count")})
-        logging.info("step %d: %s", step, _format_metrics(results))
-        return results
-
-    def check_finite():
-        bad = int(state["nonfinite_step"])
-        if bad >= 0:
-            mngr.wait_until_finished()
-            last = mngr.latest_step()
-            kept = (f"the last good checkpoint, step {last}, is intact" if last is not None
-                    else "no checkpoint had been written yet")
-            raise FloatingPointError(
-                f"non-finite loss, gradient or parameters at step {bad}: training stopped "
-                f"before writing anything after it ({kept}). Lower the learning rate, enable "
-                "grad_clip_norm or compute in float32.")
-
-    if config.eval_only:
-        if latest is None and not config.init_from.path:
-            raise ValueError("config.eval_only needs a checkpoint: a workdir with one, or "
-                             "config.init_from.path (e.g. the output of noah_jax.convert)")
-        results = evaluate(start_step)
-        mngr.close()
-        writer.flush()
-        _detach_run_log()
-        return results
-
-    # ----------------------------------------------------------------- Loop
-    logging.info("training for %d steps (%d per epoch) from step %d, evaluating every %d",
-                 total_steps, steps_per_epoch, start_step, eval_every)
-    batches = source.train_batches(start_step=start_step, local_batch_size=local_batch,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-    # Throughput counts training time only; the ETA counts everything (eval included).
-    pending, results = [], {}
-    loop_start = chrono = time.time()
-    eval_seconds = interval_eval_seconds = 0.0
+    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"),
+                              max_to_keep=config.keep_checkpoints)
     try:
+        state, _ = restore_or_init(config, mngr, init_state, abstract_state, state_sharding)
+        start_step = int(state["step"])
+        if config.eval_only or start_step >= total_steps:  # nothing (left) to train
+            return run_evaluation(state, start_step, final=True)
+
+        # ------------------------------------------------------------- Loop
+        logging.info("training for %d steps (%d per epoch) from step %d, evaluating every %d",
+                     total_steps, steps_per_epoch, start_step, eval_every)
+        batches = source.train_batches(start_step=start_step, local_batch_size=local_batch,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+        progress = _Progress(total_steps, steps_per_epoch, start_step, config.batch_size)
+        pending, results = [], {}
         for step in range(start_step + 1, total_steps + 1):
-            batch = sharding.global_batch(next(batches), data_sharding)
-            state, step_metrics = train_step(state, batch)
+            state, step_metrics = train_step(state, sharding.global_batch(next(batches),
+                                                                           data_sharding))
             pending.append(step_metrics)
             if step % config.log_every_steps == 0 or step == total_steps:
-                check_finite()
-                pending = jax.device_get(pending)
-                summary = {f"train/{k}": float(np.mean([m[k] for m in pending]))
-                           for k in pending[0]}
-                seconds = max(time.time() - chrono - interval_eval_seconds, 1e-9)
-                summary["train/steps_per_sec"] = len(pending) / seconds
-                summary["train/images_per_sec"] = len(pending) * config.batch_size / seconds
+                check_finite(state, mngr)
+                summary = progress.summary(step, jax.device_get(pending))
                 writer.write_scalars(step, summary)
-                elapsed = time.time() - loop_start
-                logging.info(
-                    "step %d/%d (epoch %.1f): loss %.4f, accuracy %.4f, lr %.3g, grad_norm %.3g;"
-                    " %.1f images/s, ETA %s (%.0f%% of the time in evaluation)", step,
-                    total_steps, step / steps_per_epoch, summary["train/loss"],
-                    summary["train/accuracy"], summary["train/learning_rate"],
-                    summary["train/grad_norm"], summary["train/images_per_sec"],
-                    _format_duration(elapsed / (step - start_step) * (total_steps - step)),
-                    100 * eval_seconds / max(elapsed, 1e-9))
-                pending, chrono, interval_eval_seconds = [], time.time(), 0.0
+                pending = []
             if step % eval_every == 0 or step == total_steps:
                 jax.block_until_ready(state["step"])  # the queued steps count as training
-                eval_start = time.time()
-                results = evaluate(step, final=step == total_steps)
-                interval_eval_seconds += time.time() - eval_start
-                eval_seconds += time.time() - eval_start
+                with progress.evaluating():
+                    results = run_evaluation(state, step, final=step == total_steps)
             if step % config.checkpoint_every_steps == 0 or step == total_steps:
-                check_finite()
+                check_finite(state, mngr)
                 checkpoint.save_state(mngr, step, state, meta)
-        if start_step >= total_steps:  # already finished: just report
-            results = evaluate(start_step)
+        return results
     finally:
         # Also on errors (the NaN guard): the last good checkpoint finishes writing.
         mngr.wait_until_finished()
         mngr.close()
         writer.flush()
-        _detach_run_log()
-    results["train_step_compilations"] = train_step._cache_size()  # pylint: disable=protected-access
-    return results
+        run_log.detach()
 
 
-def _with_variables(state, variables, ema: bool):
-    state = dict(state, params=variables["params"], batch_stats=variables["batch_stats"])
-    if ema:
-        state["ema_params"] = variables["params"]
-    return state
+class _Progress:
+    """Throughput (training time only) and ETA (everything) between log lines."""
+
+    def __init__(self, total_steps: int, steps_per_epoch: int, start_step: int,
+                 batch_size: int):
+        self.total, self.per_epoch, self.start = total_steps, steps_per_epoch, start_step
+        self.batch_size = batch_size
+        self.loop_start = self.chrono = time.time()
+        self.eval_seconds = self.interval_eval_seconds = 0.0
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        start = time.time()
+        yield
+        self.eval_seconds += time.time() - start
+        self.interval_eval_seconds += time.time() - start
+
+    def summary(self, step: int, pending: list[dict]) -> dict[str, float]:
+        """Means of the steps since the last line, logged; returns them for TensorBoard."""
+        summary = {f"train/{k}": float(np.mean([m[k] for m in pending])) for k in pending[0]}
+        seconds = max(time.time() - self.chrono - self.interval_eval_seconds, 1e-9)
+        summary["train/steps_per_sec"] = len(pending) / seconds
+        summary["train/images_per_sec"] = len(pending) * self.batch_size / seconds
+        elapsed = time.time() - self.loop_start
+        logging.info(
+            "step %d/%d (epoch %.1f): loss %.4f, accuracy %.4f, lr %.3g, grad_norm %.3g;"
+            " %.1f images/s, ETA %s (%.0f%% of the time in evaluation)", step, self.total,
+            step / self.per_epoch, summary["train/loss"], summary["train/accuracy"],
+            summary["train/learning_rate"], summary["train/grad_norm"],
+            summary["train/images_per_sec"],
+            run_log.format_duration(elapsed / (step - self.start) * (self.total - step)),
+            100 * self.eval_seconds / max(elapsed, 1e-9))
+        self.chrono, self.interval_eval_seconds = time.time(), 0.0
+        return summary

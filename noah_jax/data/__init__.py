@@ -26,10 +26,23 @@ import ml_collections
 
 from noah_jax.data.base import Batch, Source
 
-__all__ = ["AVAILABLE_SOURCES", "Batch", "Source", "get_source"]
+__all__ = ["Batch", "Source", "get_source", "keep_tensorflow_off_accelerators"]
 
-AVAILABLE_SOURCES = ("digits", "synthetic", "folder", "imagenet2012", "coco/2017", "voc/2007",
-                     "cifar10", "cifar100", "imagenette", "oxford_iiit_pet")
+
+def keep_tensorflow_off_accelerators() -> None:
+    """TensorFlow (the tf.data pipelines, TensorBoard's writer) never needs an
+    accelerator and must not reserve one's memory, which JAX needs. It has to run before
+    TensorFlow initialises its devices: the trainer calls it first thing, and the
+    pipeline module on import. Without TensorFlow installed there is nothing to do."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return
+    try:
+        tf.config.set_visible_devices([], "GPU")
+        tf.config.set_visible_devices([], "TPU")
+    except (RuntimeError, ValueError):
+        pass  # devices already initialised (by an earlier call): nothing left to hide
 
 
 def get_source(dataset_config: ml_collections.ConfigDict, *, seed: int,

@@ -46,7 +46,8 @@ class Source(Protocol):
     num_train_examples: int
     num_eval_examples: int
     multilabel: bool            # labels are multi-hot float32 [b, K] (COCO, VOC)
-    extra_evals: dict           # name -> further evaluation sets (tfds_source.EvalSet)
+    eval_kind: str              # which evaluator scores eval_batches (noah_jax.evaluators)
+    extra_evals: dict           # name -> further evaluation sets, each with .kind, .batches
 
     def train_batches(self, *, start_step: int, local_batch_size: int, process_index: int,
                       process_count: int) -> Iterator[Batch]:
@@ -199,6 +200,7 @@ class IndexedSource:
     num_train_examples: int
     num_eval_examples: int
     multilabel = False
+    eval_kind = "single"
     extra_evals = types.MappingProxyType({})  # read-only: shared by every instance
 
     def train_examples(self, indices: np.ndarray, positions: np.ndarray) -> Batch:

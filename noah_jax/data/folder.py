@@ -119,6 +119,7 @@ class FolderSource:
 
     name = "folder"
     multilabel = False
+    eval_kind = "single"
 
     def __init__(self, root: str, preprocess: pipeline.Preprocess, *, seed: int,
                  num_classes: int, train_split: str = "", eval_split: str = "",

@@ -41,24 +41,13 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from noah_jax.data import augment
+from noah_jax.data import augment, keep_tensorflow_off_accelerators
 from noah_jax.data.base import hash_u64
 
 Parse = Callable[[dict], tuple[tf.Tensor, tf.Tensor]]
 
 
-def _keep_tensorflow_on_the_cpu() -> None:
-    """The input pipeline never needs an accelerator; TensorFlow must not reserve one's
-    memory (JAX needs it). Too late once TensorFlow has initialised its devices, which
-    `noah_jax.train` avoids by calling this first."""
-    try:
-        tf.config.set_visible_devices([], "GPU")
-        tf.config.set_visible_devices([], "TPU")
-    except (RuntimeError, ValueError):
-        pass
-
-
-_keep_tensorflow_on_the_cpu()
+keep_tensorflow_off_accelerators()
 
 _EXAMPLE_TAG = 0x45584D50  # "EXMP": per-example augmentation seeds
 _SHUFFLE_TAG = 0x53485546  # "SHUF": per-epoch shuffle seeds

@@ -315,6 +315,7 @@ class TfdsSource:
             (s for s in ("validation", "test") if s in builder.info.splits), "validation")
         self._eval = EvalSet(_Split(builder, eval_split, spec.kind,
                                     drop_unlabeled), preprocess, num_classes)
+        self.eval_kind = self._eval.kind
         self._parse = make_parse(spec.kind, num_classes)
         self.num_train_examples = self._train.raw_size
         self.num_eval_examples = self._eval.num_examples

@@ -1,0 +1,94 @@
+"""What a run tells the user: the console, workdir/log.txt and TensorBoard.
+
+Process 0 logs readable lines (absl, to the console) and copies them into the
+workdir's `log.txt`; the metrics also go to TensorBoard event files. Library notices
+that would read like errors or bury the run's own lines are dropped.
+"""
+
+from __future__ import annotations
+
+import logging as logging_lib
+import os
+import time
+
+import jax
+from absl import logging
+
+
+class DropLibraryNotices(logging_lib.Filter):
+    """Keeps the console and the run log to what the user needs to read.
+
+    Dropped: Orbax's several INFO lines per checkpoint and its warning each time a
+    checkpoint is opened read-only on purpose; JAX's INFO notice that a platform it
+    probes is absent ("Unable to initialize backend 'tpu'" on every CPU/GPU machine;
+    the devices actually used are logged instead). Warnings and errors stay."""
+
+    def filter(self, record):
+        if "/orbax/" in record.pathname:
+            return record.levelno >= logging_lib.WARNING and "read only" not in record.getMessage()
+        if record.pathname.endswith("xla_bridge.py") and record.levelno < logging_lib.WARNING:
+            return "Unable to initialize backend" not in record.getMessage()
+        return True
+
+
+def quiet_library_notices():
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, DropLibraryNotices) for f in handler.filters):
+        handler.addFilter(DropLibraryNotices())
+
+
+RUN_LOG = "log.txt"
+_run_log_handler: logging_lib.Handler | None = None
+
+
+def attach(workdir: str) -> None:
+    """Copies the log lines (INFO and up) of process 0 into workdir/log.txt, appending
+    across restarts. A handler left by an earlier run in this process is replaced."""
+    global _run_log_handler
+    detach()
+    if jax.process_index() > 0:
+        return
+    handler = logging_lib.FileHandler(os.path.join(workdir, RUN_LOG))
+    handler.setLevel(logging_lib.INFO)
+    handler.setFormatter(logging_lib.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                               "%Y-%m-%d %H:%M:%S"))
+    handler.addFilter(DropLibraryNotices())
+    logging_lib.getLogger().addHandler(handler)
+    _run_log_handler = handler
+
+
+def detach() -> None:
+    global _run_log_handler
+    if _run_log_handler is not None:
+        logging_lib.getLogger().removeHandler(_run_log_handler)
+        _run_log_handler.close()
+        _run_log_handler = None
+
+
+def append(workdir: str, line: str) -> None:
+    """Adds `line` to workdir/log.txt if the run got as far as creating it (main.py
+    records the error that ended a run there, and prints it once on the console)."""
+    path = os.path.join(workdir, RUN_LOG)
+    if jax.process_index() == 0 and os.path.exists(path):
+        with open(path, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR {line}\n")
+
+
+def metric_writer(workdir: str):
+    """TensorBoard event files on process 0; the readable lines are logged separately."""
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    if jax.process_index() > 0:
+        return metric_writers.MultiWriter([])
+    return metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
+
+
+def format_metrics(results: dict[str, float]) -> str:
+    return ", ".join(f"{k} {int(v)}" if k.endswith("count") else f"{k} {v:.4f}"
+                     for k, v in results.items())
+
+
+def format_duration(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    if minutes >= 60:
+        return f"{minutes // 60}h{minutes % 60:02d}m"
+    return f"{minutes}m{int(seconds % 60):02d}s"
