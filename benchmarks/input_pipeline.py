@@ -60,7 +60,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from noah_jax.data import pipeline  # noqa: E402  pylint: disable=wrong-import-position
+from noah_jax.data import pipeline  # noqa: E402
 
 NUM_CLASSES = 1000
 IMAGE_SIZE = 224

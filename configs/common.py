@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from noah_jax.data import catalog, preprocess
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """Parses 'key=value,flag,...' against `defaults`, which fix the keys and types.
@@ -42,7 +44,7 @@ def declare_model_overrides(c: ml_collections.ConfigDict) -> ml_collections.Conf
     of `c.model.overrides`, None (the model's own value) unless the recipe set it, so that
     `--config.model.overrides.img_size=384` works from the command line. Every recipe's
     `get_config` ends with it. The compute dtype is `config.dtype`, not an override."""
-    from noah_jax.models import model_override_types  # pylint: disable=g-import-not-at-top
+    from noah_jax.models import model_override_types
 
     for name, kind in model_override_types(c.model.name).items():
         if name != "dtype" and name not in c.model.overrides:
@@ -79,27 +81,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.shuffle_buffer = 50_000  # encoded images per process (ImageNet: ~5.5 GB)
     c.dataset.shuffle_pieces = 16     # sub-splits per process, interleaved anew each epoch
     c.dataset.drop_unlabeled = True   # COCO/VOC: leave out images with no annotated object
-    c.dataset.extra_evals = ()        # ('imagenet_v2', 'imagenet2012_real'): at the end, if prepared
+    # ('imagenet_v2', 'imagenet2012_real'): scored at the end of training, if prepared.
+    c.dataset.extra_evals = ()
 
     # --- Augmentation of the tf.data sources (noah_jax/data/pipeline.py); the
-    # in-memory demo sources ignore it. Defaults: the CNN recipe.
-    c.augment = ml_collections.ConfigDict()
-    c.augment.train_crop = "inception"  # inception (random-resized crop) | resize (squash)
-    c.augment.crop_scale = (0.08, 1.0)
-    c.augment.crop_ratio = (3 / 4, 4 / 3)
-    c.augment.flip = True
-    c.augment.rand_augment_layers = 0   # 0 = off
-    c.augment.rand_augment_magnitude = 9.0
-    c.augment.rand_augment_std = 0.5
-    c.augment.rand_augment_increasing = True
-    c.augment.color_jitter = 0.0        # 0 = off
-    c.augment.random_erasing = 0.0      # probability; 0 = off
-    c.augment.mixup_alpha = 0.0         # 0 = off
-    c.augment.cutmix_alpha = 0.0        # 0 = off
-    c.augment.mix_switch_prob = 0.5     # cutmix instead of mixup when both are on
-    c.augment.mix_prob = 1.0
-    c.augment.repeats = 1               # repeated augmentation (DeiT: 3)
-    c.augment.eval_crop = "center"      # center (resize to size/eval_crop_ratio) | resize
+    # in-memory demo sources ignore it. Every field, with its default (the CNN recipe:
+    # Inception crop and flips), comes from noah_jax/data/preprocess.py's `Preprocess`,
+    # which documents them; recipes change what they need.
+    c.augment = preprocess.augment_config()
     c.batch_size = 256                # global, over all devices and hosts
     c.eval_batch_size = 256           # global
     c.grad_accum_steps = 1            # micro-batches per step (batch_size % it == 0)
@@ -199,34 +188,21 @@ def imagenet_config(model: str, head: str) -> ml_collections.ConfigDict:
     c = base_config()
     c.model.name = model
     c.model.head = head
-    c.dataset.name = "imagenet2012"
-    c.dataset.num_classes = 1000
-    c.dataset.image_size = 224
-    c.dataset.eval_crop_ratio = 0.875
-    # Also scored on ImageNet-V2 and ReaL when they are prepared in data_dir.
+    # The base config's dataset is ImageNet-1k at 224 px already. Also scored on
+    # ImageNet-V2 and ReaL when they are prepared in data_dir.
     c.dataset.extra_evals = ("imagenet_v2", "imagenet2012_real")
     return c
 
 
 def resnet_recipe(model: str, head: str) -> ml_collections.ConfigDict:
-    """The reference's ResNet recipe (NOAH_SPEC section 3)."""
-    c = imagenet_config(model, head)
-    c.batch_size = 256
-    c.eval_batch_size = 256
-    c.num_epochs = 100.0
-    c.optimizer.name = "sgd"
-    c.optimizer.momentum = 0.9
-    c.optimizer.weight_decay = 1e-4
-    c.schedule.name = "step"
-    c.schedule.base_lr = 0.1
-    c.schedule.base_batch_size = 256
-    c.schedule.decay_epochs = (30.0, 60.0, 90.0)
-    c.schedule.decay_factor = 0.1
-    return c
+    """The reference's ResNet recipe: 100 epochs of SGD (momentum 0.9, weight decay
+    1e-4, lr 0.1 at batch 256, x0.1 at epochs 30/60/90), Inception crop and flips. These
+    are the base config's own values, so nothing is restated here."""
+    return imagenet_config(model, head)
 
 
 def mlp_recipe(model: str, head: str) -> ml_collections.ConfigDict:
-    """The reference's Mixer / gMLP recipe (NOAH_SPEC section 3)."""
+    """The reference's Mixer / gMLP recipe (the DeiT-style recipe of the MLP papers)."""
     c = imagenet_config(model, head)
     c.model.overrides.drop_rate = 0.0233
     c.model.overrides.drop_path_rate = 0.1
@@ -254,8 +230,6 @@ def mlp_recipe(model: str, head: str) -> ml_collections.ConfigDict:
     c.augment.rand_augment_increasing = False
     c.augment.mixup_alpha = 0.5
     c.augment.cutmix_alpha = 1.0
-    c.augment.mix_switch_prob = 0.5
-    c.log_every_steps = 100
     c.checkpoint_every_steps = 2000
     return c
 
@@ -278,30 +252,26 @@ def multilabel_config(model: str, head: str, dataset: str, init: str
     c.model.name = model
     c.model.head = head
     c.dataset.name = dataset
-    c.dataset.num_classes = {"coco/2017": 80, "voc/2007": 20}[dataset]
+    spec = catalog.DATASETS.get(dataset)
+    if spec is None or not spec.multilabel:
+        raise ValueError(f"dataset={dataset!r} is not a multi-label dataset; choose one of "
+                         f"{[n for n, d in catalog.DATASETS.items() if d.multilabel]}")
+    c.dataset.num_classes = spec.num_classes
     c.dataset.image_size = 448
-    c.dataset.drop_unlabeled = True
     c.dataset.shuffle_buffer = 20_000
     c.augment.train_crop = "resize"
     c.augment.eval_crop = "resize"
-    c.augment.flip = True
-    c.augment.rand_augment_layers = 2
-    c.augment.rand_augment_magnitude = 9.0
-    c.augment.rand_augment_std = 0.5
+    c.augment.rand_augment_layers = 2   # m9 mstd0.5, the base config's magnitude
     c.loss = "sigmoid_xent"
     c.batch_size = 128
     c.eval_batch_size = 128
     c.num_epochs = 40.0
-    c.optimizer.name = "adamw"
-    c.optimizer.weight_decay = 1e-4
+    c.optimizer.name = "adamw"          # weight decay 1e-4, the base config's
     c.schedule.name = "cosine"
     c.schedule.base_lr = 1e-4
     c.schedule.base_batch_size = 128
     c.schedule.warmup_epochs = 1.0
-    c.schedule.end_lr = 0.0
     c.ema_decay = 0.9997
     c.init_from.path = init
     c.init_from.drop_head = True
-    c.log_every_steps = 100
-    c.checkpoint_every_steps = 1000
     return c

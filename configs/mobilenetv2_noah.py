@@ -19,14 +19,9 @@ def get_config(arg=None):
     if a.width not in WIDTHS:
         raise ValueError(f"width must be one of {WIDTHS}, got {a.width!r}")
     c = common.imagenet_config(f"mobilenetv2_{a.width}", a.head)
-    c.batch_size = 256
-    c.eval_batch_size = 256
+    # SGD with momentum 0.9 at batch 256, as the base config; these differ from it.
     c.num_epochs = 150.0
-    c.optimizer.name = "sgd"
-    c.optimizer.momentum = 0.9
     c.optimizer.weight_decay = 4e-5
     c.schedule.name = "cosine"
     c.schedule.base_lr = 0.05
-    c.schedule.base_batch_size = 256
-    c.schedule.end_lr = 0.0
     return common.declare_model_overrides(c)

@@ -9,7 +9,7 @@ Every step holds up to three items:
   'meta'   JSON: model name, head, num_classes, overrides, ...  (describes 'model')
 
 Loading checks the structure against the model it goes into and lists every missing
-key, unexpected key and shape mismatch by name (STYLE.md 5: loading fails loudly).
+key, unexpected key and shape mismatch by name: nothing is skipped silently.
 """
 
 from __future__ import annotations

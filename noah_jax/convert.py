@@ -549,7 +549,10 @@ _SAFETENSORS_DTYPES = {
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
     """Reads a .safetensors file: u64 little-endian header size, JSON header, raw data.
 
-    Done here (the format is small and fixed) so no extra package is needed.
+    Done here rather than with `safetensors.numpy.load_file` because that loader has no
+    bfloat16 (numpy lacks the type; here it is ml_dtypes' bfloat16, as in JAX), and
+    checkpoints are often saved in bfloat16. The package serves the tests as an
+    independent writer of the format.
     """
     data = np.memmap(path, dtype=np.uint8, mode="r")
     if data.size < 8:

@@ -76,7 +76,7 @@ def append(workdir: str, line: str) -> None:
 
 def metric_writer(workdir: str):
     """TensorBoard event files on process 0; the readable lines are logged separately."""
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    from clu import metric_writers
     if jax.process_index() > 0:
         return metric_writers.MultiWriter([])
     return metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])

@@ -318,7 +318,7 @@ def test_random_erasing_box_and_pixels():
                        np.stack([image] * len(seeds)), seeds)
     erased = 0
     for i, out in enumerate(outs):
-        box_seed, _ = augment._split(tf.constant(seeds[i]), 2)
+        box_seed, _ = augment.split_seed(tf.constant(seeds[i]), 2)
         top, left, h, w = augment.sample_erase_box((height, width), box_seed, 1.0).numpy()
         inside = np.zeros((height, width), bool)
         inside[top:top + h, left:left + w] = True

@@ -117,7 +117,7 @@ def test_forward_and_backward(name, head, dtype):
         assert not stale, f"running variances not updated: {stale}"
     if dtype == jnp.float32:
         # Every parameter gets a gradient, except the NOAH query bias, which is a constant
-        # shift under the softmax over positions (NOAH_SPEC section 2).
+        # shift under the softmax over positions.
         silent = [k for k, g in flatten_dict(grads, sep="/").items()
                   if not np.any(np.asarray(g)) and k != "head/query/bias"]
         assert not silent, f"parameters without gradient: {silent}"

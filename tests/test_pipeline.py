@@ -46,7 +46,7 @@ def test_resize_modes_squash_the_whole_image():
     png = tf.io.encode_png(pixels)
     p = pipeline.Preprocess(image_size=20, train_crop="resize", eval_crop="resize",
                             flip=False)
-    expected = augment.normalize(augment._resize(tf.constant(pixels), 20, 20)).numpy()  # pylint: disable=protected-access
+    expected = augment.normalize(augment.resize(tf.constant(pixels), 20, 20)).numpy()
     np.testing.assert_allclose(pipeline.eval_image(png, p), expected, atol=1e-6)
     np.testing.assert_allclose(pipeline.train_image(png, tf.constant([1, 2], tf.int64), p),
                                expected, atol=1e-6)

@@ -86,7 +86,7 @@ def test_any_classification_dataset_trains_and_evaluates_from_real_files(data_di
     for p in range(2):
         it = source.train_batches(start_step=0, local_batch_size=2, process_index=p,
                                   process_count=2)
-        pieces = source._train.pieces(p, 2, 4)  # pylint: disable=protected-access
+        pieces = source._train.pieces(p, 2, 4)
         n = sum(size for _, size in pieces)
         batches = [next(it) for _ in range(-(-n // 2))]
         images = np.concatenate([b["image"] for b in batches])[:n]

@@ -7,7 +7,7 @@ augmentation is a function of its seed, which a pipeline derives from (seed,
 process, step) with `tf.random.experimental.stateless_fold_in`. An op that needs
 several random numbers splits its seed with `tf.random.split`.
 
-What each recipe of NOAH_SPEC.md section 3 uses (timm / torchvision semantics):
+What each of the reference's training recipes uses (timm / torchvision semantics):
 
   CNNs (train)   random_resized_crop(224) -> random_flip -> normalize
   CNNs (eval)    center_crop_eval(224, crop_ratio=0.875) -> normalize
@@ -63,7 +63,7 @@ __all__ = [
 # ----------------------------------------------------------------------------------
 # Helpers.
 # ----------------------------------------------------------------------------------
-def _split(seed, num: int):
+def split_seed(seed, num: int):
     """`num` independent [2] seeds from one."""
     return tf.unstack(tf.random.split(tf.convert_to_tensor(seed), num), num=num)
 
@@ -90,7 +90,7 @@ def _to_uint8(x, *, truncate: bool = False):
     return tf.cast(tf.floor(x) if truncate else tf.round(x), tf.uint8)
 
 
-def _resize(image, height, width):
+def resize(image, height, width):
     """Bilinear resize with antialiasing; the output keeps uint8 if the input was uint8."""
     out = tf.image.resize(image, tf.stack([height, width]), method="bilinear", antialias=True)
     return _to_uint8(out) if image.dtype == tf.uint8 else out
@@ -115,7 +115,7 @@ def sample_crop_box(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attemp
     """
     height, width = _height_width(shape)
     h_f, w_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-    area_seed, ratio_seed, top_seed, left_seed = _split(seed, 4)
+    area_seed, ratio_seed, top_seed, left_seed = split_seed(seed, 4)
     target_area = h_f * w_f * tf.random.stateless_uniform(
         [attempts], area_seed, minval=scale[0], maxval=scale[1])
     aspect = tf.exp(tf.random.stateless_uniform(
@@ -154,7 +154,7 @@ def random_resized_crop(image_or_encoded, seed, size: int, scale=(0.08, 1.0),
         box = sample_crop_box(tf.shape(image_or_encoded), seed, scale, ratio, attempts)
         crop = tf.slice(image_or_encoded, tf.stack([box[0], box[1], 0]),
                         tf.stack([box[2], box[3], -1]))
-    out = _resize(crop, size, size)
+    out = resize(crop, size, size)
     out.set_shape([size, size, crop.shape[-1]])
     return out
 
@@ -182,7 +182,7 @@ def center_crop_eval(image_or_encoded, size: int, crop_ratio: float = 0.875):
     new_long = resize_to * long // short  # == int(resize_to * long / short) for these sizes
     new_h = tf.where(height <= width, resize_to, new_long)
     new_w = tf.where(height <= width, new_long, resize_to)
-    resized = _resize(image, new_h, new_w)
+    resized = resize(image, new_h, new_w)
     top = _round_to_int(tf.cast(new_h - size, tf.float32) / 2)
     left = _round_to_int(tf.cast(new_w - size, tf.float32) / 2)
     out = tf.slice(resized, tf.stack([top, left, 0]), tf.stack([size, size, -1]))
@@ -449,8 +449,8 @@ def rand_augment(image, seed, num_layers: int = 2, magnitude: float = 9.0,
         raise ValueError(f"unknown RandAugment ops {unknown}; available: {RAND_AUGMENT_OPS}")
     fns = [table[name] for name in ops]
     static_shape = image.shape
-    for layer_seed in _split(seed, num_layers):
-        op_seed, apply_seed, level_seed, sign_seed = _split(layer_seed, 4)
+    for layer_seed in split_seed(seed, num_layers):
+        op_seed, apply_seed, level_seed, sign_seed = split_seed(layer_seed, 4)
         index = _uniform_int(op_seed, len(fns))
         if math.isinf(magnitude_std):
             level = tf.random.stateless_uniform([], level_seed, 0.0, magnitude)
@@ -477,7 +477,7 @@ def color_jitter(image, seed, strength: float = 0.4, random_order: bool = True):
     """
     if image.dtype != tf.uint8:
         raise TypeError(f"color_jitter takes uint8 images, got {image.dtype}")
-    order_seed, factor_seed = _split(seed, 2)
+    order_seed, factor_seed = split_seed(seed, 2)
     factors = tf.random.stateless_uniform(
         [3], factor_seed, minval=max(0.0, 1.0 - strength), maxval=1.0 + strength)
     fns = (brightness, contrast, color)
@@ -503,7 +503,7 @@ def sample_erase_box(shape, seed, probability=0.25, area=(0.02, 1 / 3),
     """
     height, width = _height_width(shape)
     h_f, w_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-    apply_seed, area_seed, ratio_seed, top_seed, left_seed = _split(seed, 5)
+    apply_seed, area_seed, ratio_seed, top_seed, left_seed = split_seed(seed, 5)
     target_area = h_f * w_f * tf.random.stateless_uniform(
         [attempts], area_seed, minval=area[0], maxval=area[1])
     aspect = tf.exp(tf.random.stateless_uniform(
@@ -534,7 +534,7 @@ def random_erasing(image, seed, probability=0.25, area=(0.02, 1 / 3),
     (mode 'pixel': per pixel and channel; 'rand': one colour per channel; 'const': 0)."""
     if mode not in ("pixel", "rand", "const"):
         raise ValueError(f"unknown random erasing mode {mode!r}; use 'pixel', 'rand' or 'const'")
-    box_seed, noise_seed = _split(seed, 2)
+    box_seed, noise_seed = split_seed(seed, 2)
     image = tf.convert_to_tensor(image, tf.float32)
     shape = tf.shape(image)
     top, left, box_h, box_w = tf.unstack(
@@ -579,7 +579,7 @@ def sample_mix_params(image_shape, seed, mixup_alpha=0.8, cutmix_alpha=1.0,
     """
     shape = tf.cast(tf.convert_to_tensor(image_shape), tf.int32)
     height, width = (shape[1], shape[2]) if shape.shape[0] == 4 else (shape[0], shape[1])
-    mix_seed, switch_seed, beta_seed, cy_seed, cx_seed = _split(seed, 5)
+    mix_seed, switch_seed, beta_seed, cy_seed, cx_seed = split_seed(seed, 5)
     mix = tf.random.stateless_uniform([], mix_seed) < mix_prob
     if mixup_alpha > 0 and cutmix_alpha > 0:
         use_cutmix = tf.random.stateless_uniform([], switch_seed) < switch_prob

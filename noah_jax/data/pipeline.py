@@ -34,15 +34,14 @@ anything here runs.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Iterator, Sequence
 
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
 from noah_jax.data import augment, keep_tensorflow_off_accelerators
 from noah_jax.data.base import hash_u64
+from noah_jax.data.preprocess import Preprocess
 
 Parse = Callable[[dict], tuple[tf.Tensor, tf.Tensor]]
 
@@ -53,75 +52,6 @@ _EXAMPLE_TAG = 0x45584D50  # "EXMP": per-example augmentation seeds
 _SHUFFLE_TAG = 0x53485546  # "SHUF": per-epoch shuffle seeds
 _MIX_TAG = 0x4D495850      # "MIXP": per-batch mixup/cutmix seeds
 _ORDER_TAG = 0x4F524452    # "ORDR": per-epoch interleave order of the pieces
-
-TRAIN_CROPS = ("inception", "resize")
-EVAL_CROPS = ("center", "resize")
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocess:
-    """What the pipelines do to each image; `from_config` reads config.augment.
-
-    train_crop: 'inception' (random-resized crop, ImageNet) or 'resize' (the whole
-    image squashed to size x size, the usual multi-label COCO practice).
-    eval_crop: 'center' (resize the shorter side to size / eval_crop_ratio, centre
-    crop) or 'resize' (squash to size x size).
-    """
-
-    image_size: int
-    train_crop: str = "inception"
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True
-    rand_augment_layers: int = 0          # 0 = off
-    rand_augment_magnitude: float = 9.0
-    rand_augment_std: float = 0.5
-    rand_augment_increasing: bool = True
-    color_jitter: float = 0.0             # 0 = off
-    random_erasing: float = 0.0           # probability; 0 = off
-    mixup_alpha: float = 0.0              # 0 = off
-    cutmix_alpha: float = 0.0             # 0 = off
-    mix_switch_prob: float = 0.5
-    mix_prob: float = 1.0
-    mix_label_smoothing: float = 0.0      # applied to the mixed targets (timm)
-    repeats: int = 1                      # repeated augmentation (DeiT: 3)
-    eval_crop: str = "center"
-    eval_crop_ratio: float = 0.875
-
-    def __post_init__(self):
-        if self.train_crop not in TRAIN_CROPS:
-            raise ValueError(f"augment.train_crop must be one of {TRAIN_CROPS}, "
-                             f"got {self.train_crop!r}")
-        if self.eval_crop not in EVAL_CROPS:
-            raise ValueError(f"augment.eval_crop must be one of {EVAL_CROPS}, "
-                             f"got {self.eval_crop!r}")
-        if self.repeats < 1:
-            raise ValueError(f"augment.repeats must be >= 1, got {self.repeats}")
-        if not 0 < self.eval_crop_ratio <= 1:
-            raise ValueError(f"dataset.eval_crop_ratio must be in (0, 1], got "
-                             f"{self.eval_crop_ratio}")
-
-    @property
-    def mixes(self) -> bool:
-        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mix_prob > 0
-
-    @classmethod
-    def from_config(cls, dataset: ml_collections.ConfigDict, a: ml_collections.ConfigDict,
-                    label_smoothing: float = 0.0) -> "Preprocess":
-        """From config.dataset (image_size, eval_crop_ratio) and config.augment (`a`)."""
-        return cls(
-            image_size=dataset.image_size, train_crop=a.train_crop,
-            crop_scale=tuple(a.crop_scale), crop_ratio=tuple(a.crop_ratio), flip=a.flip,
-            rand_augment_layers=a.rand_augment_layers,
-            rand_augment_magnitude=a.rand_augment_magnitude,
-            rand_augment_std=a.rand_augment_std,
-            rand_augment_increasing=a.rand_augment_increasing,
-            color_jitter=a.color_jitter, random_erasing=a.random_erasing,
-            mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
-            mix_switch_prob=a.mix_switch_prob, mix_prob=a.mix_prob,
-            mix_label_smoothing=label_smoothing, repeats=a.repeats,
-            eval_crop=a.eval_crop, eval_crop_ratio=dataset.eval_crop_ratio)
-
 
 # ----------------------------------------------------------------------------------
 # Per-image ops.
@@ -134,14 +64,14 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def _squash(image: tf.Tensor, size: int) -> tf.Tensor:
-    out = augment._resize(image, size, size)  # pylint: disable=protected-access
+    out = augment.resize(image, size, size)
     out.set_shape([size, size, 3])
     return out
 
 
 def train_image(encoded: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> tf.Tensor:
     """Encoded image -> augmented, normalised float32 [S, S, 3] (`seed`: int [2])."""
-    crop_seed, flip_seed, ra_seed, jitter_seed, erase_seed = augment._split(seed, 5)  # pylint: disable=protected-access
+    crop_seed, flip_seed, ra_seed, jitter_seed, erase_seed = augment.split_seed(seed, 5)
     size = p.image_size
     if p.train_crop == "inception":
         def crop(x):

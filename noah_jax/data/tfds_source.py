@@ -34,82 +34,10 @@ from absl import logging
 from noah_jax.data import pipeline
 from noah_jax.data.base import Batch
 
-# How each label kind turns a record into (encoded image, label), and what it reads.
-_SINGLE, _COCO, _VOC, _REAL = "single", "coco", "voc", "real"
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-    tfds_name: str
-    train_split: str | None   # None: evaluation only
-    eval_split: str
-    num_classes: int
-    kind: str = _SINGLE
-    # Preparing it (`python -m noah_jax.prepare`): the archives that must already lie in
-    # manual_dir (ImageNet's cannot be downloaded), those that may lie there instead of
-    # being downloaded (TFDS's own file names), where they come from, and the disk space
-    # and time a build takes.
-    manual_files: tuple[str, ...] = ()
-    optional_manual_files: tuple[str, ...] = ()
-    source: str = ""
-    disk: str = ""
-    disk_gb: float = 0.0      # the whole footprint, archives included (0: unknown)
-
-    @property
-    def multilabel(self) -> bool:
-        return self.kind in (_COCO, _VOC)
-
-
-_IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
-# Archive sizes are TFDS's registered ones; a built dataset takes about as much again,
-# since the TFRecords keep the JPEG bytes as they are.
-DATASETS: dict[str, DatasetSpec] = {
-    "imagenet2012": DatasetSpec(
-        "imagenet2012", "train", "validation", 1000, manual_files=_IMAGENET_ARCHIVES,
-        source="https://image-net.org/download-images (free registration)",
-        disk="about 310 GB: 155 GB of archives plus about 155 GB of TFRecords; "
-             "the build takes hours", disk_gb=310),
-    "imagenet_v2": DatasetSpec("imagenet_v2", None, "test", 1000,
-                               disk="about 2.5 GB (1.2 GB download)", disk_gb=2.5),
-    "imagenet2012_real": DatasetSpec(
-        "imagenet2012_real", None, "validation", 1000, _REAL,
-        manual_files=("ILSVRC2012_img_val.tar",), optional_manual_files=("real.json",),
-        source="https://image-net.org/download-images, and the ReaL labels from "
-               "https://github.com/google-research/reassessed-imagenet",
-        disk="about 7 GB of TFRecords besides the 6.7 GB validation archive", disk_gb=14),
-    "coco/2017": DatasetSpec(
-        "coco/2017", "train", "validation", 80, _COCO,
-        optional_manual_files=("train2017.zip", "val2017.zip", "test2017.zip",
-                               "annotations_trainval2017.zip", "image_info_test2017.zip"),
-        source="https://cocodataset.org/#download",
-        disk="about 54 GB: 27 GB of archives plus about 27 GB of TFRecords", disk_gb=54),
-    "voc/2007": DatasetSpec(
-        "voc/2007", "train+validation", "test", 20, _VOC,
-        optional_manual_files=("VOCtrainval_06-Nov-2007.tar", "VOCtest_06-Nov-2007.tar"),
-        source="http://host.robots.ox.ac.uk/pascal/VOC/voc2007/",
-        disk="about 2 GB: 0.9 GB of archives plus about 0.9 GB of TFRecords", disk_gb=2),
-    "cifar10": DatasetSpec("cifar10", "train", "test", 10, disk="about 0.3 GB", disk_gb=0.3),
-    "cifar100": DatasetSpec("cifar100", "train", "test", 100, disk="about 0.3 GB",
-                            disk_gb=0.3),
-    "imagenette": DatasetSpec("imagenette", "train", "validation", 10, disk="about 3 GB",
-                              disk_gb=3),
-    "oxford_iiit_pet": DatasetSpec("oxford_iiit_pet", "train", "test", 37,
-                                   disk="about 1.6 GB", disk_gb=1.6),
-}
-
-
-def default_data_dir(data_dir: str = "") -> str:
-    return data_dir or "~/tensorflow_datasets"
-
-
-def default_manual_dir(data_dir: str = "") -> str:
-    """Where TFDS (and `noah_jax.prepare`) look for manually downloaded archives."""
-    return f"{default_data_dir(data_dir).rstrip('/')}/downloads/manual"
-
-
-def prepare_command(name: str, data_dir: str = "") -> str:
-    """The command that prepares `name` in `data_dir`, as the README gives it."""
-    return f"python -m noah_jax.prepare {name} --data_dir={default_data_dir(data_dir)}"
+from noah_jax.data.catalog import COCO as _COCO, REAL as _REAL, SINGLE as _SINGLE, VOC as _VOC
+# Re-exported: tools and tests read the catalog through this module too.
+from noah_jax.data.catalog import (  # noqa: F401
+    DATASETS, DatasetSpec, default_data_dir, default_manual_dir, prepare_command)
 
 
 def how_to_prepare(name: str, data_dir: str = "", spec: DatasetSpec | None = None) -> str:
