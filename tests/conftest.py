@@ -1,6 +1,13 @@
 """Test-wide settings: CPU only, 8 fake devices, cheap XLA compiles, full-precision matmuls."""
 
 import os
+import sys
+
+# Shared test code (helpers.py, tfds_fakes.py) is imported by module name from here,
+# whatever pytest's import mode.
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

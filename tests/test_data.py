@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from configs.common import base_config
-from noah_jax.data import Source, base, digits, get_source
+from helpers import assert_follows_source_protocol
+from noah_jax.data import base, digits, get_source
 from noah_jax.data.synthetic import EVAL, TRAIN, SyntheticSource
 
 
@@ -103,8 +104,9 @@ def test_digits_split_is_fixed_and_disjoint():
 
 def test_digits_arrays(digits_source):
     s = digits_source
-    assert isinstance(s, Source)
-    assert (s.name, s.num_classes, s.image_shape) == ("digits", 10, (32, 32, 3))
+    assert_follows_source_protocol(s, name="digits", num_classes=10, image_shape=(32, 32, 3),
+                                   num_train_examples=1437, num_eval_examples=360,
+                                   local_batch_size=64)
     assert s.train_images.shape == (1437, 32, 32, 3) and s.eval_images.shape == (360, 32, 32, 3)
     assert s.train_images.dtype == s.eval_images.dtype == np.float32
     assert s.train_labels.dtype == s.eval_labels.dtype == np.int32
@@ -281,8 +283,9 @@ def test_synthetic_eval_covers_every_example_once(num_eval, local_batch_size, pr
 
 def test_synthetic_shapes_statistics_and_splits():
     source = synthetic_source(image_size=20, num_classes=7, num_train_examples=300)
-    assert isinstance(source, Source)
-    assert source.image_shape == (20, 20, 3) and source.num_classes == 7
+    assert_follows_source_protocol(source, name="synthetic", num_classes=7,
+                                   image_shape=(20, 20, 3), num_train_examples=300,
+                                   num_eval_examples=37, local_batch_size=8)
     batch = next(source.train_batches(start_step=0, local_batch_size=300, process_index=0,
                                       process_count=1))
     assert batch["image"].shape == (300, 20, 20, 3) and batch["image"].dtype == np.float32

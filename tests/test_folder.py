@@ -14,7 +14,8 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from noah_jax.data import augment, base, pipeline  # noqa: E402
+from helpers import assert_follows_source_protocol  # noqa: E402
+from noah_jax.data import augment, pipeline  # noqa: E402
 from noah_jax.data.folder import FolderSource  # noqa: E402
 
 CLASSES = ("cat", "dog", "fox")
@@ -100,15 +101,12 @@ def sorted_truth(valid_split):
 
 def test_attributes_counts_and_skipped(tree, source):
     _, valid, skipped = tree
-    assert isinstance(source, base.Source)
-    assert source.name == "folder"
-    assert source.num_classes == 3
+    assert len(valid["train"]) == 13 and len(valid["val"]) == 7
+    assert_follows_source_protocol(source, name="folder", num_classes=3,
+                                   image_shape=(SIZE, SIZE, 3), num_train_examples=13,
+                                   num_eval_examples=7)
     assert source.class_names == list(CLASSES)
-    assert source.image_shape == (SIZE, SIZE, 3)
-    assert source.num_train_examples == len(valid["train"]) == 13
-    assert source.num_eval_examples == len(valid["val"]) == 7
     assert source.train_split == "train" and source.eval_split == "val"
-    assert source.multilabel is False
     assert source.extra_evals == {}
     assert {split: sorted(paths) for split, paths in source.skipped.items()} == skipped
 

@@ -13,8 +13,11 @@ from flax.traverse_util import flatten_dict
 
 from noah_jax.models import create_model, list_models, model_overrides
 
-PARITY = pathlib.Path(__file__).resolve().parents[2] / "shared" / "parity"
-PARAM_COUNTS = PARITY / "param_counts.json"
+# The official models' parameter counts, kept in the repository (numbers only); the
+# measurements they come from, when a checkout has them, live in ../shared/parity.
+PARAM_COUNTS = pathlib.Path(__file__).resolve().parent / "param_counts.json"
+SHARED_PARAM_COUNTS = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "parity"
+                       / "param_counts.json")
 
 EXPECTED_MODELS = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -33,12 +36,10 @@ def count_params(model, image_size=224):
 
 
 def reference_counts():
-    if not PARAM_COUNTS.exists():
-        pytest.skip(f"{PARAM_COUNTS} is absent (a clone without ../shared); "
-                    "the parameter-count parity test needs it")
-    entries = json.loads(PARAM_COUNTS.read_text())["models"]
-    return [(e["name"], head, e[key]) for e in entries
-            for head, key in (("linear", "baseline_params"), ("noah", "noah_params"))]
+    """(model name, head, parameter count) of the 22 reference models, both heads each."""
+    models = json.loads(PARAM_COUNTS.read_text())["models"]
+    return [(name, head, counts[key]) for name, counts in models.items()
+            for head, key in (("linear", "baseline"), ("noah", "noah"))]
 
 
 def test_registry_lists_every_model_of_the_paper():
@@ -48,12 +49,25 @@ def test_registry_lists_every_model_of_the_paper():
 def test_parameter_counts_equal_the_reference_for_all_44_models():
     counts = reference_counts()
     assert len(counts) == 44
+    # vit_large_patch16_224 and gmlp_b16_224 have no official NOAH model to count.
+    assert {name for name, _, _ in counts} == set(EXPECTED_MODELS) - {
+        "vit_large_patch16_224", "gmlp_b16_224"}
     mismatches = []
     for name, head, expected in counts:
         ours = count_params(create_model(name, num_classes=1000, head=head))
         if ours != expected:
             mismatches.append(f"{name} head={head}: ours {ours}, reference {expected}")
     assert not mismatches, "\n".join(mismatches)
+
+
+def test_parameter_counts_in_the_repository_agree_with_the_shared_measurements():
+    if not SHARED_PARAM_COUNTS.exists():
+        pytest.skip(f"{SHARED_PARAM_COUNTS} is absent (a clone without ../shared)")
+    shared = {m["name"]: {"baseline": m["baseline_params"], "noah": m["noah_params"]}
+              for m in json.loads(SHARED_PARAM_COUNTS.read_text())["models"]}
+    ours = json.loads(PARAM_COUNTS.read_text())["models"]
+    assert ours == {name: counts for name, counts in shared.items() if name in EXPECTED_MODELS}
+    assert len(ours) == 22
 
 
 def test_vit_large_parameter_count():
@@ -134,6 +148,8 @@ def test_bfloat16_model_tracks_float32_model():
     images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
     variables = f32.init(jax.random.key(1), images)
     ref, out = f32.apply(variables, images), bf16.apply(variables, images)
+    chex.assert_shape([ref, out], (2, 10))
+    chex.assert_type([ref, out], jnp.float32)  # bfloat16 compute, float32 logits
     assert float(jnp.max(jnp.abs(out - ref))) < 0.05 * float(jnp.max(jnp.abs(ref))) + 0.05
 
 
@@ -142,8 +158,11 @@ def test_overrides_reach_the_head():
                          head_split=False)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     head = shapes["params"]["head"]
-    assert head["query"]["kernel"].shape == (1, 128, 56)   # one group, Ck = 512 / 4
-    assert head["value"]["kernel"].shape == (1, 384, 56)
+    chex.assert_shape(head["query"]["kernel"], (1, 128, 56))   # one group, Ck = 512 / 4
+    chex.assert_shape(head["value"]["kernel"], (1, 384, 56))
+    logits = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((3, 64, 64, 3))), shapes)
+    chex.assert_shape(logits, (3, 7))
+    chex.assert_type(logits, jnp.float32)
 
 
 def test_unknown_model_lists_the_known_ones():

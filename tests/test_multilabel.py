@@ -1,4 +1,4 @@
-"""Multi-label losses (BCE, ASL) and metrics (mAP, CF1/OF1, masked loss sums).
+"""Multi-label metrics: mAP, CF1/OF1 and masked loss sums (the losses: test_losses.py).
 
 scikit-learn is the reference for average precision here and only here.
 """
@@ -6,11 +6,11 @@ scikit-learn is the reference for average precision here and only here.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from sklearn.metrics import average_precision_score
 
-from noah_jax import losses, metrics
+from helpers import bce_float64
+from noah_jax import metrics
 
 
 def _sklearn_map(scores, labels):
@@ -137,88 +137,7 @@ def test_f1_by_hand():
         [cp, cr, 2 * cp * cr / (cp + cr), op, o_r, 0.6], rtol=1e-12)
 
 
-# ------------------------------------------------------------------------- losses
-
-
-def _bce64(x, y):
-    x, y = np.float64(x), np.float64(y)
-    return (np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))).sum(-1)
-
-
-def _asl64(x, y, gamma_neg, gamma_pos, clip):
-    x, y = np.float64(x), np.float64(y)
-    p = 1 / (1 + np.exp(-x))
-    p_m = np.maximum(p - clip, 0)
-    pos = -((1 - p) ** gamma_pos) * np.log(p)
-    neg = -(p_m ** gamma_neg) * np.log(1 - p_m)
-    return (y * pos + (1 - y) * neg).sum(-1)
-
-
-def _logits_labels(seed=5, b=6, c=9, scale=4.0):
-    rng = np.random.default_rng(seed)
-    return ((scale * rng.standard_normal((b, c))).astype(np.float32),
-            rng.integers(0, 2, (b, c)).astype(np.int32))
-
-
-def test_bce_against_float64_and_optax():
-    x, y = _logits_labels()
-    got = losses.sigmoid_binary_cross_entropy(x, y)
-    assert got.shape == (6,) and got.dtype == jnp.float32
-    np.testing.assert_allclose(got, _bce64(x, y), rtol=1e-6)
-    np.testing.assert_allclose(got, optax.sigmoid_binary_cross_entropy(x, y).sum(-1), rtol=1e-6)
-    # bfloat16 logits are computed in float32.
-    assert losses.sigmoid_binary_cross_entropy(jnp.asarray(x, jnp.bfloat16), y).dtype == jnp.float32
-
-
-def test_asl_reduces_to_bce_without_focusing_or_clipping():
-    x, y = _logits_labels(scale=30.0)   # includes |x| > 18, where an eps clamp would bite
-    np.testing.assert_allclose(
-        losses.asymmetric_loss(x, y, gamma_neg=0, gamma_pos=0, clip=0),
-        losses.sigmoid_binary_cross_entropy(x, y), rtol=1e-6)
-
-
-@pytest.mark.parametrize("gamma_neg,gamma_pos,clip", [(4, 0, 0.05), (2, 1, 0.0), (0, 2, 0.1)])
-def test_asl_against_float64_formula(gamma_neg, gamma_pos, clip):
-    x, y = _logits_labels()
-    got = losses.asymmetric_loss(x, y, gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip)
-    assert got.shape == (6,) and got.dtype == jnp.float32 and (got >= 0).all()
-    np.testing.assert_allclose(got, _asl64(x, y, gamma_neg, gamma_pos, clip),
-                               rtol=1e-5, atol=1e-7)
-
-
-def test_softmax_cross_entropy_ids_soft_targets_and_smoothing():
-    rng = np.random.default_rng(6)
-    x = rng.standard_normal((5, 7)).astype(np.float32)
-    ids = rng.integers(0, 7, 5)
-    log_p = x.astype(np.float64) - np.log(np.exp(x.astype(np.float64)).sum(-1, keepdims=True))
-    np.testing.assert_allclose(losses.softmax_cross_entropy(x, ids),
-                               -log_p[np.arange(5), ids], rtol=1e-6)
-    soft = rng.dirichlet(np.ones(7), 5).astype(np.float32)
-    np.testing.assert_allclose(losses.softmax_cross_entropy(x, soft),
-                               -(soft * log_p).sum(-1), rtol=1e-6)
-    smoothed = 0.9 * np.eye(7)[ids] + 0.1 / 7
-    np.testing.assert_allclose(losses.softmax_cross_entropy(x, ids, label_smoothing=0.1),
-                               -(smoothed * log_p).sum(-1), rtol=1e-6)
-
-
-@pytest.mark.parametrize("loss_fn,clipped", [
-    (losses.sigmoid_binary_cross_entropy, False),
-    (losses.asymmetric_loss, True),
-    (lambda x, y: losses.asymmetric_loss(x, y, gamma_neg=0, gamma_pos=0, clip=0), False),
-    (lambda x, y: losses.asymmetric_loss(x, y, gamma_neg=2, gamma_pos=1, clip=0), False),
-], ids=["bce", "asl", "asl-as-bce", "asl-noclip"])
-def test_losses_and_gradients_finite_for_large_logits(loss_fn, clipped):
-    x = jnp.array([[100.0, -100.0, 100.0, -100.0, 0.0]])
-    y = jnp.array([[1, 1, 0, 0, 1]])   # right, wrong, wrong, right, undecided
-    value, grad = jax.jit(jax.value_and_grad(lambda x: loss_fn(x, y).sum()))(x)
-    assert np.isfinite(value) and np.isfinite(grad).all()
-    # A confidently wrong positive still pushes back (log_sigmoid, no eps clamp).
-    assert grad[0, 1] < 0 and grad[0, 4] < 0
-    if clipped:
-        # ASL bounds a negative's loss by -log(clip); it saturates like sigmoid(x).
-        assert grad[0, 2] == 0 and value < 100 - 4 * np.log(0.05)
-    else:
-        assert grad[0, 2] > 0 and value > 200
+# ------------------------------------------------------------- masked loss sums
 
 
 def test_multilabel_sums_are_exact_over_masked_batches():
@@ -236,5 +155,5 @@ def test_multilabel_sums_are_exact_over_masked_batches():
     real = mask.reshape(-1) > 0
     assert out["count"] == 19
     np.testing.assert_allclose(
-        out["loss"], _bce64(logits.reshape(-1, 5)[real], labels.reshape(-1, 5)[real]).mean(),
+        out["loss"], bce_float64(logits.reshape(-1, 5)[real], labels.reshape(-1, 5)[real]).mean(),
         rtol=1e-6)

@@ -20,14 +20,12 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 
+import tfds_fakes  # noqa: E402
 from configs import common  # noqa: E402
+from helpers import assert_follows_source_protocol, free_port, set_fields  # noqa: E402
 from noah_jax import checkpoint, train  # noqa: E402
 from noah_jax.data import get_source, tfds_source  # noqa: E402
 from noah_jax.models import create_model  # noqa: E402
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import tfds_fakes  # noqa: E402
-from test_train import free_port, set_fields  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SPLITS = {
@@ -204,7 +202,9 @@ def test_resume_across_epoch_boundary_and_reshuffled_epochs(data_dir):
 def test_cifar_png_images_through_the_non_jpeg_path(data_dir):
     c = dataset_config(data_dir, "cifar10", dataset__eval_crop_ratio=1.0)
     source = source_of(c)
-    assert (source.num_train_examples, source.num_eval_examples) == (12, 5)
+    assert_follows_source_protocol(source, name="cifar10", num_classes=10,
+                                   image_shape=(32, 32, 3), num_train_examples=12,
+                                   num_eval_examples=5)
     labels, _ = eval_rows(source.eval_batches, 1, 4)
     assert sorted(labels) == sorted(tfds_fakes.single_label("test", i, 10) for i in range(5))
     # At 32 px with crop ratio 1 the eval image is the stored PNG, normalised.
@@ -269,9 +269,11 @@ def test_coco_multi_hot_labels_and_unlabeled_images(data_dir, drop_unlabeled):
 
 def test_voc_uses_trainval_and_test(data_dir):
     source = source_of(dataset_config(data_dir, "voc/2007"))
-    assert source.num_train_examples == 6 + 4  # train + validation
-    assert source.num_eval_examples == sum(1 for i in range(7)
-                                           if tfds_fakes.coco_label_ids("test", i, 20))
+    labelled_test_images = sum(1 for i in range(7) if tfds_fakes.coco_label_ids("test", i, 20))
+    assert_follows_source_protocol(source, name="voc/2007", num_classes=20,
+                                   image_shape=(32, 32, 3),
+                                   num_train_examples=6 + 4,  # train + validation
+                                   num_eval_examples=labelled_test_images, multilabel=True)
     labels, _ = eval_rows(source.eval_batches, 1, 8)
     assert labels.shape[1] == 20
 
@@ -377,26 +379,6 @@ def test_coco_fine_tuning_from_imagenet_and_exact_map(coco_run, imagenet_run):
         assert np.isfinite(results[f"eval/{key}"])
 
 
-def test_resize_position_embedding_keeps_the_class_token_and_resizes_the_grid():
-    rng = np.random.default_rng(0)
-    grid = rng.normal(size=(3, 3, 4)).astype(np.float32)
-    cls = rng.normal(size=(1, 4)).astype(np.float32)
-    stored = np.concatenate([cls, grid.reshape(9, 4)])[None]
-    out = checkpoint.resize_position_embedding(stored, 1 + 36)
-    assert out.shape == (1, 37, 4) and out.dtype == np.float32
-    np.testing.assert_array_equal(out[0, 0], cls[0])
-    expected = jax.image.resize(grid, (6, 6, 4), "bicubic")
-    np.testing.assert_allclose(out[0, 1:].reshape(6, 6, 4), expected, rtol=1e-6, atol=1e-6)
-    # A constant grid stays constant; a same-size resize is the identity.
-    const = np.ones((1, 1 + 16, 2), np.float32)
-    np.testing.assert_allclose(checkpoint.resize_position_embedding(const, 1 + 49), 1.0,
-                               rtol=1e-6)
-    np.testing.assert_allclose(checkpoint.resize_position_embedding(stored, 10), stored,
-                               atol=1e-6)
-    with pytest.raises(ValueError, match="cannot resize"):
-        checkpoint.resize_position_embedding(stored, 1 + 30)
-
-
 def test_multilabel_data_needs_a_multilabel_loss(data_dir, tmp_path):
     config = tiny_config(data_dir, "coco/2017")
     with pytest.raises(ValueError, match="multi-label.*sigmoid_xent.*asl"):
@@ -445,7 +427,8 @@ def test_coco_map_over_two_processes_equals_one_process(coco_run, data_dir, tmp_
 
 
 @pytest.mark.parametrize("name,model_name,tokens", [
-    ("coco_resnet101_noah", "resnet101", None), ("coco_vit_large_noah", "vit_large_patch16_224", 784)])
+    ("coco_resnet101_noah", "resnet101", None),
+    ("coco_vit_large_noah", "vit_large_patch16_224", 784)])
 def test_coco_configs_build_their_448px_models(name, model_name, tokens):
     module = importlib.import_module(f"configs.{name}")
     with pytest.raises(ValueError, match="init=DIR"):

@@ -10,29 +10,20 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import common
+from helpers import assert_optimizer_state_fits, free_port, set_fields
 from noah_jax import checkpoint, data, durations, optim, sharding, train
 from noah_jax.models import create_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARITY = ROOT.parent / "shared" / "parity"
-
-
-def set_fields(c, **changes):
-    for key, value in changes.items():
-        node = c
-        *path, leaf = key.split("__")
-        for p in path:
-            node = node[p]
-        node[leaf] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
-    return c
 
 
 def demo_config(**changes):
@@ -208,7 +199,7 @@ def test_killed_and_restarted_run_ends_with_the_same_parameters(tmp_path):
     a, _ = checkpoint.restore_model(tmp_path / "straight" / "checkpoints")
     b, _ = checkpoint.restore_model(ckpts)
     assert checkpoint.latest_step(ckpts) == 40
-    jax.tree.map(np.testing.assert_array_equal, a, b)
+    chex.assert_trees_all_equal(a, b)
 
 
 RECIPES = [
@@ -236,19 +227,15 @@ def test_recipe_configs_build_their_model_and_optimiser(name, arg, model_name, p
                                             steps_per_epoch=steps_per_epoch)
     tx = optim.make_optimizer(config, schedule)
     opt_state = jax.eval_shape(tx.init, variables["params"])
-    assert jax.tree.leaves(opt_state)
+    # The papers' recipes: SGD with momentum for the CNNs, AdamW for the others.
+    cnn = model_name.startswith(("resnet", "mobilenet"))
+    assert config.optimizer.name == ("sgd" if cnn else "adamw")
+    assert_optimizer_state_fits(opt_state, variables["params"], config.optimizer.name)
     warmup = int(round(config.schedule.warmup_epochs * steps_per_epoch))
     assert float(schedule(warmup)) == pytest.approx(peak_lr, rel=1e-6)
     assert float(schedule(total)) == pytest.approx(config.schedule.end_lr
                                                    if config.schedule.name == "cosine" else
                                                    peak_lr * 1e-3, rel=1e-4, abs=1e-12)
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_run_equals_one_process_run(tmp_path):

@@ -1,0 +1,113 @@
+"""Helpers shared by several test files (test files never import one another).
+
+conftest.py puts this folder on sys.path, so tests use `import helpers`.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+
+import chex
+import jax
+import ml_collections
+import numpy as np
+from optax import tree_utils
+
+from noah_jax.data import Source
+
+
+def set_fields(c: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
+    """Sets config fields named with '__' for '.' (model__overrides__depth=1); dicts
+    become ConfigDicts. Returns `c`, changed in place."""
+    for key, value in changes.items():
+        node = c
+        *path, leaf = key.split("__")
+        for p in path:
+            node = node[p]
+        node[leaf] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+    return c
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a test cluster's
+    coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bce_float64(logits, labels) -> np.ndarray:
+    """Multi-label binary cross-entropy summed over classes, [B], in float64 numpy."""
+    x, y = np.float64(logits), np.float64(labels)
+    return (np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))).sum(-1)
+
+
+# The moment buffers each optimiser keeps per parameter (optax state field names), and
+# how many int32 step counters its chain holds (Adam's own, and the schedule's).
+OPTIMIZER_STATE_LAYOUT = {"sgd": (("trace",), 1), "adamw": (("mu", "nu"), 2)}
+
+
+def assert_optimizer_state_fits(opt_state, params, optimizer_name: str) -> None:
+    """The optimiser state of `noah_jax.optim.make_optimizer` (with a schedule) over
+    `params` holds exactly one buffer per parameter for each of the optimiser's moments,
+    shaped and typed like the parameter, and int32 scalar step counters, nothing else."""
+    moments, num_counters = OPTIMIZER_STATE_LAYOUT[optimizer_name]
+    for name in moments:
+        buffers = tree_utils.tree_get_all_with_path(opt_state, name)
+        assert len(buffers) == 1, f"expected one '{name}' tree in the state, got {len(buffers)}"
+        chex.assert_trees_all_equal_shapes_and_dtypes(buffers[0][1], params)
+    counters = [leaf for _, leaf in tree_utils.tree_get_all_with_path(opt_state, "count")]
+    assert len(counters) == num_counters
+    for counter in counters:
+        assert counter.shape == () and counter.dtype == np.int32
+    num_params = len(jax.tree.leaves(params))
+    assert len(jax.tree.leaves(opt_state)) == len(moments) * num_params + num_counters
+
+
+def assert_follows_source_protocol(source, *, name: str, num_classes: int,
+                                   image_shape: tuple[int, int, int], num_train_examples: int,
+                                   num_eval_examples: int, multilabel: bool = False,
+                                   local_batch_size: int = 4) -> None:
+    """`source` has the attribute values given and its iterators yield what
+    noah_jax/data/base.py's `Source` documents: training batches {'image' float32
+    [b, H, W, 3], 'label' int32 [b] class ids (multi-label: float32 [b, K] multi-hot)}
+    and, over the whole evaluation set, equally long {'image', 'label', 'mask'} batches
+    whose mask marks each of the num_eval_examples examples once."""
+    assert isinstance(source, Source)
+    assert (source.name, source.num_classes, tuple(source.image_shape)) == (
+        name, num_classes, image_shape)
+    assert (source.num_train_examples, source.num_eval_examples) == (
+        num_train_examples, num_eval_examples)
+    assert source.multilabel is multilabel
+    assert isinstance(source.extra_evals, Mapping)
+    b = local_batch_size
+
+    def check_labels(labels):
+        if multilabel:
+            assert labels.shape == (b, num_classes) and labels.dtype == np.float32
+            assert set(np.unique(labels).tolist()) <= {0.0, 1.0}
+        else:
+            assert labels.shape == (b,) and labels.dtype == np.int32
+            assert labels.min() >= 0 and labels.max() < num_classes
+
+    batches = source.train_batches(start_step=0, local_batch_size=b, process_index=0,
+                                   process_count=1)
+    for _ in range(2):
+        batch = next(batches)
+        assert set(batch) == {"image", "label"}
+        assert batch["image"].shape == (b, *image_shape)
+        assert batch["image"].dtype == np.float32 and np.isfinite(batch["image"]).all()
+        check_labels(batch["label"])
+
+    masks = []
+    for batch in source.eval_batches(local_batch_size=b, process_index=0, process_count=1):
+        assert set(batch) == {"image", "label", "mask"}
+        assert batch["image"].shape == (b, *image_shape) and batch["image"].dtype == np.float32
+        check_labels(batch["label"])
+        assert batch["mask"].shape == (b,) and batch["mask"].dtype == np.float32
+        masks.append(batch["mask"])
+    masks = np.concatenate(masks)
+    # Padding only at the end of the last batch, and every example marked exactly once.
+    assert len(masks) == -(-num_eval_examples // b) * b
+    np.testing.assert_array_equal(masks, np.arange(len(masks)) < num_eval_examples)
