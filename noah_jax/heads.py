@@ -1,19 +1,23 @@
 """Classification heads: NOAH (pairwise object category attention) and the baselines.
 
-NOAH replaces "global pooling + linear" with attention over positions, one
-attention map per (head, class). The behaviour follows NOAH_SPEC.md section 1:
+NOAH replaces "global pooling + linear" with attention over positions. The head
+splits the feature map into keys and values, splits each again into N channel
+groups, and feeds group h to the h-th pairwise object category attention (POCA)
+block; the N blocks' class logits are merged:
 
   x [B, L, C] --split--> keys x[..., :Ck], values x[..., Ck:]      (Ck = int(C * r))
-  each part --split--> N contiguous channel groups (one per head)
-  q, v = per-head 1x1 projections (with bias) to K classes     [B, L, N, K]
-  a = softmax(q) over the positions L   (float32, no scaling)
-  v = dropout(v)                         (training only)
-  logits[b, k] = merge over heads of sum_l a * v
+  each part --split--> N contiguous channel groups, group h -> POCA block h
+  POCA block:  q, v = 1x1 projections (with bias) of its keys, values to K classes  [B, L, K]
+               a = softmax(q) over the positions L   (float32, no scaling)
+               v = dropout(v)                         (training only)
+               logit[b, k] = sum_l a * v
+  logits = merge (sum, mean or max) over the N blocks
 
-Parameter layout. A grouped 1x1 projection stores `kernel` as [G, Cin/G, Cout/G]
-(group axis first) and `bias` as [Cout], with Cout = N*K ordered head-major
-(channel h*K + k is head h, class k), so the reference's grouped Conv2d weight
-[N*K, Cin/G, 1, 1] maps onto it with one reshape and one transpose.
+Parameter layout. The head stores its blocks' projections together, as the reference's
+grouped 1x1 convolution does: `kernel` [G, Cin/G, N*K/G] (group axis first) and `bias`
+[N*K], ordered head-major (channel h*K + k is head h, class k), so the reference's weight
+[N*K, Cin/G, 1, 1] maps onto it with one reshape and one transpose. Each block sees its
+slice of these tensors (`NOAHHead.head_view`).
 """
 
 from __future__ import annotations
@@ -72,15 +76,68 @@ class GroupedProjection(nn.Module):
         return y.reshape(*y.shape[:-2], self.features) + bias
 
 
+class POCA(nn.Module):
+    """One pairwise object category attention (POCA) block.
+
+    The block learns, for every object category k, where to look: a 1x1 projection of
+    its key channels gives one attention logit per (position, class), and the softmax
+    over the L positions turns it into the class's attention map a[:, k]. A second 1x1
+    projection of its value channels gives the class's value map v[:, k], and the
+    block's logit for class k is the attention-weighted sum over positions,
+    sum_l a[l, k] * v[l, k]. Unlike global pooling, each class pools its own positions.
+
+    Attributes:
+      num_classes: K.
+      dropout: rate applied to the values in training.
+      dtype: compute dtype of the projections; the softmax, the weighted sum and the
+        returned logits are float32.
+      kernel_init, bias_init: initialisers of both projections.
+
+    Call with key channels [B, L, Ck], value channels [B, L, Cv] (any widths; in NOAH,
+    one channel group each) and `train`; returns float32 logits [B, K]. The attention
+    map [B, K, L] is sown into `intermediates` as 'attention'. The parameters,
+    `query` and `value` with `kernel` [1, Cin, K] and `bias` [K], are laid out as
+    those of a one-head NOAHHead, so a block alone is the head with num_heads=1.
+    """
+
+    num_classes: int
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Initializer = noah_kernel_init
+    bias_init: Initializer = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, keys: Array, values: Array, train: bool = False) -> Array:
+        def projection(name):
+            return GroupedProjection(self.num_classes, 1, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                                     bias_init=self.bias_init, name=name)
+
+        q = projection("query")(keys)    # [B, L, K]
+        v = projection("value")(values)
+        a = jax.nn.softmax(q.astype(jnp.float32), axis=1)  # over positions
+        self.sow("intermediates", "attention", jnp.swapaxes(a, 1, 2))
+        v = nn.Dropout(self.dropout, deterministic=not train)(v)
+        return jnp.einsum("blk,blk->bk", a, v.astype(jnp.float32))
+
+
+# The name of the head axis of NOAHHead's vmap over its POCA blocks, by which an
+# initialiser learns which block's slice it draws (NOAHHead._one_head_initializer).
+_HEAD_AXIS = "noah_heads"
+
+
 class NOAHHead(nn.Module):
-    """Non-glObal Attentive Head.
+    """Non-glObal Attentive Head: N POCA blocks over channel groups, merged.
 
     Attributes:
       num_classes: K.
       num_heads: N, the number of POCA blocks.
       key_ratio: r; the first int(C * r) channels are keys, the rest values.
       dropout: rate applied to the values in training.
-      head_split: False uses one dense projection (groups=1) instead of N groups.
+      head_split: False gives every block all key (value) channels instead of one of N
+        groups: the ablation with one dense projection (groups=1) to N*K channels, of
+        which block h owns the columns h*K .. h*K + K - 1.
       kv_split: False lets keys and values both read all C channels.
       merge: how heads are combined after the sum over positions: 'sum' (the
         reference), 'mean' or 'max' (the paper's merge ablation).
@@ -91,6 +148,12 @@ class NOAHHead(nn.Module):
     Call with `train` and a feature map [B, H, W, C] or tokens [B, L, C]; returns
     float32 logits [B, K]. The attention maps a [B, N, K, L] are sown into the
     `intermediates` collection as 'attention' (apply(..., mutable=['intermediates'])).
+
+    The N blocks are one POCA module vmapped over the head axis, so they run as one
+    batched computation. Their parameters are stored in the reference's grouped layout
+    (module docstring) and initialised in it, by the initialisers' fans over the whole
+    [G, Cin/G, N*K/G] kernel (fan_out N*K, fan_in Cin/G); block h sees its slice
+    `head_view(stored)[h]`.
     """
 
     num_classes: int
@@ -126,26 +189,86 @@ class NOAHHead(nn.Module):
                 f"num_heads={n}. Choose num_heads dividing both, or another key_ratio.")
         return ck, cv
 
+    @nn.nowrap
+    def head_view(self, stored: Array) -> Array:
+        """A stored projection tensor -> its N blocks' slices, stacked on a leading axis.
+
+        bias [N*K] -> [N, K]; kernel [G, Cin/G, N*K/G] -> [N, 1, Cin/G, K], a block's
+        POCA kernel. With head_split the group axis is the head axis and both are
+        reshapes; without it (G=1) block h's columns h*K .. h*K + K - 1 are moved out.
+        """
+        n = self.num_heads
+        if stored.ndim == 1:
+            return stored.reshape(n, -1)
+        _, cin, out = stored.shape
+        if self.head_split:
+            return stored.reshape(n, 1, cin, out)
+        return stored.reshape(1, cin, n, out // n).transpose(2, 0, 1, 3)
+
+    @nn.nowrap
+    def stored_layout(self, view: Array) -> Array:
+        """The inverse of `head_view`."""
+        if view.ndim == 2:
+            return view.reshape(-1)
+        n, _, cin, k = view.shape
+        if self.head_split:
+            return view.reshape(n, cin, k)
+        return view.transpose(1, 2, 0, 3).reshape(1, cin, n * k)
+
+    def _one_head_initializer(self, init: Initializer) -> Initializer:
+        """An initialiser of a block's slice that draws the whole stored tensor and keeps
+        the block's slice, so the distribution, fans included, is the stored layout's.
+
+        The params key is not split over the heads: the draw is one (unbatched) and the
+        blocks take disjoint slices of it.
+        """
+        n = self.num_heads
+
+        def init_one_head(key, shape, dtype=jnp.float32):
+            if len(shape) == 1:                       # bias [K]
+                stored_shape = (n * shape[0],)
+            elif self.head_split:                     # kernel [1, Cin/N, K]
+                stored_shape = (n, *shape[1:])
+            else:                                     # kernel [1, Cin, K]
+                stored_shape = (1, shape[1], n * shape[2])
+            stored = init(key, stored_shape, dtype)
+            return self.head_view(stored)[jax.lax.axis_index(_HEAD_AXIS)]
+        return init_one_head
+
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         x = _flatten_positions(x)
         batch, length, channels = x.shape
         n, k = self.num_heads, self.num_classes
-        ck, _ = self.channel_split(channels)
-        groups = n if self.head_split else 1
+        ck, cv = self.channel_split(channels)
         keys, values = (x[..., :ck], x[..., ck:]) if self.kv_split else (x, x)
+        if self.head_split:  # block h reads channel group h: [B, L, N, C/N], head axis 2
+            keys = keys.reshape(batch, length, n, ck // n)
+            values = values.reshape(batch, length, n, cv // n)
+            head_axis = 2
+        else:                # every block reads all channels
+            head_axis = None
 
-        def projection(name):
-            return GroupedProjection(n * k, groups, dtype=self.dtype, param_dtype=self.param_dtype,
-                                     kernel_init=self.kernel_init, bias_init=self.bias_init,
-                                     name=name)
-
-        q = projection("query")(keys).reshape(batch, length, n, k)
-        v = projection("value")(values).reshape(batch, length, n, k)
-        a = jax.nn.softmax(q.astype(jnp.float32), axis=1)  # over positions
-        self.sow("intermediates", "attention", jnp.transpose(a, (0, 2, 3, 1)))
-        v = nn.Dropout(self.dropout, deterministic=not train)(v)
-        per_head = jnp.einsum("blnk,blnk->bnk", a, v.astype(jnp.float32))
+        # One POCA module vmapped over the head axis: block h gets slice h of the inputs
+        # (with head_split), of every parameter and of the dropout key. map_variables shows
+        # the blocks their slices of the stored tensors, stacked (head_view), and stores
+        # what init creates in the stored layout. The params key is not split: the
+        # initialisers draw each stored tensor once (_one_head_initializer).
+        vmapped = nn.vmap(POCA, in_axes=(head_axis, head_axis, None), out_axes=1,
+                          variable_axes={"params": 0, "intermediates": 1},
+                          split_rngs={"params": False, "dropout": True}, axis_size=n,
+                          axis_name=_HEAD_AXIS)
+        mapped = nn.map_variables(
+            vmapped, "params", trans_in_fn=lambda p: jax.tree.map(self.head_view, p),
+            trans_out_fn=lambda p: jax.tree.map(self.stored_layout, p),
+            mutable=self.is_initializing())
+        blocks = mapped(k, self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=self._one_head_initializer(self.kernel_init),
+                        bias_init=self._one_head_initializer(self.bias_init))
+        # The blocks' variables live in this module's scope: 'query', 'value' and the
+        # sown 'attention' [B, N, K, L] (axis 1 of the stacked [B, K, L] maps) are ours.
+        nn.share_scope(self, blocks)
+        per_head = blocks(keys, values, train)  # [B, N, K]
         if self.merge == "sum":
             return per_head.sum(axis=1)
         if self.merge == "mean":

@@ -1,13 +1,15 @@
-"""NOAHHead and LinearHead against an independent numpy reference written from the spec."""
+"""NOAHHead, its POCA blocks and LinearHead against independent numpy references written from
+the spec."""
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from flax.traverse_util import flatten_dict
 
-from noah_jax.heads import LinearHead, NOAHHead
+from noah_jax.heads import POCA, LinearHead, NOAHHead, noah_lecun_kernel_init
 
 
 def torch_layout_params(rng, channels, num_classes, num_heads, key_ratio, head_split, kv_split):
@@ -36,12 +38,14 @@ def to_flax(p, groups):
 
 
 def numpy_noah(x, p, num_classes, num_heads, key_ratio, head_split, kv_split, merge="sum"):
-    """Spec section 1, one head and one class at a time, in float64."""
+    """Spec section 1, one head and one class at a time, in float64: the logits [B, K] and
+    the attention maps [B, N, K, L]."""
     x = np.asarray(x, np.float64).reshape(x.shape[0], -1, x.shape[-1])  # [B, L, C]
     channels = x.shape[-1]
     ck = int(channels * key_ratio)
     xk, xv = (x[..., :ck], x[..., ck:]) if kv_split else (x, x)
     per_head = np.zeros((x.shape[0], num_heads, num_classes))
+    attention = np.zeros((x.shape[0], num_heads, num_classes, x.shape[1]))
     for h in range(num_heads):
         rows = slice(h * num_classes, (h + 1) * num_classes)
         if head_split:  # head h reads its contiguous channel group only
@@ -54,7 +58,9 @@ def numpy_noah(x, p, num_classes, num_heads, key_ratio, head_split, kv_split, me
         a = np.exp(q - q.max(axis=1, keepdims=True))
         a /= a.sum(axis=1, keepdims=True)  # softmax over positions
         per_head[:, h] = (a * v).sum(axis=1)
-    return {"sum": per_head.sum(1), "mean": per_head.mean(1), "max": per_head.max(1)}[merge]
+        attention[:, h] = a.transpose(0, 2, 1)
+    logits = {"sum": per_head.sum(1), "mean": per_head.mean(1), "max": per_head.max(1)}[merge]
+    return logits, attention
 
 
 # (C, N, r, K, input spatial shape, head_split, kv_split, merge)
@@ -82,12 +88,16 @@ def test_head_matches_numpy_reference(channels, heads, ratio, classes, spatial, 
     variables = to_flax(p, heads if head_split else 1)
     chex.assert_trees_all_equal_shapes(
         variables, head.init(jax.random.key(0), jnp.asarray(x)))
-    logits = head.apply(variables, jnp.asarray(x), train=False)
+    logits, state = head.apply(variables, jnp.asarray(x), train=False, mutable=["intermediates"])
     chex.assert_shape(logits, (2, classes))
     chex.assert_type(logits, jnp.float32)
-    expected = numpy_noah(x, p, classes, heads, ratio, head_split, kv_split, merge)
+    expected, expected_attention = numpy_noah(x, p, classes, heads, ratio, head_split, kv_split,
+                                              merge)
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5,
                                atol=1e-5 * np.abs(expected).max())
+    (attention,) = state["intermediates"]["attention"]
+    chex.assert_shape(attention, (2, heads, classes, int(np.prod(spatial))))
+    np.testing.assert_allclose(attention, expected_attention, rtol=1e-5, atol=1e-7)
 
 
 def test_parameter_count_is_ck_plus_2nk():
@@ -219,6 +229,209 @@ def test_invalid_settings_raise_value_errors_naming_the_numbers(kwargs, channels
 def test_head_rejects_inputs_of_the_wrong_rank():
     with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
         NOAHHead(3, num_heads=1).init(jax.random.key(0), jnp.zeros((2, 16)))
+
+
+# ---------------------------------------------------------------------------------------
+# The head as N POCA blocks.
+# ---------------------------------------------------------------------------------------
+
+
+def numpy_poca(keys, values, wq, bq, wv, bv):
+    """One POCA block in float64, with einsums: kernels [Cin, K], biases [K]. Returns the
+    logits [B, K] and the attention map [B, K, L]."""
+    keys, values = np.asarray(keys, np.float64), np.asarray(values, np.float64)
+    q = np.einsum("blc,ck->blk", keys, wq) + bq
+    v = np.einsum("blc,ck->blk", values, wv) + bv
+    a = np.exp(q - q.max(axis=1, keepdims=True))
+    a /= a.sum(axis=1, keepdims=True)  # over positions
+    return np.einsum("blk,blk->bk", a, v), a.transpose(0, 2, 1)
+
+
+def block_inputs(x, head, num_heads, key_ratio, head_split, kv_split):
+    """Head h's key and value channels of tokens x [B, L, C], sliced by hand."""
+    ck = int(x.shape[-1] * key_ratio)
+    keys, values = (x[..., :ck], x[..., ck:]) if kv_split else (x, x)
+    if not head_split:
+        return keys, values
+    gk, gv = keys.shape[-1] // num_heads, values.shape[-1] // num_heads
+    return keys[..., head * gk:(head + 1) * gk], values[..., head * gv:(head + 1) * gv]
+
+
+def block_params(params, head, num_classes, head_split):
+    """Head h's POCA parameters, sliced by hand from the head's stored ones."""
+    columns = slice(head * num_classes, (head + 1) * num_classes)
+
+    def kernel(k):  # [G, Cin/G, N*K/G] -> [1, Cin of the block, K]
+        return k[head][None] if head_split else k[:, :, columns]
+    return {name: {"kernel": kernel(p["kernel"]), "bias": p["bias"][columns]}
+            for name, p in params.items()}
+
+
+def random_params(variables, seed):
+    """The variables' params replaced by standard normal draws (non-zero biases)."""
+    leaves, treedef = jax.tree.flatten(variables["params"])
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(treedef, [jax.random.normal(key, leaf.shape)
+                                        for key, leaf in zip(keys, leaves)])
+
+
+class POCACompositionTest(chex.TestCase):
+    """POCA on its own, and NOAHHead as the merge of its POCA blocks, jitted and not."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_poca_matches_an_einsum_reference(self):
+        rng = np.random.default_rng(0)
+        keys = rng.standard_normal((2, 6, 5)).astype(np.float32)
+        values = rng.standard_normal((2, 6, 7)).astype(np.float32)
+        wq, wv = rng.standard_normal((5, 4)), rng.standard_normal((7, 4))
+        bq, bv = rng.standard_normal(4), rng.standard_normal(4)
+        params = {"query": {"kernel": wq[None], "bias": bq},
+                  "value": {"kernel": wv[None], "bias": bv}}
+        params = jax.tree.map(lambda t: jnp.asarray(t, jnp.float32), params)
+        poca = POCA(4, dropout=0.5)  # dropout is off outside training
+        chex.assert_trees_all_equal_shapes(
+            {"params": params}, poca.init(jax.random.key(0), keys, values))
+
+        @self.variant
+        def forward(params, keys, values):
+            return poca.apply({"params": params}, keys, values, mutable=["intermediates"])
+
+        logits, state = forward(params, keys, values)
+        (attention,) = state["intermediates"]["attention"]
+        chex.assert_shape(logits, (2, 4))
+        chex.assert_type(logits, jnp.float32)
+        chex.assert_shape(attention, (2, 4, 6))
+        chex.assert_type(attention, jnp.float32)
+        expected, expected_attention = numpy_poca(keys, values, wq, bq, wv, bv)
+        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(attention, expected_attention, rtol=1e-5, atol=1e-7)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("sum", "sum", True, True),
+        ("mean", "mean", True, True),
+        ("max", "max", True, True),
+        ("sum_no_head_split", "sum", False, True),
+        ("max_no_kv_split", "max", True, False),
+        ("mean_no_splits", "mean", False, False),
+    )
+    def test_head_is_the_merge_of_its_poca_blocks(self, merge, head_split, kv_split):
+        classes, heads, ratio = 5, 3, 1 / 3
+        x = jax.random.normal(jax.random.key(0), (2, 7, 18))  # Ck = 6, Cv = 12
+        head = NOAHHead(classes, heads, ratio, dropout=0.2, head_split=head_split,
+                        kv_split=kv_split, merge=merge)
+        params = random_params(head.init(jax.random.key(1), x), seed=2)
+        poca = POCA(classes, dropout=0.2)
+
+        @self.variant
+        def head_forward(params, x):
+            return head.apply({"params": params}, x, mutable=["intermediates"])
+
+        @self.variant
+        def block_forward(params, keys, values):
+            return poca.apply({"params": params}, keys, values, mutable=["intermediates"])
+
+        logits, state = head_forward(params, x)
+        (attention,) = state["intermediates"]["attention"]
+        chex.assert_shape(logits, (2, classes))
+        chex.assert_type(logits, jnp.float32)
+        chex.assert_shape(attention, (2, heads, classes, 7))
+        blocks = [block_forward(block_params(params, h, classes, head_split),
+                                *block_inputs(x, h, heads, ratio, head_split, kv_split))
+                  for h in range(heads)]
+        per_head = jnp.stack([logits for logits, _ in blocks], axis=1)  # [B, N, K]
+        merged = {"sum": per_head.sum(1), "mean": per_head.mean(1), "max": per_head.max(1)}
+        chex.assert_trees_all_close(logits, merged[merge], rtol=1e-5, atol=1e-5)
+        block_attention = jnp.stack(
+            [state["intermediates"]["attention"][0] for _, state in blocks], axis=1)
+        chex.assert_trees_all_close(attention, block_attention, rtol=1e-6, atol=1e-7)
+
+
+# (C, N, r, head_split, kv_split) -> stored shapes of query/kernel, value/kernel; K = 1000.
+PARAMETER_TREES = [
+    ((2048, 4, 1 / 8, True, True), (4, 64, 1000), (4, 448, 1000)),      # ResNet-50
+    ((192, 4, 1 / 2, True, True), (4, 24, 1000), (4, 24, 1000)),        # DeiT-Tiny
+    ((1280, 8, 1 / 4, True, True), (8, 40, 1000), (8, 120, 1000)),      # MobileNetV2
+    ((2048, 4, 1 / 8, False, True), (1, 256, 4000), (1, 1792, 4000)),
+    ((2048, 4, 1 / 8, True, False), (4, 512, 1000), (4, 512, 1000)),
+    ((512, 4, 1 / 2, False, False), (1, 512, 4000), (1, 512, 4000)),
+]
+
+
+@pytest.mark.parametrize("settings,query_kernel,value_kernel", PARAMETER_TREES)
+def test_parameter_tree_is_the_grouped_layout(settings, query_kernel, value_kernel):
+    # The names and shapes checkpoints, the converter and the parity fixtures rely on:
+    # kernel [G, Cin/G, N*K/G], bias [N*K], float32, and nothing else.
+    channels, heads, ratio, head_split, kv_split = settings
+    head = NOAHHead(1000, heads, ratio, head_split=head_split, kv_split=kv_split)
+    shapes = jax.eval_shape(head.init, jax.random.key(0), jnp.zeros((1, 7, 7, channels)))
+    expected = {
+        "params/query/kernel": query_kernel, "params/query/bias": (heads * 1000,),
+        "params/value/kernel": value_kernel, "params/value/bias": (heads * 1000,),
+    }
+    flat = flatten_dict(shapes, sep="/")
+    assert {name: leaf.shape for name, leaf in flat.items()} == expected
+    assert all(leaf.dtype == jnp.float32 for leaf in flat.values())
+
+
+@pytest.mark.parametrize("head_split", [True, False])
+def test_head_view_slices_the_stored_layout_per_block_and_inverts(head_split):
+    x = jnp.zeros((1, 4, 24))
+    head = NOAHHead(5, num_heads=3, key_ratio=0.25, head_split=head_split)
+    params = random_params(head.init(jax.random.key(0), x), seed=1)
+    views = jax.tree.map(head.head_view, params)
+    for h in range(3):
+        chex.assert_trees_all_close(jax.tree.map(lambda t, h=h: t[h], views),
+                                    block_params(params, h, 5, head_split))
+    chex.assert_trees_all_close(jax.tree.map(head.stored_layout, views), params)
+
+
+def test_poca_alone_is_a_one_head_noah_head():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 3, 8))
+    head = NOAHHead(4, num_heads=1, key_ratio=0.25, dropout=0.1)
+    poca = POCA(4, dropout=0.1)
+    keys, values = x[..., :2].reshape(2, 9, 2), x[..., 2:].reshape(2, 9, 6)
+    variables = head.init(jax.random.key(1), x)
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        variables, poca.init(jax.random.key(1), keys, values))
+    variables = {"params": random_params(variables, seed=2)}
+    chex.assert_trees_all_close(head.apply(variables, x), poca.apply(variables, keys, values),
+                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("head_split", [True, False])
+@pytest.mark.parametrize("lecun", [False, True])
+def test_init_draws_each_stored_kernel_with_its_fans_and_independent_blocks(head_split, lecun):
+    # Kaiming-normal with fan_out = N*K, or (Mixer, gMLP) LeCun-normal with fan_in = Cin/G:
+    # the fans of the stored kernel, not of one block's slice.
+    classes, heads, channels = 500, 4, 256
+    kwargs = {"kernel_init": noah_lecun_kernel_init} if lecun else {}
+    head = NOAHHead(classes, heads, key_ratio=0.25, head_split=head_split, **kwargs)
+    params = head.init(jax.random.key(3), jnp.zeros((1, 2, 2, channels)))["params"]
+    groups = heads if head_split else 1
+    for name, cin in (("query", 64), ("value", 192)):
+        kernel = np.asarray(params[name]["kernel"])
+        expected = np.sqrt(1.0 / (cin // groups)) if lecun else np.sqrt(2.0 / (heads * classes))
+        np.testing.assert_allclose(kernel.std(), expected, rtol=0.02)
+        blocks = np.asarray(head.head_view(kernel)).reshape(heads, -1)
+        correlation = np.corrcoef(blocks)[np.triu_indices(heads, 1)]
+        assert np.abs(correlation).max() < 5 / np.sqrt(blocks.shape[1]), name
+        np.testing.assert_array_equal(params[name]["bias"], 0.0)
+
+
+def test_blocks_draw_their_own_dropout_masks():
+    # Uniform attention and values 1: each block's logit is the mean of its dropped values.
+    # Shared masks would make every block equal, and the max over blocks their mean.
+    head = NOAHHead(1, num_heads=4, key_ratio=0.5, dropout=0.5, merge="max")
+    variables = {"params": {
+        "query": {"kernel": jnp.zeros((4, 1, 1)), "bias": jnp.zeros((4,))},
+        "value": {"kernel": jnp.zeros((4, 1, 1)), "bias": jnp.ones((4,))},
+    }}
+    x = jnp.ones((1, 50, 8))
+    rngs = {"dropout": jax.random.key(0)}
+    largest = head.apply(variables, x, train=True, rngs=rngs)
+    mean = head.clone(merge="mean").apply(variables, x, train=True, rngs=rngs)
+    assert float(largest[0, 0]) > float(mean[0, 0])
 
 
 def test_linear_head_pools_then_projects():
