@@ -108,7 +108,10 @@ class POCA(nn.Module):
     bias_init: Initializer = nn.initializers.zeros_init()
 
     @nn.compact
-    def __call__(self, keys: Array, values: Array, train: bool = False) -> Array:
+    def __call__(self, keys: Array, values: Array, train: bool = False,
+                 keep: Optional[Array] = None) -> Array:
+        """`keep`: a boolean dropout mask [B, L, K] drawn by the caller (NOAHHead draws
+        one for all its blocks at once); without it the block draws its own."""
         def projection(name):
             return GroupedProjection(self.num_classes, 1, dtype=self.dtype,
                                      param_dtype=self.param_dtype, kernel_init=self.kernel_init,
@@ -118,8 +121,22 @@ class POCA(nn.Module):
         v = projection("value")(values)
         a = jax.nn.softmax(q.astype(jnp.float32), axis=1)  # over positions
         self.sow("intermediates", "attention", jnp.swapaxes(a, 1, 2))
-        v = nn.Dropout(self.dropout, deterministic=not train)(v)
+        if keep is not None and train and self.dropout > 0:
+            v = jax.lax.select(keep, v / (1.0 - self.dropout), jnp.zeros_like(v))
+        else:
+            v = nn.Dropout(self.dropout, deterministic=not train)(v)
         return jnp.einsum("blk,blk->bk", a, v.astype(jnp.float32))
+
+
+class _KeepMask(nn.Module):
+    """The keep mask nn.Dropout would draw for an input of `shape` (same key, same
+    draw), for a caller that applies it elsewhere."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, shape: tuple[int, ...]) -> Array:
+        return jax.random.bernoulli(self.make_rng("dropout"), p=1.0 - self.rate, shape=shape)
 
 
 # The name of the head axis of NOAHHead's vmap over its POCA blocks, by which an
@@ -254,7 +271,14 @@ class NOAHHead(nn.Module):
         # the blocks their slices of the stored tensors, stacked (head_view), and stores
         # what init creates in the stored layout. The params key is not split: the
         # initialisers draw each stored tensor once (_one_head_initializer).
-        vmapped = nn.vmap(POCA, in_axes=(head_axis, head_axis, None), out_axes=1,
+        # Dropout: one mask for all blocks, [B, L, N, K], drawn as the head always drew
+        # it (a submodule named like the nn.Dropout it replaces, so the same key and the
+        # same draw: training runs repeat bit for bit); block h applies slice h.
+        keep = None
+        if train and self.dropout > 0:
+            keep = _KeepMask(self.dropout, name="Dropout_0")((batch, length, n, k))
+        vmapped = nn.vmap(POCA, in_axes=(head_axis, head_axis, None,
+                                         2 if keep is not None else None), out_axes=1,
                           variable_axes={"params": 0, "intermediates": 1},
                           split_rngs={"params": False, "dropout": True}, axis_size=n,
                           axis_name=_HEAD_AXIS)
@@ -268,7 +292,7 @@ class NOAHHead(nn.Module):
         # The blocks' variables live in this module's scope: 'query', 'value' and the
         # sown 'attention' [B, N, K, L] (axis 1 of the stacked [B, K, L] maps) are ours.
         nn.share_scope(self, blocks)
-        per_head = blocks(keys, values, train)  # [B, N, K]
+        per_head = blocks(keys, values, train, keep)  # [B, N, K]
         if self.merge == "sum":
             return per_head.sum(axis=1)
         if self.merge == "mean":

@@ -101,7 +101,7 @@ def test_head_matches_numpy_reference(channels, heads, ratio, classes, spatial, 
 
 
 def test_parameter_count_is_ck_plus_2nk():
-    # C*K + 2*N*K (NOAH_SPEC section 1), against param_counts.json's head table.
+    # C*K + 2*N*K, against param_counts.json's head table.
     head = NOAHHead(1000, num_heads=8, key_ratio=0.25)
     variables = jax.eval_shape(head.init, jax.random.key(0), jnp.zeros((1, 7, 7, 1280)))
     count = sum(x.size for x in jax.tree.leaves(variables))
@@ -445,3 +445,21 @@ def test_linear_head_pools_then_projects():
     pooled = LinearHead(4, pool="none").apply({"params": {"kernel": kernel, "bias": bias}},
                                               x.mean(axis=(1, 2)))
     np.testing.assert_allclose(pooled, out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("switches", [{}, {"head_split": False}, {"kv_split": False}])
+def test_training_with_dropout_repeats_the_grouped_head_draw_for_draw(switches):
+    """The POCA composition draws the value dropout mask exactly as the grouped head
+    did (one [B, L, N, K] draw from the same key), so training sees the same masks as
+    before; only the float rounding of the einsums may differ."""
+    from benchmarks.noah_head import GroupedNOAHHead
+    x = jax.random.normal(jax.random.key(3), (2, 7, 64))
+    head = NOAHHead(10, 4, 0.5, 0.3, **switches)
+    grouped = GroupedNOAHHead(10, 4, 0.5, 0.3, **switches)
+    variables = head.init(jax.random.key(0), x)
+    chex.assert_trees_all_equal(variables, grouped.init(jax.random.key(0), x))
+    for key in range(3):
+        rngs = {"dropout": jax.random.key(key)}
+        chex.assert_trees_all_close(head.apply(variables, x, train=True, rngs=rngs),
+                                    grouped.apply(variables, x, train=True, rngs=rngs),
+                                    atol=1e-6, rtol=1e-6)
