@@ -343,12 +343,14 @@ class Classifier(nn.Module):
 
     num_classes: int = 1000
     head: str = "noah"
-    num_heads: int = 4
-    key_ratio: float = 0.5
-    dropout: float = 0.1
-    head_split: bool = True
-    kv_split: bool = True
-    merge: str = "sum"
+    # The head's settings default to NOAHHead's own; each family's VARIANTS table
+    # (noah_jax/models/) states the reference's N, r and dropout for its models.
+    num_heads: int = NOAHHead.num_heads
+    key_ratio: float = NOAHHead.key_ratio
+    dropout: float = NOAHHead.dropout
+    head_split: bool = NOAHHead.head_split
+    kv_split: bool = NOAHHead.kv_split
+    merge: str = NOAHHead.merge
     dtype: Any = jnp.float32
 
     def classify(self, features: Array, *, train: bool, pool: str, linear_init: Initializer,
