@@ -1,0 +1,56 @@
+"""What a run tells the user: library notices dropped, workdir/log.txt, line formats."""
+
+import logging
+
+from absl import logging as absl_logging
+
+from noah_jax import run_log
+
+
+def record(pathname, level, message):
+    return logging.LogRecord("x", level, pathname, 1, message, None, None)
+
+
+def test_library_notices_are_dropped_and_everything_else_kept():
+    keep = run_log.DropLibraryNotices().filter
+    orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    assert not keep(record(orbax, logging.INFO, "Saving checkpoint at step 3"))
+    assert not keep(record(orbax, logging.WARNING, "opened in read only mode"))
+    assert keep(record(orbax, logging.WARNING, "Checkpoint step 3 is corrupt"))
+    bridge = "/site-packages/jax/_src/xla_bridge.py"
+    assert not keep(record(bridge, logging.INFO, "Unable to initialize backend 'tpu': ..."))
+    assert keep(record(bridge, logging.WARNING, "Unable to initialize backend 'cuda': ..."))
+    assert keep(record("/work/noah_jax/train.py", logging.INFO, "step 3: eval/top1 0.5"))
+
+
+def test_the_run_log_copies_info_lines_once_and_appends_errors(tmp_path):
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)  # as app.run sets it in main.py
+    try:
+        write_a_run_log(tmp_path)
+    finally:
+        absl_logging.set_verbosity(verbosity)
+    lines = (tmp_path / run_log.RUN_LOG).read_text().splitlines()
+    assert [line.split(" ", 2)[2] for line in lines] == [
+        "INFO step 7: eval/top1 0.5000", "WARNING a warning",
+        "ERROR FloatingPointError: non-finite loss at step 9"]
+    run_log.append(str(tmp_path / "never_started"), "error")  # no log: nothing created
+    assert not (tmp_path / "never_started").exists()
+
+
+def write_a_run_log(tmp_path):
+    run_log.attach(str(tmp_path))
+    absl_logging.info("step %d: eval/top1 %.4f", 7, 0.5)
+    absl_logging.debug("not for the log")
+    run_log.attach(str(tmp_path))  # a second attach replaces the handler: no doubled lines
+    absl_logging.warning("a warning")
+    run_log.detach()
+    absl_logging.info("after the run")
+    run_log.append(str(tmp_path), "FloatingPointError: non-finite loss at step 9")
+
+
+def test_line_formats():
+    assert run_log.format_metrics({"eval/top1": 0.98889, "eval/count": 360.0}) == (
+        "eval/top1 0.9889, eval/count 360")
+    assert run_log.format_duration(75.4) == "1m15s"
+    assert run_log.format_duration(2 * 3600 + 5 * 60 + 59) == "2h05m"
