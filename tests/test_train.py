@@ -261,6 +261,17 @@ def test_two_process_run_equals_one_process_run(tmp_path):
 
     a, _ = checkpoint.restore_model(tmp_path / "single" / "checkpoints")
     b, _ = checkpoint.restore_model(tmp_path / "multi" / "checkpoints")
+    # Some parameters have an exactly zero gradient: the NOAH query bias, and the final
+    # norm's bias on the key channels (the first half), which reaches the attention only
+    # as a per-class constant that a softmax over positions ignores. Their values are
+    # AdamW-normalised rounding noise that depends on the reduction order: they must
+    # stay tiny, not match.
+    for variables in (a, b):
+        params = variables["params"]
+        keys = params["norm"]["bias"].shape[0] // 2
+        assert np.abs(params["head"]["query"].pop("bias")).max() < 1e-4
+        assert np.abs(params["norm"]["bias"][:keys]).max() < 1e-4
+        params["norm"]["bias"] = params["norm"]["bias"][keys:]
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
     single_top1 = re.search(r"test top-1: ([\d.]+)%", out).group(1)
     assert top1[0].group(1) == single_top1
