@@ -40,7 +40,7 @@ def register(kind: str) -> Callable[[type["Evaluator"]], type["Evaluator"]]:
 def get(kind: str) -> type["Evaluator"]:
     if kind not in _REGISTRY:
         raise ValueError(f"no evaluator for evaluation sets of kind {kind!r}; registered: "
-                         f"{', '.join(sorted(_REGISTRY))}")
+                         f"{', '.join(kinds())}")
     return _REGISTRY[kind]
 
 

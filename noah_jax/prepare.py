@@ -26,7 +26,8 @@ import tarfile
 import time
 import zipfile
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ start-up notices
+# TensorFlow's C++ INFO lines (its oneDNN start-up notice still prints in TF 2.21).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from noah_jax.data import tfds_source  # noqa: E402  (after the environment above)
 
@@ -41,16 +42,27 @@ def _local(path: str) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
-def _free_bytes(path: str) -> float | None:
-    """Free space on the disk that holds `path` (or its nearest existing parent)."""
+def _nearest_existing(path: str) -> str | None:
+    """`path` or its nearest existing parent; None for a bucket."""
     if "://" in path:
-        return None  # a bucket
-    while path and not os.path.exists(path):
+        return None
+    while not os.path.exists(path):
         parent = os.path.dirname(path)
         if parent == path:
             return None
         path = parent
-    return shutil.disk_usage(path).free
+    return path
+
+
+def _free_bytes(path: str) -> float | None:
+    """Free space on the disk that holds `path` (None for a bucket)."""
+    existing = _nearest_existing(path)
+    return None if existing is None else shutil.disk_usage(existing).free
+
+
+def _same_disk(a: str, b: str) -> bool:
+    a, b = _nearest_existing(a), _nearest_existing(b)
+    return a is not None and b is not None and os.stat(a).st_dev == os.stat(b).st_dev
 
 
 def check(name: str, data_dir: str, manual_dir: str, spec: tfds_source.DatasetSpec, *,
@@ -79,8 +91,8 @@ def check(name: str, data_dir: str, manual_dir: str, spec: tfds_source.DatasetSp
         what = f"about {needed / _GB:.1f} GB for the TFRecords"
     elif spec.disk_gb:
         # Archives already in manual_dir need no more room if they are on the same disk.
-        same_disk = _free_bytes(manual_dir) == free
-        needed = spec.disk_gb * _GB - (present_bytes if same_disk else 0)
+        needed = spec.disk_gb * _GB - (present_bytes if _same_disk(manual_dir, data_dir)
+                                       else 0)
         what = f"{spec.disk}, {needed / _GB:.0f} GB of it still to be written"
     else:
         return
