@@ -41,15 +41,22 @@ def main(argv):
                                    process_id=FLAGS.process_id)
     elif FLAGS.distributed:
         jax.distributed.initialize()
-    from noah_jax import checkpoint, run_log, train
+    from noah_jax import errors, run_log, train
     try:
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (FileNotFoundError, checkpoint.CheckpointMismatchError, FloatingPointError) as e:
-        # Errors about the user's data, checkpoints or numbers: their message says what
-        # to do, and a traceback through TFDS or Orbax would only bury it. Printed once,
-        # and kept in the run's log.txt when the run got that far.
+    except errors.Stopped as e:  # a signal or preemption: a checkpoint was saved
+        run_log.append(FLAGS.workdir, str(e), level="WARNING")
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except errors.UserError as e:
+        # Mistakes in the config, the data or the workdir, and failed checkpoint writes:
+        # the message says what to do, and a traceback through TFDS or Orbax would only
+        # bury it. Printed once, and kept in the run's log.txt when the run got that
+        # far. Any other exception is a bug and keeps its traceback.
         run_log.append(FLAGS.workdir, f"{type(e).__name__}: {e}")
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C before training began (in training, it saves)
+        sys.exit("interrupted before training started; nothing was saved")
     if jax.process_index() == 0:
         if "eval/mAP" in results:
             print(f"test mAP: {100 * results['eval/mAP']:.2f}%, CF1 "

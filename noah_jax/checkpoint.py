@@ -14,25 +14,30 @@ key, unexpected key and shape mismatch by name: nothing is skipped silently.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Any, Mapping, Optional
+import re
+import time
+from typing import Any, Iterator, Mapping, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax.traverse_util import flatten_dict
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's variables do not fit the model they are loaded into."""
+from noah_jax.errors import (CheckpointError, CheckpointMismatchError,  # noqa: F401
+                             CheckpointNotFoundError, CheckpointWriteError)
 
 
 def manager(directory: str | os.PathLike, *, max_to_keep: Optional[int] = None,
             async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
     """A CheckpointManager over `directory` with this project's items."""
+    # cleanup_tmp_directories: a save cut short (kill -9, a full disk) leaves a
+    # '<step>.orbax-checkpoint-tmp' folder; a writing manager deletes such leftovers.
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, read_only=read_only,
                                            enable_async_checkpointing=async_save,
                                            create=not read_only,
+                                           cleanup_tmp_directories=not read_only,
                                            save_interval_steps=0 if read_only else 1)
     handlers = {"model": ocp.PyTreeCheckpointHandler(), "train": ocp.PyTreeCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
@@ -40,18 +45,27 @@ def manager(directory: str | os.PathLike, *, max_to_keep: Optional[int] = None,
                                  item_handlers=handlers)
 
 
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+    """'/'-joined key path -> shape of every array in a tree: variables, a train state
+    with optax's tuples and named tuples, or Orbax's metadata of either (which stores
+    tuples as lists), so that all of them compare key by key."""
+    def part(key) -> str:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                return str(getattr(key, attribute))
+        return str(key)
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(part(k) for k in path): tuple(np.shape(leaf)) for path, leaf in leaves}
+
+
 def tree_mismatches(expected: Any, found: Any) -> list[str]:
     """Differences between two variable trees, one line each, by '/'-joined key."""
-    want = flatten_dict(dict(expected), sep="/")
-    have = flatten_dict(dict(found), sep="/")
-    lines = [f"missing in checkpoint: {k} {tuple(np.shape(want[k]))}"
-             for k in sorted(want.keys() - have.keys())]
-    lines += [f"unexpected in checkpoint: {k} {tuple(np.shape(have[k]))}"
+    want, have = _leaf_shapes(expected), _leaf_shapes(found)
+    lines = [f"missing in checkpoint: {k} {want[k]}" for k in sorted(want.keys() - have.keys())]
+    lines += [f"unexpected in checkpoint: {k} {have[k]}"
               for k in sorted(have.keys() - want.keys())]
-    lines += [f"shape mismatch: {k}: model {tuple(np.shape(want[k]))}, "
-              f"checkpoint {tuple(np.shape(have[k]))}"
-              for k in sorted(want.keys() & have.keys())
-              if tuple(np.shape(want[k])) != tuple(np.shape(have[k]))]
+    lines += [f"shape mismatch: {k}: model {want[k]}, checkpoint {have[k]}"
+              for k in sorted(want.keys() & have.keys()) if want[k] != have[k]]
     return lines
 
 
@@ -122,8 +136,14 @@ def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
     """
     step = latest_step(directory) if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}: expected an Orbax checkpoint "
-                                "directory written by training or by `python -m noah_jax.convert`")
+        inside = os.path.join(directory, "checkpoints")
+        if latest_step(inside) is not None:  # a training workdir: its checkpoints are inside
+            raise CheckpointNotFoundError(
+                f"no checkpoint in {directory}, which looks like a training workdir: use its "
+                f"checkpoint directory, {inside}")
+        raise CheckpointNotFoundError(
+            f"no checkpoint in {directory}: expected an Orbax checkpoint directory written "
+            "by training (<workdir>/checkpoints) or by `python -m noah_jax.convert`")
     with manager(directory, read_only=True) as mngr:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if target is None:  # as stored, as host numpy arrays, whatever wrote it
@@ -192,38 +212,121 @@ MODEL_KEYS = ("params", "batch_stats")
 
 def save_state(mngr: ocp.CheckpointManager, step: int, state: Mapping[str, Any],
                meta: Mapping[str, Any]) -> None:
-    """Saves a train state under `step` (asynchronously if the manager is)."""
+    """Saves a train state under `step` (asynchronously if the manager is).
+
+    Raises CheckpointWriteError if this save, or an earlier asynchronous one that
+    failed meanwhile, could not be written."""
     model = {k: state[k] for k in MODEL_KEYS}
     train = {k: v for k, v in state.items() if k not in MODEL_KEYS}
-    mngr.save(step, args=ocp.args.Composite(model=ocp.args.PyTreeSave(model),
-                                            train=ocp.args.PyTreeSave(train),
-                                            meta=ocp.args.JsonSave(dict(meta))))
+    with _write_errors_reported(mngr):
+        mngr.check_for_errors()
+        mngr.save(step, args=ocp.args.Composite(model=ocp.args.PyTreeSave(model),
+                                                train=ocp.args.PyTreeSave(train),
+                                                meta=ocp.args.JsonSave(dict(meta))))
+
+
+def check_saves(mngr: ocp.CheckpointManager, *, wait: bool = False) -> None:
+    """Raises CheckpointWriteError if an asynchronous save has failed; with `wait`,
+    first waits for the one in progress. The trainer calls it at every log step, so a
+    failed write stops the run soon after, not at the next save."""
+    with _write_errors_reported(mngr):
+        if wait:
+            mngr.wait_until_finished()
+        else:
+            mngr.check_for_errors()
+
+
+# Signs that a save failed for a reason outside this program (space, permissions, the
+# storage service), as the OS, TensorStore and Orbax word them, most specific first.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_IO_FAILURE = re.compile(r"No space left on device|Permission denied|Read-only file system|"
+                         r"Disk quota exceeded|RESOURCE_EXHAUSTED|PERMISSION_DENIED|"
+                         r"UNAVAILABLE|DEADLINE_EXCEEDED|UNAUTHENTICATED")
+
+
+def _io_cause(error: BaseException) -> Optional[str]:
+    """A short cause if `error` (or what it chains to) is a storage failure, else None."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno:
+            return os.strerror(e.errno)
+        code = _OS_ERROR_CODE.search(str(e))
+        if code:
+            return os.strerror(int(code.group(1)))
+    for e in chain:
+        match = _IO_FAILURE.search(str(e))
+        if match:
+            return match.group(0)
+    return None
+
+
+@contextlib.contextmanager
+def _write_errors_reported(mngr: ocp.CheckpointManager) -> Iterator[None]:
+    """Turns a failed save (storage errors only) into one readable CheckpointWriteError;
+    anything else is a bug and propagates unchanged."""
+    try:
+        yield
+    except Exception as error:
+        cause = _io_cause(error)
+        if cause is None:
+            raise
+        directory = str(mngr.directory)
+        failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(error))
+        which = f"step {failed.group(1)}" if failed else "a checkpoint"
+        good = latest_step(directory)
+        kept = (f"the newest complete checkpoint, step {good}, is intact" if good is not None
+                else "no complete checkpoint had been written yet")
+        raise CheckpointWriteError(
+            f"saving {which} in {directory} failed: {cause}. Training stopped; {kept}. "
+            "Fix the cause (free space, permissions), then run the same command to "
+            "resume.") from error
+
+
+def move_aside(directory: str | os.PathLike, step: int, destination: str | os.PathLike) -> str:
+    """Moves step `step` out of a checkpoint directory, into `destination`, and returns
+    its new path: a damaged checkpoint is kept for inspection, never deleted."""
+    os.makedirs(destination, exist_ok=True)
+    target = os.path.join(destination, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.rename(os.path.join(directory, str(step)), target)
+    return target
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files are missing or unreadable (a crash or a disk fault)."""
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, target: Mapping[str, Any]) -> dict:
     """Restores a train state into `target` (ShapeDtypeStructs with shardings).
 
     Raises CheckpointMismatchError listing every difference when the checkpoint was
-    written for another model or another optimiser.
+    written for another model or another optimiser (judged from its metadata, before
+    any array is read). Any other error means the checkpoint's files are damaged:
+    DamagedCheckpointError, or the reader's own error.
     """
     model_target = {k: target[k] for k in MODEL_KEYS}
     train_target = {k: v for k, v in target.items() if k not in MODEL_KEYS}
+    step_dir = os.path.join(str(mngr.directory), str(step))
+    if not os.path.isdir(os.path.join(step_dir, "train")) and os.path.isdir(
+            os.path.join(step_dir, "model")):
+        raise CheckpointMismatchError(
+            f"the checkpoint at {mngr.directory} step {step} has no training state (a "
+            "model-only checkpoint: use it through config.init_from, not as a workdir)")
     stored = mngr.item_metadata(step)
+    if stored.get("model") is None or stored.get("train") is None:
+        missing = [item for item in ("model", "train") if stored.get(item) is None]
+        raise DamagedCheckpointError(f"{step_dir}: the metadata of {' and '.join(missing)} "
+                                     "cannot be read")
     problems = tree_mismatches(model_target, {k: v for k, v in stored["model"].items() if v})
-    if stored.get("train") is None:
-        problems.append("the checkpoint has no training state (a model-only checkpoint: "
-                        "use it through config.init_from, not as a workdir)")
+    problems += tree_mismatches(train_target, dict(stored["train"]))
     if problems:
         raise CheckpointMismatchError(
             f"the checkpoint at {mngr.directory} step {step} does not fit this run's model or "
             "optimiser:\n  " + "\n  ".join(problems)
             + "\nUse a fresh --workdir for a different model, or the same config to resume.")
-
-    try:
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            model=_restore_into(model_target), train=_restore_into(train_target)))
-    except (ValueError, KeyError, TypeError) as e:  # the optimiser state differs
-        raise CheckpointMismatchError(
-            f"the training state at {mngr.directory} step {step} does not fit this run's "
-            f"optimiser ({e}). Use a fresh --workdir, or the config the run started with.") from e
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        model=_restore_into(model_target), train=_restore_into(train_target)))
     return {**restored.model, **restored.train}

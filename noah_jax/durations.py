@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from noah_jax.errors import ConfigError
 UNITS = ("steps", "epochs", "examples", "percent")
 
 
@@ -43,8 +44,8 @@ def steps(node: ml_collections.ConfigDict, prefix: str, *, steps_per_epoch: int,
     if len(chosen) > 1:
         given = ", ".join(f"{where}.{name}={node[name]}" for _, name in chosen)
         keep = chosen[-1][1]
-        raise ValueError(f"{given}: set only one unit of {prefix!r} (e.g. "
-                         f"{where}.{chosen[0][1]}=0 to use {where}.{keep})")
+        raise ConfigError(f"{given}: set only one unit of {prefix!r} (e.g. "
+                          f"{where}.{chosen[0][1]}=0 to use {where}.{keep})")
     if not chosen:
         empty = next(iter(fields.values()))
         return () if isinstance(node[empty], (tuple, list)) else 0
@@ -59,8 +60,8 @@ def steps(node: ml_collections.ConfigDict, prefix: str, *, steps_per_epoch: int,
         if unit == "examples":
             return int(round(v / batch_size))
         if total_steps is None:
-            raise ValueError(f"{where}.{name}: a percentage needs the run's length, which "
-                             "cannot itself be given in percent")
+            raise ConfigError(f"{where}.{name}: a percentage needs the run's length, which "
+                              "cannot itself be given in percent")
         return int(round(v / 100 * total_steps))
 
     return tuple(convert(v) for v in value) if isinstance(value, (tuple, list)) else convert(
@@ -74,8 +75,8 @@ def total_and_epoch_steps(config: ml_collections.ConfigDict, num_train_examples:
     steps_per_epoch = max(num_train_examples // config.batch_size, 1)
     given = [name for name in ("total_steps", "num_epochs") if _is_set(config[name])]
     if len(given) != 1:
-        raise ValueError("set exactly one of config.total_steps and config.num_epochs (> 0); "
-                         f"got total_steps={config.total_steps}, num_epochs={config.num_epochs}")
+        raise ConfigError("set exactly one of config.total_steps and config.num_epochs (> 0); "
+                          f"got total_steps={config.total_steps}, num_epochs={config.num_epochs}")
     if config.total_steps:
         return int(config.total_steps), steps_per_epoch
     return int(round(config.num_epochs * steps_per_epoch)), steps_per_epoch

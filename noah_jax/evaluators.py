@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from noah_jax import metrics, sharding
+from noah_jax.errors import ConfigError
 
 _REGISTRY: dict[str, type["Evaluator"]] = {}
 
@@ -39,8 +40,8 @@ def register(kind: str) -> Callable[[type["Evaluator"]], type["Evaluator"]]:
 
 def get(kind: str) -> type["Evaluator"]:
     if kind not in _REGISTRY:
-        raise ValueError(f"no evaluator for evaluation sets of kind {kind!r}; registered: "
-                         f"{', '.join(kinds())}")
+        raise ConfigError(f"no evaluator for evaluation sets of kind {kind!r}; registered: "
+                          f"{', '.join(kinds())}")
     return _REGISTRY[kind]
 
 

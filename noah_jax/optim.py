@@ -9,6 +9,7 @@ import ml_collections
 import optax
 
 from noah_jax import durations
+from noah_jax.errors import ConfigError
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, *, total_steps: int,
@@ -38,7 +39,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, *, total_steps: in
     elif s.name == "constant":
         main = optax.constant_schedule(peak)
     else:
-        raise ValueError(f"schedule.name must be step, cosine, linear or constant; got {s.name!r}")
+        raise ConfigError(f"schedule.name must be step, cosine, linear or constant; got {s.name!r}")
     if warmup == 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
@@ -62,7 +63,7 @@ def make_optimizer(config: ml_collections.ConfigDict,
         optimizer = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
                                 weight_decay=o.weight_decay, mask=mask)
     else:
-        raise ValueError(f"optimizer.name must be sgd or adamw; got {o.name!r}")
+        raise ConfigError(f"optimizer.name must be sgd or adamw; got {o.name!r}")
     if config.grad_clip_norm > 0:
         optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
     return optimizer

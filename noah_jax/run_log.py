@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import logging as logging_lib
 import os
+import sys
 import time
 
 import jax
 from absl import logging
+
+
+# How Orbax's background threads log one failed save, several times over with
+# tracebacks; `checkpoint.check_saves` raises it once as a CheckpointWriteError.
+_ORBAX_SAVE_FAILURE = ("raised an exception", "in background save thread",
+                       "Save Finalize thread")
 
 
 class DropLibraryNotices(logging_lib.Filter):
@@ -25,7 +32,10 @@ class DropLibraryNotices(logging_lib.Filter):
 
     def filter(self, record):
         if "/orbax/" in record.pathname:
-            return record.levelno >= logging_lib.WARNING and "read only" not in record.getMessage()
+            message = record.getMessage()
+            if any(part in message for part in _ORBAX_SAVE_FAILURE):
+                return False  # the trainer reports a failed save itself, in one line
+            return record.levelno >= logging_lib.WARNING and "read only" not in message
         if record.pathname.endswith("xla_bridge.py") and record.levelno < logging_lib.WARNING:
             return "Unable to initialize backend" not in record.getMessage()
         return True
@@ -35,6 +45,21 @@ def quiet_library_notices():
     handler = logging.get_absl_handler()
     if not any(isinstance(f, DropLibraryNotices) for f in handler.filters):
         handler.addFilter(DropLibraryNotices())
+    if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
+        sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+
+
+def _drop_closed_loop_callbacks(default):
+    """After a failed checkpoint read or write, TensorStore still delivers callbacks
+    to the asyncio loop Orbax has closed; Python prints each one's "Event loop is
+    closed" traceback (dozens), burying the one-line error the run reports."""
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        default(unraisable)
+    hook.drops_closed_loop_callbacks = True
+    return hook
 
 
 RUN_LOG = "log.txt"
@@ -65,13 +90,13 @@ def detach() -> None:
         _run_log_handler = None
 
 
-def append(workdir: str, line: str) -> None:
+def append(workdir: str, line: str, level: str = "ERROR") -> None:
     """Adds `line` to workdir/log.txt if the run got as far as creating it (main.py
-    records the error that ended a run there, and prints it once on the console)."""
+    records what ended a run there, and prints it once on the console)."""
     path = os.path.join(workdir, RUN_LOG)
     if jax.process_index() == 0 and os.path.exists(path):
         with open(path, "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR {line}\n")
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {level} {line}\n")
 
 
 def metric_writer(workdir: str):

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from noah_jax.errors import ConfigError
 
 def create_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
     """A (data, model) mesh over `devices` (all by default); -1 takes what the other leaves."""
@@ -22,9 +23,9 @@ def create_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
     if data == -1:
         data = count // model
     if data * model != count:
-        raise ValueError(f"mesh data={data} x model={model} does not cover the {count} devices; "
-                         "set config.mesh.data / config.mesh.model so that their product "
-                         "equals the device count (-1 = the rest)")
+        raise ConfigError(f"mesh data={data} x model={model} does not cover the {count} devices; "
+                          "set config.mesh.data / config.mesh.model so that their product "
+                          "equals the device count (-1 = the rest)")
     # Auto axes: shardings are constraints that XLA propagates (GSPMD), as big_vision and
     # the Flax examples use them; jax.make_mesh's default became Explicit axes.
     auto = jax.sharding.AxisType.Auto

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import time
 from typing import Any, Callable, Iterator
 
@@ -24,9 +25,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
-from noah_jax import (checkpoint, data, durations, evaluators, losses, optim, run_log,
-                      sharding)
+from noah_jax import (checkpoint, data, durations, evaluators, losses, optim, preemption,
+                      run_log, sharding, workdir_lock)
+from noah_jax.errors import (CheckpointError, CheckpointMismatchError, ConfigError,
+                             NonFiniteError, Stopped)
 from noah_jax.models import create_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -57,34 +61,34 @@ def loss_function(config: ml_collections.ConfigDict
         return lambda logits, labels: losses.asymmetric_loss(
             logits, multi_hot(logits, labels), config.asl.gamma_neg, config.asl.gamma_pos,
             config.asl.clip)
-    raise ValueError(f"config.loss must be one of {LOSSES}, got {config.loss!r}")
+    raise ConfigError(f"config.loss must be one of {LOSSES}, got {config.loss!r}")
 
 
 def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuses settings that cannot run here, before the dataset is opened."""
     if config.dtype not in DTYPES:
-        raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+        raise ConfigError(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     loss_function(config)
     devices, processes = jax.device_count(), jax.process_count()
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % devices or config[name] % processes:
-            raise ValueError(f"config.{name}={config[name]} must be divisible by the "
-                             f"{devices} devices")
+            raise ConfigError(f"config.{name}={config[name]} must be divisible by the "
+                              f"{devices} devices")
     micro_batch, rest = divmod(config.batch_size, config.grad_accum_steps)
     if rest or micro_batch % devices:
-        raise ValueError(f"batch_size={config.batch_size} must split into grad_accum_steps="
-                         f"{config.grad_accum_steps} micro-batches divisible by the "
-                         f"{devices} devices")
+        raise ConfigError(f"batch_size={config.batch_size} must split into grad_accum_steps="
+                          f"{config.grad_accum_steps} micro-batches divisible by the "
+                          f"{devices} devices")
     if (config.eval_only and not config.init_from.path
             and checkpoint.latest_step(os.path.join(workdir, "checkpoints")) is None):
-        raise ValueError("config.eval_only needs a checkpoint: a workdir with one, or "
-                         "config.init_from.path (e.g. the output of noah_jax.convert)")
+        raise ConfigError("config.eval_only needs a checkpoint: a workdir with one, or "
+                          "config.init_from.path (e.g. the output of noah_jax.convert)")
 
 
 def check_source(config: ml_collections.ConfigDict, source: data.Source) -> None:
     if source.multilabel and config.loss == "softmax_xent":
-        raise ValueError(f"dataset {config.dataset.name!r} is multi-label: set config.loss "
-                         "to 'sigmoid_xent' or 'asl'")
+        raise ConfigError(f"dataset {config.dataset.name!r} is multi-label: set config.loss "
+                          "to 'sigmoid_xent' or 'asl'")
 
 
 # ----------------------------------------------------------------------------------
@@ -105,14 +109,47 @@ def init_train_state(model, tx: optax.GradientTransformation, image_shape, rng, 
 
 
 def restore_or_init(config: ml_collections.ConfigDict, mngr, init_state, abstract_state,
-                    state_sharding) -> tuple[dict[str, Any], int | None]:
-    """(state, restored step or None): the newest checkpoint in the workdir, else a fresh
-    state, initialised from `config.init_from.path` when given."""
-    latest = mngr.latest_step()
-    if latest is not None:
-        logging.info("resuming from %s step %d", mngr.directory, latest)
-        return checkpoint.restore_state(
-            mngr, latest, sharding.with_shardings(abstract_state, state_sharding)), latest
+                    state_sharding, *, workdir: str) -> tuple[dict[str, Any], int | None]:
+    """(state, restored step or None): the newest checkpoint in the workdir that
+    restores, else a fresh state, initialised from `config.init_from.path` when given.
+
+    A newer checkpoint that cannot be read (a crash mid-write, a disk fault) is
+    reported, moved into `<workdir>/damaged_checkpoints/` once an older one has
+    restored, and skipped; if none restores, the run stops and lists why for each,
+    moving nothing. A checkpoint of another model or optimiser is not damage: that
+    stops the run at once (CheckpointMismatchError).
+    """
+    target = sharding.with_shardings(abstract_state, state_sharding)
+    damaged = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            state, problem = checkpoint.restore_state(mngr, step, target), None
+        except CheckpointMismatchError:
+            raise
+        except Exception as e:  # noqa: BLE001 (any reader error: the files are damaged)
+            state, problem = None, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        if not _on_every_process(problem is None):
+            problem = problem or "another process could not read it"
+            logging.warning("checkpoint step %d in %s cannot be restored (%s); trying the "
+                            "one before it", step, mngr.directory, problem)
+            damaged.append((step, problem))
+            continue
+        if damaged:
+            if jax.process_index() == 0:
+                for bad, _ in damaged:
+                    moved = checkpoint.move_aside(mngr.directory, bad,
+                                                  os.path.join(workdir, "damaged_checkpoints"))
+                    logging.warning("moved the damaged checkpoint of step %d to %s", bad, moved)
+            _on_every_process(True)  # the others wait for the moves before reading the list
+            mngr.reload()
+        logging.info("resuming from %s step %d", mngr.directory, step)
+        return state, step
+    if damaged:
+        raise CheckpointError(
+            f"no checkpoint in {mngr.directory} can be restored: "
+            + "; ".join(f"step {step}: {problem}" for step, problem in damaged)
+            + ". Nothing was moved or deleted. To start afresh, move these checkpoints "
+            "away (or use another --workdir).")
     state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
     if config.init_from.path:
         logging.info("initialising from %s (drop_head=%s)", config.init_from.path,
@@ -124,6 +161,13 @@ def restore_or_init(config: ml_collections.ConfigDict, mngr, init_state, abstrac
         state = jax.jit(functools.partial(_with_variables, ema="ema_params" in state),
                         out_shardings=state_sharding, donate_argnums=0)(state, variables)
     return state, None
+
+
+def _on_every_process(ok: bool) -> bool:
+    """Whether `ok` holds on every process (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.process_allgather(np.int32(ok)).min())
 
 
 def _with_variables(state, variables, ema: bool):
@@ -254,7 +298,7 @@ def check_finite(state: dict[str, Any], mngr) -> None:
     last = mngr.latest_step()
     kept = (f"the last good checkpoint, step {last}, is intact" if last is not None
             else "no checkpoint had been written yet")
-    raise FloatingPointError(
+    raise NonFiniteError(
         f"non-finite loss, gradient or parameters at step {bad}: training stopped before "
         f"writing anything after it ({kept}). Lower the learning rate, enable "
         "grad_clip_norm or compute in float32.")
@@ -305,49 +349,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                               fsdp_min_size=config.fsdp_min_size)
 
     # ----------------------------------------------------------------- Workdir
-    # The config, the dataset and the model are valid: from here on the run writes.
+    # The config, the dataset and the model are valid: from here on the run writes,
+    # holding the workdir against a second run (workdir_lock) until it returns.
     os.makedirs(workdir, exist_ok=True)
-    run_log.attach(workdir)
-    writer = run_log.metric_writer(workdir)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    num_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
-    logging.info("%d device(s) of %s (%s) in %d process(es); mesh %s", jax.device_count(),
-                 jax.devices()[0].platform, jax.devices()[0].device_kind, jax.process_count(),
-                 dict(mesh.shape))
-    logging.info("model %s (head %s%s), %s parameters, %s compute; config in %s",
-                 config.model.name, config.model.head,
-                 f", overrides {overrides}" if overrides else "", f"{num_params:,}",
-                 config.dtype, os.path.join(workdir, "config.json"))
-    logging.info("data %s: %s training and %s evaluation images, %d classes, batch %d",
-                 config.dataset.name, f"{source.num_train_examples:,}",
-                 f"{source.num_eval_examples:,}", source.num_classes, config.batch_size)
-    meta = {"model": config.model.name, "head": config.model.head,
-            "num_classes": source.num_classes, "overrides": overrides,
-            "dataset": config.dataset.name}
+    with contextlib.ExitStack() as on_exit:  # run in reverse order, also on errors
+        lock = on_exit.enter_context(workdir_lock.WorkdirLock(workdir))
+        run_log.attach(workdir)
+        on_exit.callback(run_log.detach)
+        if lock.took_over:
+            logging.warning("took over the workdir's lock %s: %s", lock.path, lock.took_over)
+        writer = run_log.metric_writer(workdir)
+        on_exit.callback(writer.flush)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
+        _log_run_description(config, workdir, mesh, source, abstract_state, overrides)
+        meta = {"model": config.model.name, "head": config.model.head,
+                "num_classes": source.num_classes, "overrides": overrides,
+                "dataset": config.dataset.name}
 
-    # ----------------------------------------------------------------- Update step
-    train_step = jax.jit(make_train_step(model, tx, config, schedule, mesh,
-                                         multilabel=source.multilabel),
-                         in_shardings=(state_sharding, data_sharding),
-                         out_shardings=(state_sharding, None), donate_argnums=0)
-    sets = evaluation_sets(source)
-    scorers = {kind: evaluators.get(kind)(model, mesh) for kind in {s[1] for s in sets}}
+        # ------------------------------------------------------------- Update step
+        train_step = jax.jit(make_train_step(model, tx, config, schedule, mesh,
+                                             multilabel=source.multilabel),
+                             in_shardings=(state_sharding, data_sharding),
+                             out_shardings=(state_sharding, None), donate_argnums=0)
+        sets = evaluation_sets(source)
+        scorers = {kind: evaluators.get(kind)(model, mesh) for kind in {s[1] for s in sets}}
 
-    def run_evaluation(state, step: int, final: bool) -> dict[str, float]:
-        results = evaluate(state, sets, scorers, local_batch_size=local_eval_batch,
-                           data_sharding=data_sharding, final=final)
-        writer.write_scalars(step, {k: v for k, v in results.items()
-                                    if not k.endswith("count")})
-        logging.info("step %d: %s", step, run_log.format_metrics(results))
-        return results
+        def run_evaluation(state, step: int, final: bool) -> dict[str, float]:
+            results = evaluate(state, sets, scorers, local_batch_size=local_eval_batch,
+                               data_sharding=data_sharding, final=final)
+            writer.write_scalars(step, {k: v for k, v in results.items()
+                                        if not k.endswith("count")})
+            logging.info("step %d: %s", step, run_log.format_metrics(results))
+            return results
 
-    # ----------------------------------------------------------------- Checkpoint restore
-    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"),
-                              max_to_keep=config.keep_checkpoints)
-    try:
-        state, _ = restore_or_init(config, mngr, init_state, abstract_state, state_sharding)
+        # ------------------------------------------------------------- Checkpoint restore
+        mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"),
+                                  max_to_keep=config.keep_checkpoints)
+        on_exit.callback(mngr.close)
+        # Also on errors (the NaN guard, a stop): the last save finishes writing.
+        on_exit.push(functools.partial(_finish_saves, mngr))
+        state, _ = restore_or_init(config, mngr, init_state, abstract_state, state_sharding,
+                                   workdir=workdir)
         start_step = int(state["step"])
         if config.eval_only or start_step >= total_steps:  # nothing (left) to train
             return run_evaluation(state, start_step, final=True)
@@ -359,6 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
         progress = _Progress(total_steps, steps_per_epoch, start_step, config.batch_size)
+        stop = on_exit.enter_context(preemption.StopRequests())
         pending, results = [], {}
         for step in range(start_step + 1, total_steps + 1):
             state, step_metrics = train_step(state, sharding.global_batch(next(batches),
@@ -366,6 +411,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             pending.append(step_metrics)
             if step % config.log_every_steps == 0 or step == total_steps:
                 check_finite(state, mngr)
+                checkpoint.check_saves(mngr)  # a failed write stops the run here
                 summary = progress.summary(step, jax.device_get(pending))
                 writer.write_scalars(step, summary)
                 pending = []
@@ -373,16 +419,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 jax.block_until_ready(state["step"])  # the queued steps count as training
                 with progress.evaluating():
                     results = run_evaluation(state, step, final=step == total_steps)
-            if step % config.checkpoint_every_steps == 0 or step == total_steps:
+            saved = step % config.checkpoint_every_steps == 0 or step == total_steps
+            if saved:
                 check_finite(state, mngr)
                 checkpoint.save_state(mngr, step, state, meta)
+            if stop.should_stop(step):
+                raise stop_and_save(state, step, mngr, meta, stop, saved=saved)
         return results
-    finally:
-        # Also on errors (the NaN guard): the last good checkpoint finishes writing.
-        mngr.wait_until_finished()
-        mngr.close()
-        writer.flush()
-        run_log.detach()
+
+
+def _log_run_description(config, workdir, mesh, source, abstract_state, overrides) -> None:
+    num_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
+    logging.info("%d device(s) of %s (%s) in %d process(es); mesh %s", jax.device_count(),
+                 jax.devices()[0].platform, jax.devices()[0].device_kind, jax.process_count(),
+                 dict(mesh.shape))
+    logging.info("model %s (head %s%s), %s parameters, %s compute; config in %s",
+                 config.model.name, config.model.head,
+                 f", overrides {overrides}" if overrides else "", f"{num_params:,}",
+                 config.dtype, os.path.join(workdir, "config.json"))
+    logging.info("data %s: %s training and %s evaluation images, %d classes, batch %d",
+                 config.dataset.name, f"{source.num_train_examples:,}",
+                 f"{source.num_eval_examples:,}", source.num_classes, config.batch_size)
+
+
+def stop_and_save(state, step: int, mngr, meta, stop: preemption.StopRequests, *,
+                  saved: bool) -> Stopped:
+    """Saves `step` (unless just saved), waits for the write, and returns the Stopped
+    to raise: every process calls it at the same step (StopRequests.should_stop)."""
+    check_finite(state, mngr)
+    if not saved:
+        checkpoint.save_state(mngr, step, state, meta)
+    checkpoint.check_saves(mngr, wait=True)
+    return Stopped(f"stopped by {stop.reason()} at step {step}: its checkpoint is saved in "
+                   f"{mngr.directory}; run the same command to resume from it",
+                   stop.signum or signal.SIGTERM)
+
+
+def _finish_saves(mngr, kind, error, traceback) -> bool:
+    """On leaving the trainer: waits for the save in progress. Its failure is raised
+    if nothing else went wrong, and logged if something did (not to hide that)."""
+    try:
+        checkpoint.check_saves(mngr, wait=True)
+    except Exception as e:  # noqa: BLE001
+        if error is None:
+            raise
+        logging.error("also, the last checkpoint could not be written: %s", e)
+    return False
 
 
 class _Progress:

@@ -280,5 +280,12 @@ def test_restore_state_refuses_a_model_only_checkpoint_and_another_optimiser(tmp
         mngr.wait_until_finished()
         adamw_state = jax.eval_shape(lambda: train_state(optax.adamw(0.1)))
         with pytest.raises(checkpoint.CheckpointMismatchError,
-                           match="does not fit this run's optimiser"):
+                           match="does not fit this run's model or optimiser") as error:
             checkpoint.restore_state(mngr, 1, adamw_state)
+    # Judged from the metadata, key by key: Adam's moments are missing, SGD's trace is
+    # unexpected, and the parameters (which fit) are not listed.
+    lines = mismatch_lines(error.value)
+    assert "missing in checkpoint: opt_state/0/mu/conv/kernel (3, 3, 3, 8)" in lines
+    assert "missing in checkpoint: opt_state/0/count ()" in lines
+    assert "unexpected in checkpoint: opt_state/0/trace/head/bias (10,)" in lines
+    assert not [line for line in lines if "params" in line]

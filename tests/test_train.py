@@ -177,29 +177,91 @@ def run_main(workdir, *flags, **popen):
                             stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def test_killed_and_restarted_run_ends_with_the_same_parameters(tmp_path):
-    straight = run_main(tmp_path / "straight")
-    out, _ = straight.communicate(timeout=600)
-    assert straight.returncode == 0, out[-3000:]
+def wait_for(condition, process, what, timeout=300):
+    """Polls `condition()` while `process` runs; fails with its output if it ends first."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, f"ended before {what}:\n" + process.communicate()[0][-3000:]
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
 
-    killed = run_main(tmp_path / "killed")
-    ckpts = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and (checkpoint.latest_step(ckpts) or 0) < 12:
-        time.sleep(0.2)
-        assert killed.poll() is None, killed.communicate()[0][-3000:]
-    killed.send_signal(signal.SIGKILL)  # mid-run, possibly mid-save
+
+def logged(workdir, text):
+    """A condition: `text` appears in workdir/log.txt more often than it does now (the
+    log is appended to across restarts)."""
+    path = pathlib.Path(workdir) / "log.txt"
+    count = lambda: path.read_text().count(text) if path.exists() else 0  # noqa: E731
+    before = count()
+    return lambda: count() > before
+
+
+# 80 steps: long enough that a signal sent after step 12 lands mid-run on a busy machine.
+LONG = ["--config.total_steps=80", "--config.eval_every_steps=80",
+        "--config.checkpoint_every_steps=10", "--config.keep_checkpoints=2"]
+
+
+def test_stopped_killed_damaged_and_contended_runs_end_with_the_same_parameters(tmp_path):
+    """One workdir through what pods do to runs; each restart resumes, and the end
+    result equals an uninterrupted run's bit for bit:
+      1. SIGTERM mid-run: the current step is saved and the run exits 143;
+      2. kill -9 mid-run (maybe mid-save): its stale lock is taken over on restart;
+      3. a second run on the live workdir refuses; the first finishes unharmed;
+      4. the newest checkpoint truncated: moved aside, the one before it resumes."""
+    straight = run_main(tmp_path / "straight", *LONG)
+    work = tmp_path / "work"
+    ckpts = work / "checkpoints"
+
+    stopped = run_main(work, *LONG)  # 1
+    wait_for(logged(work, "step 12/80"), stopped, "step 12")
+    stopped.send_signal(signal.SIGTERM)
+    out, _ = stopped.communicate(timeout=300)
+    assert stopped.returncode == 128 + signal.SIGTERM, out[-3000:]
+    at = int(re.search(r"stopped by SIGTERM at step (\d+): its checkpoint is saved", out)[1])
+    assert 12 <= at < 80 and checkpoint.latest_step(ckpts) == at
+    assert out.count("Traceback") == 0 and not (work / "run.lock").exists()
+
+    killed = run_main(work, *LONG)  # 2
+    wait_for(lambda: (checkpoint.latest_step(ckpts) or 0) > at, killed, "a checkpoint")
+    killed.send_signal(signal.SIGKILL)
     killed.communicate()
-    assert 12 <= checkpoint.latest_step(ckpts) < 40
-    resumed = run_main(tmp_path / "killed")
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out[-3000:]
-    assert "resuming from" in out
+    assert (work / "run.lock").exists()  # left behind by the killed run
 
-    a, _ = checkpoint.restore_model(tmp_path / "straight" / "checkpoints")
-    b, _ = checkpoint.restore_model(ckpts)
-    assert checkpoint.latest_step(ckpts) == 40
-    chex.assert_trees_all_equal(a, b)
+    finishing = run_main(work, *LONG)  # 3
+    wait_for(logged(work, f"resuming from {ckpts}"), finishing, "the resumption")
+    finishing.send_signal(signal.SIGSTOP)  # held still while a second run tries the workdir
+    try:
+        second = run_main(work, *LONG)
+        second_out, _ = second.communicate(timeout=300)
+    finally:
+        finishing.send_signal(signal.SIGCONT)
+    assert second.returncode == 1
+    assert re.search(rf"^error: workdir {work} is in use by another run \(pid "
+                     rf"{finishing.pid} on ", second_out, re.M), second_out[-3000:]
+    out, _ = finishing.communicate(timeout=300)
+    assert finishing.returncode == 0, out[-3000:]
+    assert re.search(r"took over the workdir's lock .*: its process \(pid \d+ on .*\) is no "
+                     r"longer running", out)
+
+    straight_out, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0, straight_out[-3000:]
+    final, _ = checkpoint.restore_model(tmp_path / "straight" / "checkpoints")
+    resumed, _ = checkpoint.restore_model(ckpts)
+    assert checkpoint.latest_step(ckpts) == 80
+    chex.assert_trees_all_equal(final, resumed)
+
+    # 4: damage step 80 (a data file cut short); the run falls back to step 70 and
+    # trains the last 10 steps again, to the same parameters.
+    data_file = max((ckpts / "80" / "model" / "d").iterdir(), key=lambda f: f.stat().st_size)
+    data_file.write_bytes(data_file.read_bytes()[:100])
+    again = run_main(work, *LONG)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out[-3000:]
+    assert re.search(r"checkpoint step 80 in .* cannot be restored \(", out)
+    assert f"resuming from {ckpts} step 70" in out
+    assert out.count("Traceback") == 0
+    [moved] = (work / "damaged_checkpoints").iterdir()
+    assert moved.name.startswith("80-") and (moved / "model" / "d" / data_file.name).exists()
+    chex.assert_trees_all_equal(final, checkpoint.restore_model(ckpts)[0])
 
 
 RECIPES = [

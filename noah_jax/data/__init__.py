@@ -25,6 +25,7 @@ from __future__ import annotations
 import ml_collections
 
 from noah_jax.data.base import Batch, Source
+from noah_jax.errors import ConfigError
 
 __all__ = ["Batch", "Source", "get_source", "keep_tensorflow_off_accelerators"]
 
@@ -59,14 +60,14 @@ def get_source(dataset_config: ml_collections.ConfigDict, *, seed: int,
                                 or dataset_config.num_eval_examples):
         # These fields mean something only for 'synthetic'; a nonzero value elsewhere is
         # a config mistake, not something to ignore.
-        raise ValueError("dataset.num_train_examples / num_eval_examples apply to "
-                         f"'synthetic' only; leave them 0 for {name!r}")
+        raise ConfigError("dataset.num_train_examples / num_eval_examples apply to "
+                          f"'synthetic' only; leave them 0 for {name!r}")
     if name == "digits":
         from noah_jax.data.digits import NUM_CLASSES, DigitsSource
 
         if dataset_config.num_classes != NUM_CLASSES:
-            raise ValueError(f"dataset 'digits' has {NUM_CLASSES} classes, but "
-                             f"dataset.num_classes = {dataset_config.num_classes}")
+            raise ConfigError(f"dataset 'digits' has {NUM_CLASSES} classes, but "
+                              f"dataset.num_classes = {dataset_config.num_classes}")
         return DigitsSource(seed=seed, image_size=dataset_config.image_size)
     if name == "synthetic":
         from noah_jax.data import synthetic
@@ -81,8 +82,8 @@ def get_source(dataset_config: ml_collections.ConfigDict, *, seed: int,
 
     # tf.data sources from here on.
     if augment is None:
-        raise ValueError(f"dataset {name!r} needs the augmentation config: "
-                         "get_source(config.dataset, seed=..., augment=config.augment)")
+        raise ConfigError(f"dataset {name!r} needs the augmentation config: "
+                          "get_source(config.dataset, seed=..., augment=config.augment)")
     from noah_jax.data import pipeline
 
     preprocess = pipeline.Preprocess.from_config(dataset_config, augment, label_smoothing)
@@ -90,8 +91,8 @@ def get_source(dataset_config: ml_collections.ConfigDict, *, seed: int,
         from noah_jax.data.folder import FolderSource
 
         if not dataset_config.data_dir:
-            raise ValueError("dataset 'folder' reads dataset.data_dir/<split>/<class>/"
-                             "<image>; set dataset.data_dir to that root folder")
+            raise ConfigError("dataset 'folder' reads dataset.data_dir/<split>/<class>/"
+                              "<image>; set dataset.data_dir to that root folder")
         return FolderSource(dataset_config.data_dir, preprocess, seed=seed,
                             num_classes=dataset_config.num_classes,
                             train_split=dataset_config.train_split,

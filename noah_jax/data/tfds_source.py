@@ -33,6 +33,7 @@ from absl import logging
 
 from noah_jax.data import pipeline
 from noah_jax.data.base import Batch
+from noah_jax.errors import DataError, UserError
 
 from noah_jax.data.catalog import COCO as _COCO, REAL as _REAL, SINGLE as _SINGLE, VOC as _VOC
 # Re-exported: tools and tests read the catalog through this module too.
@@ -57,7 +58,7 @@ def how_to_prepare(name: str, data_dir: str = "", spec: DatasetSpec | None = Non
     return ", then ".join(steps) + disk
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(UserError, FileNotFoundError):
     """A TFDS dataset that has not been built in data_dir; the message says how."""
 
 
@@ -76,16 +77,16 @@ def spec_for(name: str, data_dir: str = "") -> DatasetSpec:
     try:
         features = tfds.builder(name, data_dir=data_dir or None).info.features
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(f"unknown dataset {name!r}; available: "
-                         f"{', '.join(sorted(DATASETS))}, digits, synthetic, folder, or any "
-                         "TFDS image-classification dataset (an 'image' and a 'label' "
-                         "feature)") from None
+        raise DataError(f"unknown dataset {name!r}; available: "
+                        f"{', '.join(sorted(DATASETS))}, digits, synthetic, folder, or any "
+                        "TFDS image-classification dataset (an 'image' and a 'label' "
+                        "feature)") from None
     names = list(features.keys())
     if not ("image" in names and isinstance(features["image"], tfds.features.Image)
             and "label" in names and isinstance(features["label"], tfds.features.ClassLabel)):
-        raise ValueError(f"TFDS dataset {name!r} has features {sorted(features)}; this source "
-                         "reads image classification: an Image 'image' and a ClassLabel "
-                         "'label'")
+        raise DataError(f"TFDS dataset {name!r} has features {sorted(features)}; this source "
+                        "reads image classification: an Image 'image' and a ClassLabel "
+                        "'label'")
     return DatasetSpec(name, "train", "", features["label"].num_classes)
 
 
@@ -137,8 +138,8 @@ class _Split:
         try:
             self.raw_size = builder.info.splits[split].num_examples
         except (KeyError, ValueError) as e:
-            raise ValueError(f"{builder.name} has no split {split!r}; its splits: "
-                             f"{', '.join(builder.info.splits)}") from e
+            raise DataError(f"{builder.name} has no split {split!r}; its splits: "
+                            f"{', '.join(builder.info.splits)}") from e
 
     def shard(self, process_index: int, process_count: int):
         return tfds.split_for_jax_process(self.split, process_index=process_index,
@@ -224,12 +225,12 @@ class TfdsSource:
                  drop_unlabeled: bool = True, extra_evals: tuple[str, ...] = ()):
         spec = spec_for(name, data_dir)
         if spec.train_split is None:
-            raise ValueError(f"{name!r} is an evaluation-only dataset; train on imagenet2012 "
-                             f"and list it in dataset.extra_evals")
+            raise DataError(f"{name!r} is an evaluation-only dataset; train on imagenet2012 "
+                            f"and list it in dataset.extra_evals")
         if num_classes != spec.num_classes:
-            raise ValueError(f"dataset {name!r} has {spec.num_classes} classes, but "
-                             f"dataset.num_classes = {num_classes}; set it to "
-                             f"{spec.num_classes}")
+            raise DataError(f"dataset {name!r} has {spec.num_classes} classes, but "
+                            f"dataset.num_classes = {num_classes}; set it to "
+                            f"{spec.num_classes}")
         builder = prepared_builder(name, data_dir, spec)
         self.name = name
         self.num_classes = num_classes
@@ -252,8 +253,8 @@ class TfdsSource:
         for extra in extra_evals:
             extra_spec = spec_for(extra)
             if extra_spec.num_classes != num_classes or extra_spec.multilabel:
-                raise ValueError(f"extra evaluation {extra!r} does not share the label "
-                                 f"space of {name!r}")
+                raise DataError(f"extra evaluation {extra!r} does not share the label "
+                                f"space of {name!r}")
             try:
                 extra_builder = prepared_builder(extra, data_dir, extra_spec)
             except DatasetNotPreparedError as e:

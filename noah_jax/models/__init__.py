@@ -19,6 +19,7 @@ import typing
 import flax.linen as nn
 
 from noah_jax.heads import HEAD_KINDS
+from noah_jax.errors import ConfigError, UnknownSettingError
 
 _FAMILIES = ("resnet", "mobilenetv2", "vit", "mixer")
 
@@ -74,7 +75,7 @@ def _lookup(name: str) -> tuple[type[nn.Module], dict]:
         close = difflib.get_close_matches(name, registry, n=3)
         if close:
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?"
-    raise ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(registry)}")
+    raise ConfigError(f"unknown model {name!r}.{hint} Known models: {', '.join(registry)}")
 
 
 def create_model(name: str, *, num_classes: int, head: str = "noah", **overrides) -> nn.Module:
@@ -93,10 +94,10 @@ def create_model(name: str, *, num_classes: int, head: str = "noah", **overrides
     cls, defaults = _lookup(name)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if head not in HEAD_KINDS:
-        raise ValueError(f"head must be one of {HEAD_KINDS}, got {head!r}")
+        raise ConfigError(f"head must be one of {HEAD_KINDS}, got {head!r}")
     valid = model_overrides(name)
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        raise TypeError(f"create_model({name!r}): unknown override(s) {unknown}; "
-                        f"valid overrides for this model: {valid}")
+        raise UnknownSettingError(f"create_model({name!r}): unknown override(s) {unknown}; "
+                                  f"valid overrides for this model: {valid}")
     return cls(num_classes=num_classes, head=head, **{**defaults, **overrides})

@@ -1,0 +1,68 @@
+"""The project's own error types: mistakes and events a user can act on.
+
+`main.py` prints any `UserError` as one line (`error: <message>`, also appended to
+the run's log.txt) and exits 1; every other exception is a bug in this code or a
+library and keeps its traceback. Each type also derives from the builtin a caller
+would expect (a bad config value is still a ValueError), so library users can
+catch either.
+
+`Stopped` is not an error: the run stopped on a signal or a preemption notice after
+saving a checkpoint, and the exit status tells schedulers it did not finish.
+"""
+
+from __future__ import annotations
+
+import signal
+
+
+class UserError(Exception):
+    """Something the person running the code can fix; the message says how."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config field, flag or model setting that cannot work."""
+
+
+class UnknownSettingError(ConfigError, TypeError):
+    """A keyword (a model override, a converter setting) the receiver does not have."""
+
+
+class DataError(UserError, ValueError):
+    """A dataset that is missing, malformed or does not fit the config."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used, read or written."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was expected."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """A checkpoint's variables do not fit the model they are loaded into."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Saving a checkpoint failed (disk full, no permission, ...); earlier ones are intact."""
+
+
+class WorkdirInUseError(UserError):
+    """Another live run holds the workdir."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """A step produced NaN/Inf; training stopped before it reached a checkpoint."""
+
+
+class Stopped(Exception):
+    """Training stopped early on a signal or preemption notice, with a checkpoint saved.
+
+    `exit_code` follows the shell's convention for a process ended by that signal
+    (128 + signal number: 143 for SIGTERM, 130 for SIGINT), so job schedulers and
+    retry loops see an unfinished run.
+    """
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
