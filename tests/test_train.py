@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import common
 from helpers import assert_optimizer_state_fits, free_port, set_fields
-from noah_jax import checkpoint, data, durations, optim, sharding, train
+from noah_jax import checkpoint, data, durations, errors, optim, sharding, train
 from noah_jax.models import create_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -195,8 +195,8 @@ def logged(workdir, text):
     return lambda: count() > before
 
 
-# 80 steps: long enough that a signal sent after step 12 lands mid-run on a busy machine.
-LONG = ["--config.total_steps=80", "--config.eval_every_steps=80",
+# A signal sent once step 12 is logged lands mid-run: 28 steps remain.
+LONG = ["--config.total_steps=40", "--config.eval_every_steps=40",
         "--config.checkpoint_every_steps=10", "--config.keep_checkpoints=2"]
 
 
@@ -212,12 +212,12 @@ def test_stopped_killed_damaged_and_contended_runs_end_with_the_same_parameters(
     ckpts = work / "checkpoints"
 
     stopped = run_main(work, *LONG)  # 1
-    wait_for(logged(work, "step 12/80"), stopped, "step 12")
+    wait_for(logged(work, "step 12/40"), stopped, "step 12")
     stopped.send_signal(signal.SIGTERM)
     out, _ = stopped.communicate(timeout=300)
     assert stopped.returncode == 128 + signal.SIGTERM, out[-3000:]
     at = int(re.search(r"stopped by SIGTERM at step (\d+): its checkpoint is saved", out)[1])
-    assert 12 <= at < 80 and checkpoint.latest_step(ckpts) == at
+    assert 12 <= at < 40 and checkpoint.latest_step(ckpts) == at
     assert out.count("Traceback") == 0 and not (work / "run.lock").exists()
 
     killed = run_main(work, *LONG)  # 2
@@ -246,21 +246,21 @@ def test_stopped_killed_damaged_and_contended_runs_end_with_the_same_parameters(
     assert straight.returncode == 0, straight_out[-3000:]
     final, _ = checkpoint.restore_model(tmp_path / "straight" / "checkpoints")
     resumed, _ = checkpoint.restore_model(ckpts)
-    assert checkpoint.latest_step(ckpts) == 80
+    assert checkpoint.latest_step(ckpts) == 40
     chex.assert_trees_all_equal(final, resumed)
 
-    # 4: damage step 80 (a data file cut short); the run falls back to step 70 and
+    # 4: damage step 40 (a data file cut short); the run falls back to step 30 and
     # trains the last 10 steps again, to the same parameters.
-    data_file = max((ckpts / "80" / "model" / "d").iterdir(), key=lambda f: f.stat().st_size)
+    data_file = max((ckpts / "40" / "model" / "d").iterdir(), key=lambda f: f.stat().st_size)
     data_file.write_bytes(data_file.read_bytes()[:100])
     again = run_main(work, *LONG)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out[-3000:]
-    assert re.search(r"checkpoint step 80 in .* cannot be restored \(", out)
-    assert f"resuming from {ckpts} step 70" in out
+    assert re.search(r"checkpoint step 40 in .* cannot be restored \(", out)
+    assert f"resuming from {ckpts} step 30" in out
     assert out.count("Traceback") == 0
     [moved] = (work / "damaged_checkpoints").iterdir()
-    assert moved.name.startswith("80-") and (moved / "model" / "d" / data_file.name).exists()
+    assert moved.name.startswith("40-") and (moved / "model" / "d" / data_file.name).exists()
     chex.assert_trees_all_equal(final, checkpoint.restore_model(ckpts)[0])
 
 
@@ -300,19 +300,95 @@ def test_recipe_configs_build_their_model_and_optimiser(name, arg, model_name, p
                                                    peak_lr * 1e-3, rel=1e-4, abs=1e-12)
 
 
-def test_two_process_run_equals_one_process_run(tmp_path):
-    """A real 2-host cluster on this machine (gloo collectives), 4 CPU devices each."""
-    flags = ["--config.total_steps=8", "--config.checkpoint_every_steps=8",
-             "--config.eval_every_steps=8"]
-    single = run_main(tmp_path / "single", *flags)
-    out, _ = single.communicate(timeout=600)
-    assert single.returncode == 0, out[-3000:]
+MISTAKES = {
+    "batch_size": (dict(batch_size=12), r"config.batch_size=12 must be divisible by the 8 "),
+    "model": (dict(model__name="deit_tiny_patch16_244"),
+              r"unknown model 'deit_tiny_patch16_244'\. Did you mean.*deit_tiny_patch16_224"),
+    "dataset": (dict(dataset__name="imagenet2021"), r"unknown dataset 'imagenet2021'; available"),
+    "eval_only": (dict(eval_only=True), r"config.eval_only needs a checkpoint"),
+    "init_from_workdir": (dict(init_from__path="OLD"), r"no checkpoint in .*/old, which looks "
+                          r"like a training workdir: use its checkpoint directory, .*/old/"
+                          r"checkpoints$"),
+}
 
+
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_user_mistakes_are_user_errors_that_say_what_to_do(tmp_path, mistake):
+    """main.py prints a UserError as one line, without a traceback (test_cli.py checks
+    that); each of these used to end in a raw traceback."""
+    changes, message = MISTAKES[mistake]
+    if changes.get("init_from__path") == "OLD":  # a training workdir given, not its checkpoints
+        checkpoint.save_model(tmp_path / "old" / "checkpoints",
+                              {"params": {"w": np.zeros(2)}}, {"model": "x"})
+        changes = dict(init_from__path=str(tmp_path / "old"))
+    with pytest.raises(errors.UserError, match=message):
+        train.train_and_evaluate(demo_config(**changes), str(tmp_path / "work"))
+    if mistake != "init_from_workdir":  # refused before anything was written
+        assert not (tmp_path / "work").exists()
+
+
+def small_filesystem(path, megabytes):
+    """Mounts a tmpfs of that size at `path` (root only); False where it cannot."""
+    path.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs",
+                               str(path)], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_the_last_checkpoint_intact(tmp_path):
+    """On an 8 MB filesystem the first checkpoint (about 5 MB) fits and the second does
+    not. Where no filesystem can be mounted (not root), every file is capped at 1 MB
+    instead (RLIMIT_FSIZE): a real EFBIG from the OS at the first save."""
+    disk = tmp_path / "disk"
+    mounted = small_filesystem(disk, 8)
+    limit = None
+    if not mounted:
+        import resource
+
+        def limit():
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    try:
+        run = run_main(disk / "w", "--config.total_steps=16", "--config.eval_every_steps=16",
+                       preexec_fn=limit)
+        out, _ = run.communicate(timeout=300)
+        assert run.returncode == 1, out[-3000:]
+        assert "Traceback" not in out and "Event loop is closed" not in out, out[-3000:]
+        ckpts = disk / "w" / "checkpoints"
+        [line] = [line for line in out.splitlines() if line.startswith("error:")]
+        if mounted:
+            assert line == (f"error: saving step 8 in {ckpts} failed: No space left on device."
+                            " Training stopped; the newest complete checkpoint, step 4, is "
+                            "intact. Fix the cause (free space, permissions), then run the "
+                            "same command to resume.")
+            variables, meta = checkpoint.restore_model(ckpts)
+            assert checkpoint.latest_step(ckpts) == 4 and meta["model"] == "deit_tiny_patch16_224"
+            assert (disk / "w" / "log.txt").read_text().splitlines()[-1].endswith(line[7:])
+        else:
+            assert line.startswith(f"error: saving step 4 in {ckpts} failed: File too large.")
+            assert "no complete checkpoint had been written yet" in line
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(disk)], timeout=30)
+
+
+def run_cluster(workdir, *flags):
+    """main.py as a real 2-host cluster on this machine (gloo collectives), 4 CPU
+    devices each: the two processes."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("device_count=8", "device_count=4")
     port = free_port()
-    procs = [run_main(tmp_path / "multi", *flags, f"--coordinator_address=127.0.0.1:{port}",
-                      "--num_processes=2", f"--process_id={i}", env=env) for i in range(2)]
+    return [run_main(workdir, *flags, f"--coordinator_address=127.0.0.1:{port}",
+                     "--num_processes=2", f"--process_id={i}", env=env) for i in range(2)]
+
+
+def test_two_process_run_equals_one_process_run_and_survives_a_sigterm_to_one_process(
+        tmp_path):
+    single = run_main(tmp_path / "single", *LONG)
+    procs = run_cluster(tmp_path / "multi", *LONG)
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, o in zip(procs, outs):
         assert p.returncode == 0, o[-3000:]
@@ -321,6 +397,29 @@ def test_two_process_run_equals_one_process_run(tmp_path):
     top1 = [re.search(r"test top-1: ([\d.]+)% \((\d+) images\)", o) for o in outs]
     assert top1[0] and top1[0].group(2) == "360" and top1[1] is None
 
+    # SIGTERM to process 1 only: JAX's preemption sync point makes both save the same
+    # step and stop; the restarted cluster ends where the uninterrupted one did.
+    work = tmp_path / "preempted"
+    procs = run_cluster(work, *LONG)
+    wait_for(logged(work, "step 12/40"), procs[0], "step 12")
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    steps = set()
+    for p, o in zip(procs, outs):
+        assert p.returncode == 128 + signal.SIGTERM, o[-3000:]
+        steps.add(int(re.search(r"stopped by a preemption notice .* at step (\d+): its "
+                                r"checkpoint is saved", o)[1]))
+    [at] = steps
+    assert 12 <= at < 40 and checkpoint.latest_step(work / "checkpoints") == at
+    procs = run_cluster(work, *LONG)
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+    chex.assert_trees_all_equal(checkpoint.restore_model(tmp_path / "multi" / "checkpoints")[0],
+                                checkpoint.restore_model(work / "checkpoints")[0])
+
+    out, _ = single.communicate(timeout=600)
+    assert single.returncode == 0, out[-3000:]
     a, _ = checkpoint.restore_model(tmp_path / "single" / "checkpoints")
     b, _ = checkpoint.restore_model(tmp_path / "multi" / "checkpoints")
     # Some parameters have an exactly zero gradient: the NOAH query bias, and the final
