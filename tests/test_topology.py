@@ -1,11 +1,13 @@
 """Checkpoints across topologies: a run resumed on other processes, devices and shardings.
 
-A checkpoint written through main.py by a real 2-process cluster (gloo collectives, 2
-fake CPU devices per process) with FSDP-sharded parameters is resumed by 1 process on
-1 device and by this test process on its 8 devices without FSDP; a checkpoint written
-without FSDP is resumed with it. Each resumed run takes the trainer's own restore path
-(main.py or `train_and_evaluate` on a workdir holding the checkpoint), with
-`checkpoint.restore_state` wrapped to record what it returned, and:
+A real 2-process cluster (gloo collectives, 2 fake CPU devices per process) trains
+through main.py with FSDP-sharded parameters and writes checkpoints. From its step 2,
+1 process on 1 device (main.py in a subprocess) and, at the same time, this test
+process on its 8 devices without FSDP resume; the 8-device run writes an unsharded
+step 3, from which an FSDP run on the same 8 devices resumes. Each resumed run takes
+the trainer's own restore path (main.py or `train_and_evaluate` on a workdir holding
+the checkpoint), with `checkpoint.restore_state` wrapped to record what it returned,
+and:
 
   - the restored train state (params, batch_stats, opt_state, ema_params, step) is the
     checkpoint as stored, read back as numpy without a target, bit for bit;
@@ -58,7 +60,6 @@ TINY = {
     # and statistics (64 channels); the head's biases (40 values) stay replicated.
     "fsdp_min_size": 64,
 }
-SAVED, NEXT = 2, 3   # the step resumed from; the step the resumed run trains and saves
 KERNEL = "params/layer1_0/conv2/kernel"     # [3, 3, 64, 64]: FSDP splits axis 2
 STATS = "batch_stats/layer1_0/bn2/mean"     # [64]
 BIAS = "params/head/query/bias"             # [40]: below fsdp_min_size
@@ -66,7 +67,7 @@ BIAS = "params/head/query/bias"             # [40]: below fsdp_min_size
 
 def tiny_config(**changes):
     config = importlib.import_module("configs.resnet18_noah").get_config()
-    return set_fields(config, **TINY, **changes)
+    return set_fields(config, **{**TINY, **changes})
 
 
 def main_command(workdir, **changes) -> list[str]:
@@ -135,18 +136,19 @@ RECORDING_MAIN = f"""if True:
 """
 
 
-def record_restore_state(monkeypatch) -> dict:
-    """Wraps checkpoint.restore_state in this process; returns the dict it fills."""
-    recorded = {}
+def record_restore_state(monkeypatch) -> list[dict]:
+    """Wraps checkpoint.restore_state in this process; returns the list of records
+    (`record`) it appends to, one per call."""
+    records = []
     restore_state = checkpoint.restore_state
 
     def recording_restore_state(*args, **kwargs):
         state = restore_state(*args, **kwargs)
-        recorded.update(record(state))
+        records.append(record(state))
         return state
 
     monkeypatch.setattr(checkpoint, "restore_state", recording_restore_state)
-    return recorded
+    return records
 
 
 def env_with_devices(count: int) -> dict:
@@ -202,26 +204,28 @@ def finish(*processes) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------
-# Checks shared by the tests.
+# Checks.
 # ----------------------------------------------------------------------------------
-def assert_restored_as_stored(recorded: dict, stored: dict[str, np.ndarray]) -> None:
+def assert_restored_as_stored(recorded: dict, stored: dict[str, np.ndarray], step: int,
+                              devices: int) -> None:
     """The trainer restored the checkpoint as stored, bit for bit, every part of a
-    train state included."""
-    assert recorded, "the trainer resumed without calling checkpoint.restore_state"
+    train state included, on this many devices."""
+    assert recorded["device_count"] == devices
     parts = {name.split("/")[0] for name in stored}
     assert parts == {"params", "batch_stats", "opt_state", "ema_params", "step",
                      "nonfinite_step"}
     assert any("/trace/" in name for name in stored)  # SGD's momentum
-    assert int(stored["step"]) == SAVED
+    assert int(stored["step"]) == step
     chex.assert_trees_all_equal(recorded["state"], stored)
 
 
-def assert_next_step_matches(resumed_workdir, writer_workdir) -> None:
-    """The step trained after the restore gives what the writer's own next step gave."""
-    resumed, _ = stored_state(resumed_workdir / "checkpoints", NEXT)
-    expected, _ = stored_state(writer_workdir / "checkpoints", NEXT)
-    before, _ = stored_state(writer_workdir / "checkpoints", SAVED)
-    assert int(resumed["step"]) == NEXT
+def assert_next_step_matches(resumed_workdir, writer_workdir, step: int) -> None:
+    """The step after `step`, trained by the resumed run, gives what the writer's own
+    next step gave."""
+    resumed, _ = stored_state(resumed_workdir / "checkpoints", step + 1)
+    expected, _ = stored_state(writer_workdir / "checkpoints", step + 1)
+    before, _ = stored_state(writer_workdir / "checkpoints", step)
+    assert int(resumed["step"]) == step + 1
     chex.assert_trees_all_equal_shapes_and_dtypes(resumed, expected)
     for name in expected:
         np.testing.assert_allclose(resumed[name], expected[name], rtol=1e-4, atol=1e-6,
@@ -231,68 +235,70 @@ def assert_next_step_matches(resumed_workdir, writer_workdir) -> None:
         assert np.abs(expected[name] - before[name]).max() > 1e-3, name
 
 
+def assert_stored_shardings(metadata: dict, mesh_shape: list[int], specs: dict) -> None:
+    """The shardings the writer's arrays had, as the checkpoint records them."""
+    for name, spec in specs.items():
+        sharding = metadata[name].sharding
+        assert (list(sharding.shape), tuple(sharding.partition_spec)) == (mesh_shape, spec), name
+
+
 # ----------------------------------------------------------------------------------
-# The tests.
+# The test: one cluster run, three resumed runs (two of them at once).
 # ----------------------------------------------------------------------------------
-def test_two_process_fsdp_checkpoint_resumes_on_one_device_and_unsharded_on_eight(
-        tmp_path, monkeypatch):
+def test_checkpoints_resume_across_processes_devices_and_fsdp(tmp_path, monkeypatch):
     assert jax.device_count() == 8 and jax.process_count() == 1
-    written = tmp_path / "2x2_fsdp"
+    cluster, one, eight, fsdp = (tmp_path / name for name in ("2x2", "1x1", "1x8", "1x8_fsdp"))
     port = free_port()
     with subprocesses(tmp_path) as start:
         # 2 processes x 2 devices, FSDP over all 4: steps 1-3, checkpoints at 2 and 3.
         outs = finish(*(start(f"2x2_process_{i}", [
-            *main_command(written, fsdp=True), f"--coordinator_address=127.0.0.1:{port}",
+            *main_command(cluster, fsdp=True), f"--coordinator_address=127.0.0.1:{port}",
             "--num_processes=2", f"--process_id={i}"], devices=2) for i in range(2)))
         assert "4 device(s) of cpu (cpu) in 2 process(es)" in outs[0]
 
-        # Both resume from step 2 and train step 3: 1 process x 1 device (through
-        # main.py) and, meanwhile, this process's 8 devices without FSDP.
-        one = workdir_at_step(written, tmp_path / "1x1", SAVED)
+        # Resumed from the cluster's step 2, 1 process x 1 device (through main.py)
+        # trains step 3, while this process, on 8 devices without FSDP, trains steps 3
+        # and 4 and saves both; then, from that unsharded step 3, trains step 4 again
+        # with FSDP.
+        workdir_at_step(cluster, one, 2)
         one_record = tmp_path / "restored_1x1.pkl"
         single = start("1x1", ["-c", RECORDING_MAIN, str(one_record),
                                *main_command(one, fsdp=False)], devices=1)
-        eight = workdir_at_step(written, tmp_path / "1x8", SAVED)
-        eight_record = record_restore_state(monkeypatch)
-        train.train_and_evaluate(tiny_config(fsdp=False), str(eight))
+        workdir_at_step(cluster, eight, 2)
+        records = record_restore_state(monkeypatch)
+        four_steps = {"total_steps": 4, "checkpoint_every_steps": 1, "eval_every_steps": 4}
+        train.train_and_evaluate(tiny_config(fsdp=False, **four_steps), str(eight))
+        workdir_at_step(eight, fsdp, 3)
+        train.train_and_evaluate(tiny_config(fsdp=True, **four_steps), str(fsdp))
         out, = finish(single)
+    assert len(records) == 2, "each resumed run restores once"
+    eight_record, fsdp_record = records
     assert "1 device(s) of cpu (cpu) in 1 process(es)" in out and "resuming from" in out
+    assert one_record.exists(), "the 1-device run resumed without checkpoint.restore_state"
     with open(one_record, "rb") as f:
         one_record = pickle.load(f)
 
-    # The cluster wrote FSDP shards: the stored sharding of a kernel and of BatchNorm
-    # statistics is their split over a 4-device mesh; a small bias was replicated.
-    stored, metadata = stored_state(written / "checkpoints", SAVED)
-    for name, spec in ((KERNEL, (None, None, "data", None)), (STATS, ("data",)), (BIAS, ())):
-        sharding = metadata[name].sharding
-        assert (list(sharding.shape), tuple(sharding.partition_spec)) == ([4, 1], spec), name
-
+    # 2 x 2 devices, FSDP -> 1 x 1 device and 1 x 8 devices, unsharded. The cluster
+    # wrote FSDP shards over its 4 devices (a small bias replicated); the resumed runs
+    # restored every array replicated over their devices.
+    stored, metadata = stored_state(cluster / "checkpoints", 2)
+    assert_stored_shardings(metadata, [4, 1], {
+        KERNEL: (None, None, "data", None), STATS: ("data",), BIAS: ()})
     for recorded, devices in ((one_record, 1), (eight_record, 8)):
-        assert recorded["device_count"] == devices
-        assert_restored_as_stored(recorded, stored)
-        # Restored as the resuming run shards it: replicated over its devices.
+        assert_restored_as_stored(recorded, stored, 2, devices)
         replicated = ({"data": devices, "model": 1}, P())
         assert [name for name, spec in recorded["specs"].items() if spec != replicated] == []
-    assert_next_step_matches(one, written)
-    assert_next_step_matches(eight, written)
+    assert_next_step_matches(one, cluster, 2)
+    assert_next_step_matches(eight, cluster, 2)
 
-
-def test_unsharded_checkpoint_resumes_fsdp_sharded(tmp_path, monkeypatch):
-    written = tmp_path / "replicated"
-    train.train_and_evaluate(tiny_config(fsdp=False), str(written))
-    stored, metadata = stored_state(written / "checkpoints", SAVED)
-    for name in (KERNEL, STATS):
-        assert tuple(metadata[name].sharding.partition_spec) == (), name
-
-    sharded = workdir_at_step(written, tmp_path / "fsdp", SAVED)
-    recorded = record_restore_state(monkeypatch)
-    train.train_and_evaluate(tiny_config(fsdp=True), str(sharded))
-    assert_restored_as_stored(recorded, stored)
-    mesh = {"data": 8, "model": 1}
-    kernel = P(None, None, "data", None)
-    assert recorded["specs"][KERNEL] == (mesh, kernel)
-    assert recorded["specs"]["opt_state/1/0/trace/layer1_0/conv2/kernel"] == (mesh, kernel)
-    assert recorded["specs"]["ema_params/layer1_0/conv2/kernel"] == (mesh, kernel)
-    assert recorded["specs"][STATS] == (mesh, P("data"))
-    assert recorded["specs"][BIAS] == (mesh, P())
-    assert_next_step_matches(sharded, written)
+    # 1 x 8 devices, unsharded -> the same devices, FSDP.
+    stored, metadata = stored_state(eight / "checkpoints", 3)
+    assert_stored_shardings(metadata, [8, 1], {KERNEL: (), STATS: (), BIAS: ()})
+    assert_restored_as_stored(fsdp_record, stored, 3, 8)
+    mesh, kernel = {"data": 8, "model": 1}, P(None, None, "data", None)
+    assert fsdp_record["specs"][KERNEL] == (mesh, kernel)
+    assert fsdp_record["specs"]["opt_state/1/0/trace/layer1_0/conv2/kernel"] == (mesh, kernel)
+    assert fsdp_record["specs"]["ema_params/layer1_0/conv2/kernel"] == (mesh, kernel)
+    assert fsdp_record["specs"][STATS] == (mesh, P("data"))
+    assert fsdp_record["specs"][BIAS] == (mesh, P())
+    assert_next_step_matches(fsdp, eight, 3)
