@@ -111,3 +111,24 @@ def assert_follows_source_protocol(source, *, name: str, num_classes: int,
     # Padding only at the end of the last batch, and every example marked exactly once.
     assert len(masks) == -(-num_eval_examples // b) * b
     np.testing.assert_array_equal(masks, np.arange(len(masks)) < num_eval_examples)
+
+
+def _key_name(key) -> str:
+    for attribute in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    raise TypeError(f"unexpected pytree key {key!r}")
+
+
+def leaves_by_name(tree, value=lambda leaf: np.asarray(jax.device_get(leaf))) -> dict:
+    """Every leaf by its '/'-joined path ('opt_state/1/0/trace/head/bias'), as numpy
+    arrays (or `value(leaf)`). optax keeps its state in namedtuples and tuples, which
+    Orbax stores as dicts and lists: both give the same names."""
+    return {"/".join(_key_name(k) for k in path): value(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def shardings_by_name(tree) -> dict:
+    """(mesh axis sizes, partition spec) of every jax.Array in `tree`, by name."""
+    return leaves_by_name(tree, lambda leaf: (dict(leaf.sharding.mesh.shape),
+                                              leaf.sharding.spec))
