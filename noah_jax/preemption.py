@@ -60,6 +60,10 @@ class StopRequests:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self.uninstall()
+
+    def uninstall(self) -> None:
+        """Gives the signals back to the handlers found on entry (idempotent)."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()

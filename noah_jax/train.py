@@ -5,9 +5,14 @@ It calls module-level pieces that take what they use and return what they make:
 `init_train_state` / `restore_or_init` (resume first: the workdir's newest checkpoint,
 else `config.init_from`, else a fresh start), `make_train_step` (the pure update),
 `evaluate` (every evaluation set, each by the evaluator of its kind in
-`noah_jax.evaluators`) and `check_finite` (the NaN guard). Data flows one way:
+`noah_jax.evaluators`), `check_finite` (the NaN guard) and `stop_and_save` (a
+signal or preemption notice, `noah_jax.preemption`). Data flows one way:
 config -> source -> global batch -> model -> loss/metrics -> optimiser ->
 checkpoint/logs; the state passes explicitly from piece to piece.
+
+While it writes, a run holds its workdir (`noah_jax.workdir_lock`); a damaged newest
+checkpoint falls back to the one before it (`restore_or_init`), and a failed write
+stops the run (`checkpoint.check_saves`).
 """
 
 from __future__ import annotations
@@ -354,6 +359,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     os.makedirs(workdir, exist_ok=True)
     with contextlib.ExitStack() as on_exit:  # run in reverse order, also on errors
         lock = on_exit.enter_context(workdir_lock.WorkdirLock(workdir))
+        # From here a signal stops the run at the next step (with a save), rather than
+        # killing it while it holds the lock.
+        stop = on_exit.enter_context(preemption.StopRequests())
         run_log.attach(workdir)
         on_exit.callback(run_log.detach)
         if lock.took_over:
@@ -394,6 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                    workdir=workdir)
         start_step = int(state["step"])
         if config.eval_only or start_step >= total_steps:  # nothing (left) to train
+            stop.uninstall()  # nothing to save: a signal ends the evaluation as usual
             return run_evaluation(state, start_step, final=True)
 
         # ------------------------------------------------------------- Loop
@@ -403,7 +412,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
         progress = _Progress(total_steps, steps_per_epoch, start_step, config.batch_size)
-        stop = on_exit.enter_context(preemption.StopRequests())
         pending, results = [], {}
         for step in range(start_step + 1, total_steps + 1):
             state, step_metrics = train_step(state, sharding.global_batch(next(batches),
@@ -423,7 +431,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if saved:
                 check_finite(state, mngr)
                 checkpoint.save_state(mngr, step, state, meta)
-            if stop.should_stop(step):
+            if stop.should_stop(step) and step < total_steps:  # (the last step finishes)
                 raise stop_and_save(state, step, mngr, meta, stop, saved=saved)
         return results
 
