@@ -26,17 +26,16 @@ import os
 import signal
 import threading
 
+import jax
 from absl import logging
-from jax._src import distributed  # the runtime's state: is its preemption service on?
 from jax.experimental import multihost_utils
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 
 
 def _coordinated() -> bool:
-    """Whether JAX's distributed runtime (with its preemption service) runs here."""
-    state = distributed.global_state
-    return state.client is not None and state.preemption_sync_manager is not None
+    """Whether JAX's distributed runtime, with its preemption service, runs here."""
+    return jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
 
 
 class StopRequests:
