@@ -81,6 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.shuffle_buffer = 50_000  # encoded images per process (ImageNet: ~5.5 GB)
     c.dataset.shuffle_pieces = 16     # sub-splits per process, interleaved anew each epoch
     c.dataset.drop_unlabeled = True   # COCO/VOC: leave out images with no annotated object
+    # Images with more pixels are skipped, never decoded (headers give sizes); 0 = no limit.
+    c.dataset.max_image_pixels = preprocess.MAX_IMAGE_PIXELS
     # ('imagenet_v2', 'imagenet2012_real'): scored at the end of training, if prepared.
     c.dataset.extra_evals = ()
 

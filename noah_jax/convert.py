@@ -52,7 +52,10 @@ weights_only=True)` (torch is optional and only needed for these), `.safetensors
 here from the format's spec, no package needed) and `.npz` (entries named `__x__` are
 metadata, as in the parity fixtures, not weights). A checkpoint wrapped as
 {'state_dict': ...} or {'model': ...} is unwrapped, DataParallel `module.` prefixes are
-removed.
+removed. A file that is not what its extension says (empty, cut short, a safetensors
+header with a missing or mistyped field, a .npz that is no zip archive) raises a
+WeightsFileError, a ValueError whose one line names the file and the problem; the
+command prints that line and exits with status 1, as it does for every error.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ import os
 import pickle
 import re
 import sys
+import zipfile
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -519,6 +523,18 @@ def unwrap_state_dict(obj: Any) -> dict[str, Any]:
     return dict(obj)
 
 
+class WeightsFileError(ValueError):
+    """A weights file that cannot be read as its extension says; the message names the
+    file and what is wrong with it, in one line."""
+
+
+def _reason(error: BaseException) -> str:
+    """The first sentence of an error's message: libraries append advice and internals
+    in further sentences and lines, which do not fit one line."""
+    lines = str(error).strip().splitlines()
+    return lines[0].split(". ")[0] if lines else ""
+
+
 def _load_torch(path: str) -> Any:
     try:
         import torch
@@ -531,11 +547,21 @@ def _load_torch(path: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path} holds Python objects besides tensors, and is read with "
-            "torch.load(weights_only=True), which never runs pickled code. If you trust the "
-            "file, keep only its weights: torch.save(torch.load(path, weights_only=False)"
-            "['model'], 'weights.pth') (or ['state_dict']).\n" + str(e)) from e
+        # torch's own message runs to several paragraphs; it stays in the chain.
+        raise WeightsFileError(
+            f"{path} was refused by torch.load(weights_only=True), which never runs pickled "
+            "code: it holds Python objects besides tensors, or is not a PyTorch file. If you "
+            "trust the file, keep only its weights: torch.save(torch.load(path, "
+            "weights_only=False)['model'], 'weights.pth') (or ['state_dict'])") from e
+    except OSError:
+        raise  # the file system's problem, not the file's content
+    except Exception as e:
+        # A truncated or foreign file fails deep inside torch with whatever error the
+        # step that ran out of data raises (EOFError, RuntimeError from the zip reader,
+        # KeyError for a missing archive member, ...): all mean the file is not one.
+        reason = _reason(e)
+        raise WeightsFileError(f"{path} is not a valid PyTorch file: torch.load failed with "
+                               f"{type(e).__name__}{': ' + reason if reason else ''}") from e
 
 
 # safetensors' dtype names (https://github.com/huggingface/safetensors, format spec).
@@ -546,53 +572,128 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def _is_count(value: Any) -> bool:
+    """A JSON non-negative integer (JSON's true/false arrive as Python bools, ints too)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _safetensors_entry(name: str, info: Any) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one header entry; a ValueError saying what is wrong
+    with it otherwise."""
+    if not isinstance(info, dict):
+        raise ValueError(f"tensor {name!r} is described by a JSON {type(info).__name__}, "
+                         "not an object")
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in info:
+            raise ValueError(f"tensor {name!r} has no {field!r} in its header")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"tensor {name!r} has dtype {dtype!r}; readable dtypes: "
+                         f"{', '.join(_SAFETENSORS_DTYPES)}")
+    if not isinstance(shape, list) or not all(map(_is_count, shape)):
+        raise ValueError(f"tensor {name!r} has shape {shape!r}, not a list of non-negative "
+                         "integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise ValueError(f"tensor {name!r} has data_offsets {offsets!r}, not a [start, end] "
+                         "pair of non-negative integers")
+    return np.dtype(_SAFETENSORS_DTYPES[dtype]), tuple(shape), offsets[0], offsets[1]
+
+
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
     """Reads a .safetensors file: u64 little-endian header size, JSON header, raw data.
 
     Done here rather than with `safetensors.numpy.load_file` because that loader has no
     bfloat16 (numpy lacks the type; here it is ml_dtypes' bfloat16, as in JAX), and
     checkpoints are often saved in bfloat16. The package serves the tests as an
-    independent writer of the format.
+    independent writer of the format. A file that does not follow the format raises a
+    WeightsFileError that names the first problem found.
     """
+    def invalid(problem: str) -> WeightsFileError:
+        return WeightsFileError(f"{path} is not a valid safetensors file: {problem}")
+
+    size = os.path.getsize(path)
+    if size < 8:  # np.memmap cannot map an empty file, so this comes first
+        raise invalid(f"it has {size} bytes, fewer than the 8 of its header size")
     data = np.memmap(path, dtype=np.uint8, mode="r")
-    if data.size < 8:
-        raise ValueError(f"{path} is not a safetensors file (shorter than its header size)")
     header_size = int.from_bytes(data[:8].tobytes(), "little")
     if 8 + header_size > data.size:
-        raise ValueError(f"{path} is not a safetensors file (header size {header_size} "
-                         f"beyond the file's {data.size} bytes)")
-    header = json.loads(data[8:8 + header_size].tobytes())
+        raise invalid(f"its header size {header_size} reaches beyond the file's "
+                      f"{data.size} bytes")
+    try:
+        text = data[8:8 + header_size].tobytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid("its header is not UTF-8 text") from None
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise invalid(f"its header is not JSON ({_reason(e)})") from None
+    if not isinstance(header, dict):
+        raise invalid(f"its header is a JSON {type(header).__name__}, not an object")
     body = data[8 + header_size:]
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if not 0 <= start <= end <= body.size or end - start != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name} {info} does not fit the file's data")
+        try:
+            dtype, shape, start, end = _safetensors_entry(name, info)
+        except ValueError as e:
+            raise invalid(str(e)) from None
+        if not start <= end <= body.size or end - start != math.prod(shape) * dtype.itemsize:
+            raise invalid(f"tensor {name!r} ({info['dtype']} {list(shape)}) does not fit "
+                          f"its data_offsets [{start}, {end}] in {body.size} bytes of data")
         tensors[name] = np.frombuffer(body[start:end].tobytes(), dtype).reshape(shape)
     return tensors
 
 
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of a .npz (a zip of .npy files), without its `__x__` metadata entries;
+    never unpickles (allow_pickle=False)."""
+    # np.load decides what a file is from its first bytes: without this check a .npy or
+    # a pickle named .npz would come back as something other than an archive.
+    if not zipfile.is_zipfile(path):
+        raise WeightsFileError(f"{path} is not a valid .npz file: it is not a zip archive")
+    tensors = {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            for name in npz.files:
+                if re.fullmatch(r"__.*__", name):
+                    continue
+                tensors[name] = npz[name]
+                if not isinstance(tensors[name], np.ndarray):  # a member that is no .npy
+                    raise ValueError(f"entry {name!r} is not a numpy array")
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise WeightsFileError(f"{path} is not a valid .npz file: {_reason(e)}") from None
+    return tensors
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a state_dict from .pth/.pt/.pth.tar, .safetensors or .npz (see module doc)."""
+    """Reads a state_dict from .pth/.pt/.pth.tar, .safetensors or .npz (see module doc).
+
+    A missing path or a folder raises FileNotFoundError / IsADirectoryError, a file that
+    is not what its extension says a WeightsFileError (a ValueError); each message is
+    one line naming the file.
+    """
     path = os.fspath(path)
     name = os.path.basename(path).lower()
+    if not name.endswith(_SUFFIXES):
+        raise ValueError(f"cannot read {path}: unknown extension; supported: "
+                         f"{', '.join(_SUFFIXES)}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not a weights file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise WeightsFileError(f"{path} is empty (0 bytes)")
     if name.endswith(_TORCH_SUFFIXES):
         obj = _load_torch(path)
     elif name.endswith(".safetensors"):
         obj = _load_safetensors(path)
-    elif name.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as npz:
-            obj = {k: npz[k] for k in npz.files if not re.fullmatch(r"__.*__", k)}
     else:
-        raise ValueError(f"cannot read {path}: unknown extension; supported: "
-                         f"{', '.join(_SUFFIXES)}")
-    return _as_numpy_dict(unwrap_state_dict(obj))
+        obj = _load_npz(path)
+    try:
+        return _as_numpy_dict(unwrap_state_dict(obj))
+    except ValueError as e:
+        raise WeightsFileError(f"{path}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -642,7 +743,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         variables = torch_to_flax(state_dict, args.model, head=args.head,
                                   num_classes=num_classes, drop_head=args.drop_head,
                                   **overrides)
-    except (ValueError, TypeError, ImportError, OSError) as e:  # the messages say it all
+    except OSError as e:
+        # The file system's errors read "[Errno 13] Permission denied: 'x.pth'" by default.
+        message = f"cannot read {e.filename}: {e.strerror}" if e.filename and e.strerror else e
+        parser.exit(1, f"{parser.prog}: error: {message}\n")
+    except (ValueError, TypeError, ImportError) as e:  # the messages say it all
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     meta = {"model": args.model, "head": args.head, "num_classes": num_classes,
             "overrides": overrides, "source": os.path.abspath(args.input),

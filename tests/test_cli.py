@@ -11,6 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from noah_jax import cli
+from noah_jax.data import preprocess
 from noah_jax.models import create_model, model_override_types
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -65,6 +66,14 @@ def test_listed_overrides_reach_the_model_from_flags(config, overrides, expected
     # The recipe's own choices stay where no flag touched them.
     if "vit_noah" in config:
         assert model.drop_path_rate == 0.1 and model.depth == 12
+
+
+def test_the_pixel_limit_is_set_from_a_flag_and_reaches_the_pipelines(monkeypatch):
+    c = parse([f"--config={ROOT / 'configs' / 'resnet18_noah.py'}"], monkeypatch)
+    assert c.dataset.max_image_pixels == preprocess.MAX_IMAGE_PIXELS == 89_478_485
+    c = parse([f"--config={ROOT / 'configs' / 'resnet18_noah.py'}",
+               "--config.dataset.max_image_pixels=250000"], monkeypatch)
+    assert preprocess.Preprocess.from_config(c.dataset, c.augment).max_image_pixels == 250_000
 
 
 MISTAKES = [

@@ -5,7 +5,9 @@ import json
 import os
 import pathlib
 import struct
+import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -434,6 +436,7 @@ def test_unknown_extension_and_missing_torch_fail_clearly(tmp_path, monkeypatch)
                                          r"\.pth\.tar, \.safetensors, \.npz"):
         convert.load_state_dict(tmp_path / "weights.h5")
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    (tmp_path / "ckpt.pth.tar").write_bytes(b"PK\x03\x04 a torch zip would start so")
     with pytest.raises(ImportError, match="needs PyTorch.*pip install torch"):
         convert.load_state_dict(tmp_path / "ckpt.pth.tar")
 
@@ -452,6 +455,164 @@ def test_pth_files_are_read_with_weights_only(tmp_path):
                tmp_path / "full.pth")
     with pytest.raises(ValueError, match="weights_only=True"):
         convert.load_state_dict(tmp_path / "full.pth")
+    # A file cut short (an interrupted copy) fails in torch's zip reader.
+    whole = (tmp_path / "ckpt.pth.tar").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(convert.WeightsFileError, match=r"cut\.pth is not a valid PyTorch file: "
+                       "torch.load failed with RuntimeError: PytorchStreamReader failed"):
+        convert.load_state_dict(tmp_path / "cut.pth")
+
+
+# ---------------------------------------------------------------------------------------
+# Files that are not what their extension says.
+# ---------------------------------------------------------------------------------------
+
+
+def safetensors_bytes(header, body=b""):
+    """A safetensors file around `header` (JSON-encoded unless already bytes)."""
+    encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(encoded)) + encoded + body
+
+
+def conv1_entry(**fields):
+    """A header entry of 'conv1.weight' (2 float32 values) with `fields` changed; a field
+    given as None is left out."""
+    entry = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], **fields}
+    return {"conv1.weight": {k: v for k, v in entry.items() if v is not None}}
+
+
+def zip_with_pickled_entry(path):
+    np.savez(path, **{"conv1.weight": np.array([{"a": 1}], dtype=object)})
+
+
+def torch_that_raises(error):
+    """A stand-in for the torch module whose `load` fails with `error`, as torch's does
+    on a file cut short (torch itself is optional, and absent from some test setups)."""
+    def load(*args, **kwargs):
+        raise error
+
+    torch = types.ModuleType("torch")
+    torch.load = load
+    return torch
+
+
+# (file name, how to make it: bytes or a function of the path, the exception
+# load_state_dict raises, what the one line says)
+MALFORMED_FILES = {
+    "safetensors entry without dtype": (
+        "w.safetensors", safetensors_bytes(conv1_entry(dtype=None), bytes(8)),
+        convert.WeightsFileError,
+        "is not a valid safetensors file: tensor 'conv1.weight' has no 'dtype' in its header"),
+    "safetensors header is a list": (
+        "w.safetensors", safetensors_bytes([{"dtype": "F32"}]), convert.WeightsFileError,
+        "is not a valid safetensors file: its header is a JSON list, not an object"),
+    "safetensors header is not JSON": (
+        "w.safetensors", safetensors_bytes(b'{"conv1.weight": {"dtype": "F32",'),
+        convert.WeightsFileError, "its header is not JSON (Expecting property name"),
+    "safetensors header is not UTF-8": (
+        "w.safetensors", safetensors_bytes(b'{"\xff": {}}'), convert.WeightsFileError,
+        "its header is not UTF-8 text"),
+    "safetensors shape is a string": (
+        "w.safetensors", safetensors_bytes(conv1_entry(shape="2"), bytes(8)),
+        convert.WeightsFileError,
+        "tensor 'conv1.weight' has shape '2', not a list of non-negative integers"),
+    "safetensors shape holds a bool": (
+        "w.safetensors", safetensors_bytes(conv1_entry(shape=[True, 2]), bytes(8)),
+        convert.WeightsFileError, "has shape [True, 2], not a list"),
+    "safetensors data_offsets is a number": (
+        "w.safetensors", safetensors_bytes(conv1_entry(data_offsets=8), bytes(8)),
+        convert.WeightsFileError,
+        "tensor 'conv1.weight' has data_offsets 8, not a [start, end] pair"),
+    "safetensors dtype is a list": (
+        "w.safetensors", safetensors_bytes(conv1_entry(dtype=["F32"]), bytes(8)),
+        convert.WeightsFileError, "tensor 'conv1.weight' has dtype ['F32']; readable dtypes: F64"),
+    "safetensors entry is not an object": (
+        "w.safetensors", safetensors_bytes({"conv1.weight": [0, 8]}), convert.WeightsFileError,
+        "tensor 'conv1.weight' is described by a JSON list, not an object"),
+    "safetensors data cut short": (
+        "w.safetensors", safetensors_bytes(conv1_entry(), bytes(4)), convert.WeightsFileError,
+        "tensor 'conv1.weight' (F32 [2]) does not fit its data_offsets [0, 8] in 4 bytes"),
+    "safetensors header size beyond the file": (
+        "w.safetensors", struct.pack("<Q", 1000) + b"{}", convert.WeightsFileError,
+        "its header size 1000 reaches beyond the file's 10 bytes"),
+    "safetensors shorter than its header size": (
+        "w.safetensors", b"\x02\x00", convert.WeightsFileError,
+        "it has 2 bytes, fewer than the 8 of its header size"),
+    "empty npz": ("w.npz", b"", convert.WeightsFileError, "w.npz is empty (0 bytes)"),
+    "npz that is no zip": (
+        "w.npz", b"\x93NUMPY a .npy renamed", convert.WeightsFileError,
+        "is not a valid .npz file: it is not a zip archive"),
+    "npz with a pickled entry": (
+        "w.npz", zip_with_pickled_entry, convert.WeightsFileError,
+        "is not a valid .npz file: Object arrays cannot be loaded when allow_pickle=False"),
+    "empty pth": ("w.pth", b"", convert.WeightsFileError, "w.pth is empty (0 bytes)"),
+    "pth without torch installed": (
+        "w.pth", b"PK\x03\x04", ImportError, "needs PyTorch, an optional dependency"),
+    "pth that torch cannot finish": (
+        "w.pth", b"\x80\x02", convert.WeightsFileError,
+        "is not a valid PyTorch file: torch.load failed with EOFError: Ran out of input"),
+    "missing file": ("w.npz", None, FileNotFoundError, "w.npz does not exist"),
+    "folder": ("w.npz", "folder", IsADirectoryError, "w.npz is a folder, not a weights file"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_FILES)
+def test_malformed_files_end_in_one_line_naming_the_file(case, tmp_path, monkeypatch, capsys):
+    name, content, error, message = MALFORMED_FILES[case]
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "folder":
+        path.mkdir()
+    elif content is not None:
+        content(path)
+    if case == "pth without torch installed":
+        monkeypatch.setitem(sys.modules, "torch", None)
+    elif case == "pth that torch cannot finish":
+        monkeypatch.setitem(sys.modules, "torch", torch_that_raises(EOFError("Ran out of input")))
+
+    with pytest.raises(error) as raised:  # what Python callers get
+        convert.load_state_dict(path)
+    assert str(path) in str(raised.value) and message in str(raised.value)
+
+    with pytest.raises(SystemExit) as info:
+        convert.main(["--model", "resnet18", "--input", str(path),
+                      "--output", str(tmp_path / "out")])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err == f"python -m noah_jax.convert: error: {raised.value}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "w.npz"
+    np.savez(path, **{"conv1.weight": np.zeros(2, np.float32)})
+
+    def refuse(name):  # what opening a file without read permission raises (the tests
+        # may run as root, whom chmod does not stop)
+        raise PermissionError(13, "Permission denied", name)
+
+    monkeypatch.setattr(convert, "_load_npz", refuse)
+    with pytest.raises(SystemExit) as info:
+        convert.main(["--model", "resnet18", "--input", str(path),
+                      "--output", str(tmp_path / "out")])
+    assert info.value.code == 1
+    assert capsys.readouterr().err == (f"python -m noah_jax.convert: error: cannot read {path}: "
+                                       "Permission denied\n")
+
+
+def test_the_command_prints_no_traceback_for_a_malformed_file(tmp_path):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(safetensors_bytes(conv1_entry(dtype=None), bytes(8)))
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "noah_jax.convert", "--model", "resnet18",
+                           "--input", str(path), "--output", str(tmp_path / "out")],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"python -m noah_jax.convert: error: {path} is not a valid "
+                           "safetensors file: tensor 'conv1.weight' has no 'dtype' in its "
+                           "header\n")
+    assert proc.stdout == ""
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ random training crops; that lets the tests check labels and coverage exactly.
 """
 
 import collections
+import dataclasses
 import logging
+import struct
 
 import numpy as np
 import pytest
@@ -256,6 +258,44 @@ def test_split_names(tmp_path):
     assert source.class_names == ["dog", "fox"] and source.num_eval_examples == 1
     (batch,) = source.eval_batches(local_batch_size=1, process_index=0, process_count=1)
     assert batch["label"].tolist() == [0]  # 'dog' is class 0 here
+
+
+def test_images_over_max_image_pixels_are_skipped_without_being_decoded(tmp_path, caplog):
+    # 30 x 40 PNGs (1,200 pixels) of every class, under a limit of 1,500 pixels.
+    root = small_tree(tmp_path, {"train": CLASSES, "val": CLASSES})
+    big = str(tmp_path / "train" / "cat" / "big.jpg")  # 2,000 pixels of grey
+    tf.io.write_file(big, tf.io.encode_jpeg(np.full((40, 50, 3), 99, np.uint8)))
+    # A PNG that declares 20000 x 20000 pixels in its IHDR and stops there: decoding
+    # it would fail, so being listed as too large shows it was judged by its header.
+    bomb = tmp_path / "val" / "dog" / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I4sIIBBBBB", 13, b"IHDR", 20000,
+                                                          20000, 8, 2, 0, 0, 0))
+    preprocess = pipeline.Preprocess(image_size=SIZE, eval_crop_ratio=1.0,
+                                     max_image_pixels=1500)
+    with caplog.at_level(logging.WARNING):
+        source = FolderSource(root, preprocess, seed=0, num_classes=3)
+    assert source.skipped == {"train": [big], "val": [str(bomb)]}
+    assert (source.num_train_examples, source.num_eval_examples) == (3, 3)
+    assert (f"Skipping 1 of 4 images in {tmp_path / 'train'} with more than "
+            f"max_image_pixels=1500 pixels (never decoded): {big}") in caplog.text
+    assert (f"Skipping 1 of 4 images in {tmp_path / 'val'} with more than "
+            f"max_image_pixels=1500 pixels (never decoded): {bomb}") in caplog.text
+    assert "could not be read or decoded" not in caplog.text
+    (batch,) = source.eval_batches(local_batch_size=3, process_index=0, process_count=1)
+    assert identify(batch["image"]) == [(0, 0), (1, 0), (2, 0)] and batch["mask"].all()
+    train = next(source.train_batches(start_step=0, local_batch_size=3, process_index=0,
+                                      process_count=1))
+    assert sorted(identify(train["image"])) == [(0, 0), (1, 0), (2, 0)]  # never the grey one
+
+    # Without a limit the big JPEG is kept, and the bomb is decoded, which fails: its
+    # IHDR is all there is.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        source = FolderSource(root, dataclasses.replace(preprocess, max_image_pixels=0),
+                              seed=0, num_classes=3)
+    assert source.skipped == {"train": [], "val": [str(bomb)]}
+    assert source.num_train_examples == 4
+    assert f"could not be read or decoded: {bomb}" in caplog.text
 
 
 def test_main_trains_and_evaluates_on_an_image_folder(tree, tmp_path):

@@ -7,6 +7,7 @@ every label can be checked against the truth.
 
 import collections
 import importlib
+import logging
 import os
 import pathlib
 import re
@@ -197,6 +198,47 @@ def test_resume_across_epoch_boundary_and_reshuffled_epochs(data_dir):
     epochs = np.concatenate(straight)[:80].reshape(2, 40)
     assert sorted(epochs[0]) == sorted(epochs[1])  # each epoch is a permutation
     assert not np.array_equal(epochs[0], epochs[1])  # a different one
+
+
+def test_images_over_max_image_pixels_are_neither_trained_on_nor_scored(data_dir, caplog):
+    """The fake images have 600 to 3,600 pixels; 14 of 40 training and 3 of 13
+    validation images have more than 2,000."""
+    def over(split, n):
+        return [i for i in range(n)
+                if np.prod(tfds_fakes.image("imagenet2012", split, i).shape[:2]) > 2000]
+
+    def labels_except(split, n, left_out):
+        return [tfds_fakes.single_label(split, i) for i in range(n) if i not in left_out]
+
+    source = source_of(dataset_config(data_dir, "imagenet2012",
+                                      dataset__max_image_pixels=2000))
+    assert len(over("train", 40)) == 14 and over("validation", 13) == [0, 6, 10]
+    train_labels = labels_except("train", 40, over("train", 40))
+    eval_labels = labels_except("validation", 13, [0, 6, 10])
+
+    def labels(start, n):
+        it = source.train_batches(start_step=start, local_batch_size=8, process_index=0,
+                                  process_count=1)
+        return [next(it)["label"] for _ in range(n)]
+
+    with caplog.at_level(logging.WARNING):
+        straight = labels(0, 13)  # 104 positions: 4 epochs of the 26 small images
+    assert ("process 0: 14 of its 40 training images have more than max_image_pixels=2000 "
+            "pixels") in caplog.text
+    for epoch in np.concatenate(straight).reshape(4, 26):
+        assert sorted(epoch) == sorted(train_labels)
+    for a, b in zip(straight[7:], labels(7, 3)):  # step 7 starts in epoch 2 (56 = 2*26 + 4)
+        np.testing.assert_array_equal(a, b)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        scored, counts = eval_rows(source.eval_batches, 2, 4)
+    assert sorted(scored.tolist()) == sorted(eval_labels)
+    assert counts == [2, 2]  # shards of 7 and 6, as without the limit
+    skipped = re.findall(r"process (\d): (\d+) of (\d+) evaluation images were not scored",
+                         caplog.text)
+    # Process 0 reads images 0-6, process 1 images 7-12.
+    assert sorted(skipped) == [("0", "2", "7"), ("1", "1", "6")]
 
 
 def test_cifar_png_images_through_the_non_jpeg_path(data_dir):

@@ -20,8 +20,10 @@ no harm.
 Corrupt images. One unreadable file should not stop a run hours in, so construction
 reads and decodes every listed file once (a parallel tf.data pass, a few ms per image
 per core) and keeps only those that decode; the rest are logged and listed in
-`skipped`. The sizes the trainer sees (`num_train_examples`, ...) count valid files
-only.
+`skipped`. So are images with more than `max_image_pixels` pixels, judged from their
+headers and never decoded, here or later: a small file can declare an image that
+takes gigabytes to decode. The sizes the trainer sees (`num_train_examples`, ...)
+count valid files only.
 
 Order and sharding. Each split's valid files are taken in sorted path order; process
 p of P reads files p, p + P, p + 2P, ... of it, so the shards are disjoint, cover the
@@ -76,24 +78,35 @@ def _image_files(folder: str) -> list[str]:
     return paths
 
 
-def _decodable(paths: list[str]) -> np.ndarray:
-    """Sorted indices (int64) of the `paths` that read and decode as images.
+def _check_images(paths: list[str], max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices (int64) of the `paths` that read and decode as images of at most
+    `max_pixels` pixels (0: any size), and of those that have more pixels.
 
     Decoding is the only reliable test (a truncated JPEG has a valid header), so every
-    file is decoded once, in parallel; files whose read or decode fails are dropped by
-    `ignore_errors`. Only the index and shape leave the pipeline, not the pixels.
+    file is decoded once, in parallel, unless its header declares more than
+    `max_pixels` pixels: not decoding those is the point of the limit. Files whose
+    read, header or decode fails are dropped by `ignore_errors`, so they are in
+    neither list. Only the index and a flag leave the pipeline, not the pixels.
     """
     if not paths:
-        return np.zeros([0], np.int64)
+        return np.zeros([0], np.int64), np.zeros([0], np.int64)
 
     def probe(index, path):
-        return index, tf.shape(pipeline.decode(tf.io.read_file(path)))
+        encoded = tf.io.read_file(path)
+        within = pipeline.within_pixel_limit(encoded, max_pixels)
+        # The decoded size is an output, so the decode runs (and can fail) when taken.
+        decoded = tf.cond(within, lambda: tf.size(pipeline.decode(encoded)) >= 0,
+                          lambda: tf.constant(False))
+        return index, within, decoded
 
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string)).enumerate()
-    # Order does not matter (the result is sorted), so let the fastest file go first.
+    # Order does not matter (the results are sorted), so let the fastest file go first.
     ds = ds.map(probe, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     ds = ds.ignore_errors()
-    return np.sort(np.fromiter((int(i) for i, _ in ds.as_numpy_iterator()), np.int64))
+    decodable, too_large = [], []
+    for index, within, _ in ds.as_numpy_iterator():
+        (decodable if within else too_large).append(int(index))
+    return np.sort(np.array(decodable, np.int64)), np.sort(np.array(too_large, np.int64))
 
 
 def _parse(record: dict) -> tuple[tf.Tensor, tf.Tensor]:
@@ -113,7 +126,8 @@ class FolderSource:
 
     Attributes besides the `Source` ones: `root`, `train_split`, `eval_split` (the
     resolved folder names), `class_names` (label k is class_names[k]), `skipped`
-    (split folder name -> paths that could not be decoded), `multilabel` (False) and
+    (split folder name -> paths that could not be decoded or have more than
+    preprocess.max_image_pixels pixels; the log says which), `multilabel` (False) and
     `extra_evals` (none).
     """
 
@@ -196,15 +210,21 @@ class FolderSource:
         labelled.sort()
         paths = [path for path, _ in labelled]
         labels = np.array([label for _, label in labelled], np.int32)
-        keep = _decodable(paths)
-        kept = np.zeros(len(paths), bool)
-        kept[keep] = True
-        bad = [path for path, ok in zip(paths, kept) if not ok]
-        self.skipped[split] = bad
-        if bad:
-            shown = ", ".join(bad[:_SKIPPED_SHOWN]) + (", ..." if len(bad) > _SKIPPED_SHOWN else "")
-            logging.warning("Skipping %d of %d images in %s that could not be read or decoded: "
-                            "%s", len(bad), len(paths), split_dir, shown)
+        max_pixels = self.preprocess.max_image_pixels
+        keep, too_large = _check_images(paths, max_pixels)
+        unreadable = np.ones(len(paths), bool)
+        unreadable[keep] = unreadable[too_large] = False
+        bad = [path for path, failed in zip(paths, unreadable) if failed]
+        large = [paths[i] for i in too_large]
+        self.skipped[split] = sorted(bad + large)  # path order, as `paths`
+        for problem, skipped in (("that could not be read or decoded", bad),
+                                 (f"with more than max_image_pixels={max_pixels} pixels "
+                                  "(never decoded)", large)):
+            if skipped:
+                shown = ", ".join(skipped[:_SKIPPED_SHOWN]) + (
+                    ", ..." if len(skipped) > _SKIPPED_SHOWN else "")
+                logging.warning("Skipping %d of %d images in %s %s: %s", len(skipped),
+                                len(paths), split_dir, problem, shown)
         return [paths[i] for i in keep], labels[keep]
 
     @staticmethod
@@ -230,11 +250,12 @@ class FolderSource:
                                          np.arange(len(paths), dtype=np.uint64)), kind="stable")
         pieces = [(self._records(list(paths[chunk]), labels[chunk]), len(chunk))
                   for chunk in np.array_split(order, min(self.shuffle_pieces, len(order)))]
+        # Every file was checked against max_image_pixels when the source was built.
         ds = pipeline.train_dataset(
             pieces, _parse, self.preprocess, seed=self.seed,
             process_index=process_index, start_step=start_step,
             local_batch_size=local_batch_size, num_classes=self.num_classes,
-            shuffle_buffer=self.shuffle_buffer)
+            shuffle_buffer=self.shuffle_buffer, check_pixels=False)
         return pipeline.as_numpy(ds)
 
     def eval_batches(self, *, local_batch_size: int, process_index: int,
@@ -251,4 +272,7 @@ class FolderSource:
             self._records(paths, labels), len(paths), _parse, self.preprocess,
             num_batches=num_batches, local_batch_size=local_batch_size, label_shape=(),
             label_dtype=tf.int32)
-        return pipeline.as_numpy(ds)
+        # The files were checked when the source was built; one replaced since by a
+        # larger image is left out, and reported, rather than decoded.
+        return pipeline.eval_numpy(ds, len(paths), self.preprocess,
+                                   f"{self.eval_split} split, process {process_index}")

@@ -15,6 +15,12 @@ val images). Leaving them out needs their count per process shard, which is take
 once with a labels-only pass (no image decoding) over the shard. The training
 duration in epochs counts the split's full size from the TFDS metadata.
 
+Images with more than dataset.max_image_pixels pixels (read from their headers) are
+never decoded: training leaves them out (counted per process shard by a header pass
+when the training pipeline is built, so that resumption stays exact), evaluation
+masks them out and logs how many; `noah_jax.data.pipeline` explains both. The sizes
+from the TFDS metadata (`num_train_examples`, `num_eval_examples`) still count them.
+
 ImageNet-ReaL (`imagenet2012_real`) evaluates with its multi-hot "real" labels:
 a prediction is right when it is one of an image's real labels, and images without
 real labels are not counted (`noah_jax.metrics.real_accuracy_sums`).
@@ -213,7 +219,9 @@ class EvalSet:
             local_batch_size=local_batch_size,
             label_shape=() if single else (self.num_classes,),
             label_dtype=tf.int32 if single else tf.float32)
-        return pipeline.as_numpy(ds)
+        return pipeline.eval_numpy(
+            ds, sizes[process_index], self._preprocess,
+            f"{self._split.builder.name} {self._split.split}, process {process_index}")
 
 
 class TfdsSource:
