@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.num_classes = 1000      # used by synthetic; checked against real datasets
     c.dataset.num_train_examples = 0  # synthetic only (0 = one epoch of 1024 images)
     c.dataset.num_eval_examples = 0   # synthetic only
-    c.dataset.eval_crop_ratio = 0.875
+    c.dataset.eval_crop_ratio = preprocess.Preprocess.eval_crop_ratio  # 0.875
     c.dataset.train_split = ""        # '' = the dataset's own (TFDS split / folder name)
     c.dataset.eval_split = ""
     c.dataset.shuffle_buffer = 50_000  # encoded images per process (ImageNet: ~5.5 GB)

@@ -74,7 +74,7 @@ def save_model(directory: str | os.PathLike, variables: Mapping[str, Any],
     """Writes a model-only checkpoint (what `convert` produces) and waits for it."""
     variables = {"params": variables["params"],
                  "batch_stats": variables.get("batch_stats", {})}
-    with manager(directory, async_save=False) as mngr:
+    with manager(directory, async_save=False) as mngr, _write_errors_reported(mngr):
         mngr.save(step, args=ocp.args.Composite(model=ocp.args.PyTreeSave(variables),
                                                 meta=ocp.args.JsonSave(dict(meta))))
         mngr.wait_until_finished()
@@ -278,12 +278,11 @@ def _write_errors_reported(mngr: ocp.CheckpointManager) -> Iterator[None]:
         failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(error))
         which = f"step {failed.group(1)}" if failed else "a checkpoint"
         good = latest_step(directory)
-        kept = (f"the newest complete checkpoint, step {good}, is intact" if good is not None
-                else "no complete checkpoint had been written yet")
+        kept = (f"The newest complete checkpoint, step {good}, is intact" if good is not None
+                else "No complete checkpoint had been written yet")
         raise CheckpointWriteError(
-            f"saving {which} in {directory} failed: {cause}. Training stopped; {kept}. "
-            "Fix the cause (free space, permissions), then run the same command to "
-            "resume.") from error
+            f"saving {which} in {directory} failed: {cause}. {kept}. Fix the cause (free "
+            "space, permissions), then run the same command again (training resumes).") from error
 
 
 def move_aside(directory: str | os.PathLike, step: int, destination: str | os.PathLike) -> str:

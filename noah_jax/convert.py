@@ -79,6 +79,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from noah_jax import checkpoint
+from noah_jax.errors import UserError
 from noah_jax.heads import NOAHHead
 from noah_jax.models import create_model, model_overrides
 from noah_jax.models.mixer import GMLP, MlpMixer
@@ -523,7 +524,7 @@ def unwrap_state_dict(obj: Any) -> dict[str, Any]:
     return dict(obj)
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(UserError, ValueError):
     """A weights file that cannot be read as its extension says; the message names the
     file and what is wrong with it, in one line."""
 
@@ -752,7 +753,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta = {"model": args.model, "head": args.head, "num_classes": num_classes,
             "overrides": overrides, "source": os.path.abspath(args.input),
             "dropped_head": args.drop_head}
-    checkpoint.save_model(args.output, variables, meta)
+    try:
+        checkpoint.save_model(args.output, variables, meta)
+    except (UserError, OSError) as e:  # an output folder that cannot be written
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
     count = sum(x.size for x in jax.tree.leaves(variables.get("params", {})))
     print(f"{args.input}: {len(state_dict)} tensors -> {args.output}: {args.model} "
           f"head={args.head}{' (dropped)' if args.drop_head else ''}, num_classes={num_classes}, "

@@ -19,6 +19,7 @@ tf = pytest.importorskip("tensorflow")
 from helpers import assert_follows_source_protocol  # noqa: E402
 from noah_jax.data import augment, pipeline  # noqa: E402
 from noah_jax.data.folder import FolderSource  # noqa: E402
+from noah_jax.errors import DataError  # noqa: E402  (a UserError: main.py prints one line)
 
 CLASSES = ("cat", "dog", "fox")
 SIZES = ((30, 40), (40, 30), (24, 36))
@@ -216,27 +217,27 @@ def small_tree(root, splits):
 
 def test_wrong_num_classes(tmp_path):
     root = small_tree(tmp_path, {"train": CLASSES, "val": CLASSES})
-    with pytest.raises(ValueError, match=r"num_classes=5.*3 class folders.*"
+    with pytest.raises(DataError, match=r"num_classes=5.*3 class folders.*"
                                          r"set dataset\.num_classes=3"):
         FolderSource(root, PREPROCESS, seed=0, num_classes=5)
 
 
 def test_missing_root(tmp_path):
-    with pytest.raises(ValueError, match=r"does not exist.*root/<split>/<class name>"):
+    with pytest.raises(DataError, match=r"does not exist.*root/<split>/<class name>"):
         FolderSource(str(tmp_path / "nowhere"), PREPROCESS, seed=0, num_classes=3)
 
 
 def test_missing_train_split(tmp_path):
     root = small_tree(tmp_path, {"val": CLASSES})
-    with pytest.raises(ValueError, match=r"train' does not exist; create it.*<class name>"):
+    with pytest.raises(DataError, match=r"train' does not exist; create it.*<class name>"):
         FolderSource(root, PREPROCESS, seed=0, num_classes=3)
 
 
 def test_missing_eval_split(tmp_path):
     root = small_tree(tmp_path, {"train": CLASSES})
-    with pytest.raises(ValueError, match=r"no eval split.*\['val', 'validation', 'test'\]"):
+    with pytest.raises(DataError, match=r"no eval split.*\['val', 'validation', 'test'\]"):
         FolderSource(root, PREPROCESS, seed=0, num_classes=3)
-    with pytest.raises(ValueError, match=r"holdout' does not exist"):
+    with pytest.raises(DataError, match=r"holdout' does not exist"):
         FolderSource(root, PREPROCESS, seed=0, num_classes=3, eval_split="holdout")
 
 

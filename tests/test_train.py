@@ -361,15 +361,15 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_last_checkpoint_intact(
         [line] = [line for line in out.splitlines() if line.startswith("error:")]
         if mounted:
             assert line == (f"error: saving step 8 in {ckpts} failed: No space left on device."
-                            " Training stopped; the newest complete checkpoint, step 4, is "
-                            "intact. Fix the cause (free space, permissions), then run the "
-                            "same command to resume.")
+                            " The newest complete checkpoint, step 4, is intact. Fix the cause"
+                            " (free space, permissions), then run the same command again "
+                            "(training resumes).")
             variables, meta = checkpoint.restore_model(ckpts)
             assert checkpoint.latest_step(ckpts) == 4 and meta["model"] == "deit_tiny_patch16_224"
             assert (disk / "w" / "log.txt").read_text().splitlines()[-1].endswith(line[7:])
         else:
             assert line.startswith(f"error: saving step 4 in {ckpts} failed: File too large.")
-            assert "no complete checkpoint had been written yet" in line
+            assert "No complete checkpoint had been written yet" in line
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(disk)], timeout=30)

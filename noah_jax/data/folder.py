@@ -40,6 +40,7 @@ import tensorflow as tf
 from absl import logging
 
 from noah_jax.data import base, pipeline
+from noah_jax.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 DEFAULT_TRAIN_SPLIT = "train"
@@ -139,8 +140,8 @@ class FolderSource:
                  num_classes: int, train_split: str = "", eval_split: str = "",
                  shuffle_buffer: int = 10_000, shuffle_pieces: int = 16):
         if not root or not tf.io.gfile.isdir(root):
-            raise ValueError(f"image folder {root!r} does not exist or is not a folder; give "
-                             f"the path of a folder laid out as: {_LAYOUT}")
+            raise DataError(f"image folder {root!r} does not exist or is not a folder; give "
+                            f"the path of a folder laid out as: {_LAYOUT}")
         self.root = root
         self.preprocess = preprocess
         self.seed = seed
@@ -152,21 +153,21 @@ class FolderSource:
         eval_dir = tf.io.gfile.join(root, self.eval_split)
         for split, folder in ((self.train_split, train_dir), (self.eval_split, eval_dir)):
             if not tf.io.gfile.isdir(folder):
-                raise ValueError(f"split folder {folder!r} does not exist; create it, or name "
-                                 f"an existing folder of {root!r} as the split; {_LAYOUT}")
+                raise DataError(f"split folder {folder!r} does not exist; create it, or name "
+                                f"an existing folder of {root!r} as the split; {_LAYOUT}")
 
         self.class_names = _subfolders(train_dir)
         if not self.class_names:
-            raise ValueError(f"{train_dir!r} has no class folders; put each class's images "
-                             f"in a folder named after the class: {_LAYOUT}")
+            raise DataError(f"{train_dir!r} has no class folders; put each class's images "
+                            f"in a folder named after the class: {_LAYOUT}")
         if num_classes != len(self.class_names):
-            raise ValueError(
+            raise DataError(
                 f"the config says num_classes={num_classes}, but {train_dir!r} has "
                 f"{len(self.class_names)} class folders ({self._names_preview()}); set "
                 f"dataset.num_classes={len(self.class_names)}, or add or remove class folders")
         unknown = sorted(set(_subfolders(eval_dir)) - set(self.class_names))
         if unknown:
-            raise ValueError(
+            raise DataError(
                 f"eval split {eval_dir!r} has class folders the training split lacks: "
                 f"{unknown}; every eval class needs a folder of the same name in {train_dir!r}"
                 f" (rename or remove these)")
@@ -180,19 +181,19 @@ class FolderSource:
         self.num_train_examples = len(self._train_paths)
         self.num_eval_examples = len(self._eval_paths)
         if not self.num_train_examples:
-            raise ValueError(f"no readable images in {train_dir!r}; accepted extensions are "
-                             f"{', '.join(IMAGE_EXTENSIONS)}")
+            raise DataError(f"no readable images in {train_dir!r}; accepted extensions are "
+                            f"{', '.join(IMAGE_EXTENSIONS)}")
         if not self.num_eval_examples:
-            raise ValueError(f"no readable images in {eval_dir!r}; accepted extensions are "
-                             f"{', '.join(IMAGE_EXTENSIONS)}")
+            raise DataError(f"no readable images in {eval_dir!r}; accepted extensions are "
+                            f"{', '.join(IMAGE_EXTENSIONS)}")
 
     def _default_eval_split(self) -> str:
         for name in DEFAULT_EVAL_SPLITS:
             if tf.io.gfile.isdir(tf.io.gfile.join(self.root, name)):
                 return name
-        raise ValueError(f"found no eval split in {self.root!r}: expected a folder named one "
-                         f"of {list(DEFAULT_EVAL_SPLITS)}, or set the eval split's folder name "
-                         f"explicitly; {_LAYOUT}")
+        raise DataError(f"found no eval split in {self.root!r}: expected a folder named one "
+                        f"of {list(DEFAULT_EVAL_SPLITS)}, or set the eval split's folder name "
+                        f"explicitly; {_LAYOUT}")
 
     def _names_preview(self, limit: int = 10) -> str:
         names = self.class_names
@@ -239,9 +240,9 @@ class FolderSource:
         step `start_step` on (`pipeline.train_dataset` describes the order)."""
         base.check_process_args(local_batch_size, process_index, process_count)
         if self.num_train_examples < process_count:
-            raise ValueError(f"{self.num_train_examples} training images cannot be shared "
-                             f"among {process_count} processes; add images or use fewer "
-                             f"processes")
+            raise DataError(f"{self.num_train_examples} training images cannot be shared "
+                            f"among {process_count} processes; add images or use fewer "
+                            f"processes")
         paths = np.asarray(self._train_paths[process_index::process_count], object)
         labels = self._train_labels[process_index::process_count]
         # The sorted list is grouped by class: put the shard in a fixed random order

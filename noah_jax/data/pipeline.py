@@ -58,6 +58,7 @@ from absl import logging
 from noah_jax.data import augment, keep_tensorflow_off_accelerators
 from noah_jax.data.base import hash_u64
 from noah_jax.data.preprocess import Preprocess
+from noah_jax.errors import ConfigError, DataError
 
 Parse = Callable[[dict], tuple[tf.Tensor, tf.Tensor]]
 
@@ -275,20 +276,20 @@ def train_dataset(pieces: Sequence[tuple[tf.data.Dataset, int]], parse: Parse,
     pieces = [(ds, int(n)) for ds, n in pieces if n > 0]
     num_records = sum(n for _, n in pieces)
     if num_records < 1:
-        raise ValueError(f"process {process_index} has no training records")
+        raise DataError(f"process {process_index} has no training records")
     if start_step < 0 or local_batch_size < 1:
         raise ValueError(f"need start_step >= 0 and local_batch_size >= 1, got "
                          f"{start_step}, {local_batch_size}")
     if p.mixes and local_batch_size % 2:
-        raise ValueError(f"mixup/cutmix pairs each example with its mirror in the "
-                         f"batch; the per-process batch {local_batch_size} must be even")
+        raise ConfigError(f"mixup/cutmix pairs each example with its mirror in the "
+                          f"batch; the per-process batch {local_batch_size} must be even")
     datasets = [ds for ds, _ in pieces]
     drop_large = check_pixels and p.max_image_pixels > 0
     too_large = _count_over_limit(datasets, parse, p.max_image_pixels) if drop_large else 0
     if too_large == num_records:  # else the endless stream would spin on empty epochs
-        raise ValueError(f"all {num_records} training images of process {process_index} "
-                         f"have more than dataset.max_image_pixels={p.max_image_pixels} "
-                         "pixels; raise it (0 = no limit)")
+        raise DataError(f"all {num_records} training images of process {process_index} "
+                        f"have more than dataset.max_image_pixels={p.max_image_pixels} "
+                        "pixels; raise it (0 = no limit)")
     if too_large:
         logging.warning("process %d: %d of its %d training images have more than "
                         "max_image_pixels=%d pixels; they are left out, never decoded",

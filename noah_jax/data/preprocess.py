@@ -13,6 +13,8 @@ import dataclasses
 
 import ml_collections
 
+from noah_jax.errors import ConfigError
+
 
 TRAIN_CROPS = ("inception", "resize")
 EVAL_CROPS = ("center", "resize")
@@ -57,19 +59,19 @@ class Preprocess:
 
     def __post_init__(self):
         if self.train_crop not in TRAIN_CROPS:
-            raise ValueError(f"augment.train_crop must be one of {TRAIN_CROPS}, "
-                             f"got {self.train_crop!r}")
+            raise ConfigError(f"augment.train_crop must be one of {TRAIN_CROPS}, "
+                              f"got {self.train_crop!r}")
         if self.eval_crop not in EVAL_CROPS:
-            raise ValueError(f"augment.eval_crop must be one of {EVAL_CROPS}, "
-                             f"got {self.eval_crop!r}")
+            raise ConfigError(f"augment.eval_crop must be one of {EVAL_CROPS}, "
+                              f"got {self.eval_crop!r}")
         if self.repeats < 1:
-            raise ValueError(f"augment.repeats must be >= 1, got {self.repeats}")
+            raise ConfigError(f"augment.repeats must be >= 1, got {self.repeats}")
         if not 0 < self.eval_crop_ratio <= 1:
-            raise ValueError(f"dataset.eval_crop_ratio must be in (0, 1], got "
-                             f"{self.eval_crop_ratio}")
+            raise ConfigError(f"dataset.eval_crop_ratio must be in (0, 1], got "
+                              f"{self.eval_crop_ratio}")
         if self.max_image_pixels < 0:
-            raise ValueError(f"dataset.max_image_pixels must be >= 0 (0 = no limit), got "
-                             f"{self.max_image_pixels}")
+            raise ConfigError(f"dataset.max_image_pixels must be >= 0 (0 = no limit), got "
+                              f"{self.max_image_pixels}")
 
     @property
     def mixes(self) -> bool:
