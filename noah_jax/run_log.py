@@ -26,11 +26,16 @@ class DropLibraryNotices(logging_lib.Filter):
     """Keeps the console and the run log to what the user needs to read.
 
     Dropped: Orbax's several INFO lines per checkpoint and its warning each time a
-    checkpoint is opened read-only on purpose; JAX's INFO notice that a platform it
-    probes is absent ("Unable to initialize backend 'tpu'" on every CPU/GPU machine;
-    the devices actually used are logged instead). Warnings and errors stay."""
+    checkpoint is opened read-only on purpose; the repeated tracebacks of a failed
+    save (from Orbax's threads, and asyncio's "exception was never retrieved" at
+    exit), which `checkpoint.check_saves` reports once; JAX's INFO notice that a
+    platform it probes is absent ("Unable to initialize backend 'tpu'" on every
+    CPU/GPU machine; the devices actually used are logged instead). Other warnings
+    and errors stay."""
 
     def filter(self, record):
+        if record.name == "asyncio" and "orbax-checkpoint-tmp" in record.getMessage():
+            return False  # at exit, a failed save's leftover futures; reported already
         if "/orbax/" in record.pathname:
             message = record.getMessage()
             if any(part in message for part in _ORBAX_SAVE_FAILURE):
