@@ -7,8 +7,8 @@ from absl import logging as absl_logging
 from noah_jax import run_log
 
 
-def record(pathname, level, message):
-    return logging.LogRecord("x", level, pathname, 1, message, None, None)
+def record(pathname, level, message, name="x"):
+    return logging.LogRecord(name, level, pathname, 1, message, None, None)
 
 
 def test_library_notices_are_dropped_and_everything_else_kept():
@@ -21,6 +21,23 @@ def test_library_notices_are_dropped_and_everything_else_kept():
     assert not keep(record(bridge, logging.INFO, "Unable to initialize backend 'tpu': ..."))
     assert keep(record(bridge, logging.WARNING, "Unable to initialize backend 'cuda': ..."))
     assert keep(record("/work/noah_jax/train.py", logging.INFO, "step 3: eval/top1 0.5"))
+
+
+def test_a_failed_saves_repeated_tracebacks_are_dropped_but_other_errors_kept():
+    keep = run_log.DropLibraryNotices().filter
+    future = "/site-packages/orbax/checkpoint/_src/futures/future.py"
+    assert not keep(record(future, logging.ERROR, "[thread=array_type_handler] "
+                           "_SignalingThread.run() raised an exception: RESOURCE_EXHAUSTED"))
+    manager = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    assert not keep(record(manager, logging.ERROR, "[step=8] Save Finalize thread (save_finalize)"
+                           " failed."))
+    assert keep(record(manager, logging.ERROR, "Could not delete step 4"))
+    loop = "/lib/python3.11/asyncio/base_events.py"
+    leftover = ("_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture "
+                "exception=ValueError('RESOURCE_EXHAUSTED: ... /w/checkpoints/8.orbax-checkpoint-"
+                "tmp/train.orbax-checkpoint-tmp/ocdbt.process_0/')>")
+    assert not keep(record(loop, logging.ERROR, leftover, name="asyncio"))
+    assert keep(record(loop, logging.ERROR, "Task exception was never retrieved", name="asyncio"))
 
 
 def test_the_run_log_copies_info_lines_once_and_appends_errors(tmp_path):
