@@ -166,6 +166,20 @@ def test_a_checkpoint_of_another_model_is_refused_with_the_keys_listed(tmp_path)
         train.train_and_evaluate(other, str(tmp_path))
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_orphan_runs():
+    """Kills the main.py processes a test started and left running (it failed midway)."""
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
 def run_main(workdir, *flags, **popen):
     command = [sys.executable, str(ROOT / "main.py"), "--config",
                str(ROOT / "configs" / "vit_noah.py") + ":demo", f"--workdir={workdir}",
@@ -173,8 +187,10 @@ def run_main(workdir, *flags, **popen):
                "--config.total_steps=40", "--config.batch_size=16",
                "--config.checkpoint_every_steps=4", "--config.log_every_steps=4",
                "--config.eval_every_steps=40", *flags]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, **popen)
+    _STARTED.append(process)
+    return process
 
 
 def wait_for(condition, process, what, timeout=300):
