@@ -95,7 +95,9 @@ class POCA(nn.Module):
 
     Call with key channels [B, L, Ck], value channels [B, L, Cv] (any widths; in NOAH,
     one channel group each) and `train`; returns float32 logits [B, K]. The attention
-    map [B, K, L] is sown into `intermediates` as 'attention'. The parameters,
+    map [B, K, L] is sown into `intermediates` as 'attention', and the values the sum
+    weighs (float32, after dropout) as 'values' [B, K, L], so that the logit is
+    exactly sum_l attention * values (noah_jax.explain reads both). The parameters,
     `query` and `value` with `kernel` [1, Cin, K] and `bias` [K], are laid out as
     those of a one-head NOAHHead, so a block alone is the head with num_heads=1.
     """
@@ -125,7 +127,9 @@ class POCA(nn.Module):
             v = jax.lax.select(keep, v / (1.0 - self.dropout), jnp.zeros_like(v))
         else:
             v = nn.Dropout(self.dropout, deterministic=not train)(v)
-        return jnp.einsum("blk,blk->bk", a, v.astype(jnp.float32))
+        v = v.astype(jnp.float32)
+        self.sow("intermediates", "values", jnp.swapaxes(v, 1, 2))
+        return jnp.einsum("blk,blk->bk", a, v)
 
 
 class _KeepMask(nn.Module):
@@ -164,7 +168,9 @@ class NOAHHead(nn.Module):
 
     Call with `train` and a feature map [B, H, W, C] or tokens [B, L, C]; returns
     float32 logits [B, K]. The attention maps a [B, N, K, L] are sown into the
-    `intermediates` collection as 'attention' (apply(..., mutable=['intermediates'])).
+    `intermediates` collection as 'attention' (apply(..., mutable=['intermediates'])),
+    the blocks' values v [B, N, K, L] as 'values': block h's logits are
+    sum_l a[:, h] * v[:, h], and `merge_blocks` of those is the head's output.
 
     The N blocks are one POCA module vmapped over the head axis, so they run as one
     batched computation. Their parameters are stored in the reference's grouped layout
@@ -290,14 +296,23 @@ class NOAHHead(nn.Module):
                         kernel_init=self._one_head_initializer(self.kernel_init),
                         bias_init=self._one_head_initializer(self.bias_init))
         # The blocks' variables live in this module's scope: 'query', 'value' and the
-        # sown 'attention' [B, N, K, L] (axis 1 of the stacked [B, K, L] maps) are ours.
+        # sown 'attention' and 'values' [B, N, K, L] (axis 1 of the stacked [B, K, L]
+        # maps) are ours.
         nn.share_scope(self, blocks)
         per_head = blocks(keys, values, train, keep)  # [B, N, K]
-        if self.merge == "sum":
-            return per_head.sum(axis=1)
-        if self.merge == "mean":
-            return per_head.mean(axis=1)
-        return per_head.max(axis=1)
+        return merge_blocks(per_head, self.merge)
+
+
+def merge_blocks(per_head: Array, merge: str) -> Array:
+    """The N blocks' logits [..., N, K] -> the head's logits [..., K], as NOAHHead merges
+    them ('sum', 'mean' or 'max' over the head axis)."""
+    if merge == "sum":
+        return per_head.sum(axis=-2)
+    if merge == "mean":
+        return per_head.mean(axis=-2)
+    if merge == "max":
+        return per_head.max(axis=-2)
+    raise ValueError(f"merge must be one of {MERGE_OPERATORS}, got {merge!r}")
 
 
 class LinearHead(nn.Module):

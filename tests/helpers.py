@@ -15,6 +15,7 @@ import numpy as np
 from optax import tree_utils
 
 from noah_jax.data import Source
+from noah_jax.models import create_model
 
 
 def set_fields(c: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
@@ -132,3 +133,22 @@ def shardings_by_name(tree) -> dict:
     """(mesh axis sizes, partition spec) of every jax.Array in `tree`, by name."""
     return leaves_by_name(tree, lambda leaf: (dict(leaf.sharding.mesh.shape),
                                               leaf.sharding.spec))
+
+
+# Small models of each family for the explanation tests (test_explain.py, test_figures.py):
+# (create_model overrides, image side). The side gives a 3x3 feature grid in every family.
+TINY_MODELS = {
+    "resnet18": ({}, 96),
+    "deit_tiny_patch16_224": ({"img_size": 48, "depth": 1}, 48),
+    "mixer_s16_224": ({"img_size": 48, "num_blocks": 1}, 48),
+}
+
+
+def tiny_model(name: str, head: str = "noah", batch: int = 2, num_classes: int = 6,
+               seed: int = 0, **overrides):
+    """(model, variables, images [batch, side, side, 3]) of a TINY_MODELS model."""
+    base, side = TINY_MODELS[name]
+    model = create_model(name, num_classes=num_classes, head=head, **{**base, **overrides})
+    images = jax.random.normal(jax.random.key(seed), (batch, side, side, 3))
+    variables = model.init(jax.random.key(seed + 1), images)
+    return model, variables, images
