@@ -149,6 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from.path = ""             # a checkpoint dir (another run's, or convert's)
     c.init_from.drop_head = False     # keep this model's new head
     c.eval_only = False               # evaluate the workdir's or init_from's checkpoint
+    # After training, draw each NOAH head's attention maps for this many evaluation
+    # images into WORKDIR/attention.png (0 = none; one process runs only).
+    c.attention_figure_images = 0
     return c
 
 
@@ -182,6 +185,7 @@ def apply_demo(c: ml_collections.ConfigDict, **model_overrides) -> ml_collection
     c.eval_every_steps = 0
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 2
+    c.attention_figure_images = 4
     return c
 
 

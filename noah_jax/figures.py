@@ -70,9 +70,11 @@ def _heat(maps, size: tuple[int, int]) -> np.ndarray:
     return np.divide(up, peak, out=np.zeros_like(up), where=peak > 0)
 
 
-def _save(path, picture: np.ndarray, rows: list[list[tuple[Optional[np.ndarray], str]]]
+def _save(path, picture, rows: list[list[tuple[Optional[np.ndarray], str]]]
           ) -> pathlib.Path:
-    """Draws rows of (heat map [H, W] in [0, 1] or None for the bare image, title)."""
+    """Draws rows of (heat map [H, W] in [0, 1] or None for the bare image, title) over
+    `picture` [H, W, 3], or over pictures[i] in row i when given one per row."""
+    pictures = picture if isinstance(picture, (list, tuple)) else [picture] * len(rows)
     num_rows, num_columns = len(rows), max(len(row) for row in rows)
     width, height = figure_size(num_rows, num_columns)
     figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
@@ -83,7 +85,7 @@ def _save(path, picture: np.ndarray, rows: list[list[tuple[Optional[np.ndarray],
             left = j * PANEL_WIDTH + (PANEL_WIDTH - side) / 2
             bottom = (num_rows - 1 - i) * PANEL_HEIGHT + _MARGIN
             axes = figure.add_axes((left / width, bottom / height, side / width, side / height))
-            axes.imshow(picture, interpolation="nearest")
+            axes.imshow(pictures[i], interpolation="nearest")
             if heat is not None:
                 axes.imshow(heat, cmap=_COLOUR_MAP, vmin=0.0, vmax=1.0, alpha=_OVERLAY_ALPHA,
                             interpolation="nearest")
@@ -115,6 +117,29 @@ def heads_figure(path, image, attention, contributions, probabilities, *,
     row += [(heat[n], f"head {n}\ncontribution {contributions[n, k]:+.3g}")
             for n in range(len(heat))]
     return _save(path, picture, [row])
+
+
+def gallery_figure(path, images, attention, contributions, probabilities, *,
+                   labels: Optional[Sequence[int]] = None,
+                   class_names: Optional[Sequence[str]] = None, mean=None, std=None
+                   ) -> pathlib.Path:
+    """Figure (a) for several images, one row each: the image, then every head's map
+    for the image's most probable class. images [B, H, W, C], attention [B, N, K, h, w],
+    contributions [B, N, K], probabilities [B, K]; `labels` (the true classes) are
+    named in the first panel's title when given. B rows of N + 1 panels."""
+    probabilities = np.asarray(probabilities)
+    pictures, rows = [], []
+    for b in range(len(probabilities)):
+        k = int(np.argmax(probabilities[b]))
+        picture = display_image(images[b], mean, std)
+        heat = _heat(np.asarray(attention[b])[:, k], picture.shape[:2])
+        truth = f" (true {_class_name(int(labels[b]), class_names)})" if labels is not None else ""
+        row = [(None, f"{_class_name(k, class_names)}{truth}\np = {probabilities[b, k]:.3g}")]
+        row += [(heat[n], f"head {n}\ncontribution {float(contributions[b][n, k]):+.3g}")
+                for n in range(len(heat))]
+        pictures.append(picture)
+        rows.append(row)
+    return _save(path, pictures, rows)
 
 
 def _top_classes(probabilities, classes: Optional[Sequence[int]]) -> list[int]:

@@ -433,7 +433,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 checkpoint.save_state(mngr, step, state, meta)
             if stop.should_stop(step) and step < total_steps:  # (the last step finishes)
                 raise stop_and_save(state, step, mngr, meta, stop, saved=saved)
+        if config.attention_figure_images:
+            draw_attention_figure(model, state, source, config.attention_figure_images,
+                                  os.path.join(workdir, "attention.png"))
         return results
+
+
+def draw_attention_figure(model, state, source: data.Source, num_images: int,
+                          path: str) -> None:
+    """Each NOAH head's attention map for the top class of the first `num_images`
+    evaluation images (noah_jax.explain, noah_jax.figures), one row per image."""
+    if model.head != "noah" or jax.process_count() > 1:
+        logging.info("no attention figure: %s", "the model has no NOAH head"
+                     if model.head != "noah" else "drawn by one process only; use "
+                     "python -m noah_jax.visualize on the checkpoint")
+        return
+    from noah_jax import explain, figures  # matplotlib only when a figure is drawn
+
+    batch = next(source.eval_batches(local_batch_size=num_images, process_index=0,
+                                     process_count=1))
+    images, labels = batch["image"][:num_images], batch["label"][:num_images]
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    seen = explain.explain(model, variables, images)
+    low = images.min(axis=(1, 2, 3), keepdims=True)
+    high = images.max(axis=(1, 2, 3), keepdims=True)
+    shown = (images - low) / np.maximum(high - low, 1e-6)  # each image stretched to [0, 1]
+    figures.gallery_figure(path, shown, seen.attention, seen.contributions,
+                           jax.nn.softmax(seen.logits), labels=labels,
+                           class_names=getattr(source, "class_names", None))
+    logging.info("attention maps of %d evaluation images drawn in %s", len(images), path)
 
 
 def _log_run_description(config, workdir, mesh, source, abstract_state, overrides) -> None:

@@ -39,6 +39,7 @@ def demo_config(**changes):
     c.log_every_steps = 3
     c.eval_every_steps = 6
     c.checkpoint_every_steps = 3
+    c.attention_figure_images = 0  # drawn in the one test that checks it
     return set_fields(c, **changes)
 
 
@@ -62,7 +63,7 @@ def direct_eval(config, variables):
 
 
 def test_demo_run_trains_checkpoints_logs_and_evaluates_every_example_once(tmp_path):
-    config = demo_config()
+    config = demo_config(attention_figure_images=3)
     results = train.train_and_evaluate(config, str(tmp_path))
     assert jax.device_count() == 8
     # Exact evaluation: 360 digits in padded batches of 48 over 8 devices, each once.
@@ -75,6 +76,11 @@ def test_demo_run_trains_checkpoints_logs_and_evaluates_every_example_once(tmp_p
     assert checkpoint.latest_step(tmp_path / "checkpoints") == 6
     assert list(tmp_path.glob("events.out.tfevents.*"))
     assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 6
+    # The demo's figure: a row per eval image, its picture then each of the 4 heads' maps.
+    from PIL import Image
+    from noah_jax import figures
+    with Image.open(tmp_path / "attention.png") as png:
+        assert png.size == figures.figure_size(3, 1 + 4)
 
 
 def step_once(config, devices, images, labels):
@@ -186,7 +192,7 @@ def run_main(workdir, *flags, **popen):
                "--config.model.overrides.depth=1", "--config.num_epochs=0",
                "--config.total_steps=40", "--config.batch_size=16",
                "--config.checkpoint_every_steps=4", "--config.log_every_steps=4",
-               "--config.eval_every_steps=40", *flags]
+               "--config.eval_every_steps=40", "--config.attention_figure_images=0", *flags]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, **popen)
     _STARTED.append(process)
