@@ -99,23 +99,24 @@ def _save(path, picture, rows: list[list[tuple[Optional[np.ndarray], str]]]
 
 def heads_figure(path, image, attention, contributions, probabilities, *,
                  class_index: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
-                 mean=None, std=None) -> pathlib.Path:
+                 heads: Optional[Sequence[int]] = None, mean=None, std=None) -> pathlib.Path:
     """Figure (a): the image, then every head's attention map for one class.
 
     attention [N, K, h, w], contributions [N, K] and probabilities [K] are one image's
     (explain.Explanation fields at one batch index; probabilities e.g. the softmax of
     its logits). class_index: the class to show, by default the most probable. Titles:
     the class name and probability over the image, head n and its contribution
-    sum_l a * v to the class's logit over head n's map. One row of N + 1 panels.
+    sum_l a * v to the class's logit over head n's map. heads: the heads to show (by
+    index), by default all. One row of len(heads) + 1 panels.
     """
     probabilities = np.asarray(probabilities)
     k = int(np.argmax(probabilities)) if class_index is None else int(class_index)
     picture = display_image(image, mean, std)
     heat = _heat(np.asarray(attention)[:, k], picture.shape[:2])
     contributions = np.asarray(contributions)
+    heads = range(len(heat)) if heads is None else heads
     row = [(None, f"{_class_name(k, class_names)}\np = {probabilities[k]:.3g}")]
-    row += [(heat[n], f"head {n}\ncontribution {contributions[n, k]:+.3g}")
-            for n in range(len(heat))]
+    row += [(heat[n], f"head {n}\ncontribution {contributions[n, k]:+.3g}") for n in heads]
     return _save(path, picture, [row])
 
 

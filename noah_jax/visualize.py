@@ -1,0 +1,154 @@
+"""What a trained model looks at, drawn as the NOAH paper's Figure 2.
+
+  python -m noah_jax.visualize CHECKPOINT IMAGES_OR_FOLDERS... --out DIR \
+      [--classes top|NAME,NAME,...] [--heads all|0,2] [--grad-cam] [--no-ema]
+
+CHECKPOINT is a training workdir, its checkpoints/ folder or a converted checkpoint
+(`noah_jax.inference.load`); images go through the run's evaluation preprocessing.
+For each image, DIR receives:
+
+  NOAH head    <i>_<name>_heads.png      (a) every head's attention map (softmax over
+                                         positions) for the top class, or for the first
+                                         of --classes; titles: class, probability, each
+                                         head's contribution sum_l a*v to the logit
+               <i>_<name>_head<n>.png    (b) head n's maps for the five top classes, or
+                                         for --classes (head 0, or each --heads entry)
+  with --grad-cam, or any other head:
+               <i>_<name>_gradcam.png    Grad-CAM++ on the backbone's last feature map
+                                         for the same classes (the paper's baseline view)
+
+Maps live on the head's input grid (CNN feature map, or the token grid of ViT, Mixer
+and gMLP) and are upsampled to the image. A wrong argument (no checkpoint there, an
+unreadable image, a class name the model does not have, a head it does not have)
+ends in one line and exit status 1 (2 for malformed options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+
+from noah_jax.errors import ConfigError, UserError
+
+_TOP_CLASSES = 5  # figure (b) and Grad-CAM++ by default
+
+
+def class_indices(names: str, class_names: Sequence[str]) -> Optional[list[int]]:
+    """--classes as indices: None for 'top', else each comma-separated name (or index)."""
+    if names == "top":
+        return None
+    indices = []
+    for name in (n.strip() for n in names.split(",") if n.strip()):
+        if name in class_names:
+            indices.append(list(class_names).index(name))
+        elif name.isdigit() and int(name) < len(class_names):
+            indices.append(int(name))
+        else:
+            close = difflib.get_close_matches(name, list(class_names), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"--classes: the model has no class {name!r}{hint} (its "
+                              f"{len(class_names)} classes: {', '.join(class_names[:10])}"
+                              f"{', ...' if len(class_names) > 10 else ''})")
+    if not indices:
+        raise ConfigError("--classes: give 'top' or class names separated by commas")
+    return indices
+
+
+def head_indices(heads: str, num_heads: int) -> list[int]:
+    """--heads as indices into the model's N heads."""
+    if heads == "all":
+        return list(range(num_heads))
+    try:
+        chosen = [int(h) for h in heads.split(",") if h.strip()]
+    except ValueError:
+        chosen = []
+    if not chosen or any(not 0 <= h < num_heads for h in chosen):
+        raise ConfigError(f"--heads={heads}: give 'all' or head indices 0..{num_heads - 1} "
+                          "separated by commas")
+    return chosen
+
+
+def stretched(image: np.ndarray) -> np.ndarray:
+    """A preprocessed image as a picture in [0, 1]: its own range stretched (undoes any
+    normalisation up to contrast)."""
+    low, high = image.min(), image.max()
+    return (image - low) / max(float(high - low), 1e-6)
+
+
+def visualize(checkpoint: str, images: Sequence[str], out: str, *, classes: str = "top",
+              heads: str = "all", grad_cam: bool = False, ema: bool = True) -> list[str]:
+    """Writes the figures (module docstring) and returns their paths."""
+    from noah_jax import explain, figures, inference
+
+    loaded = inference.load(checkpoint, ema=ema)
+    paths = inference.image_files(images)
+    chosen = class_indices(classes, loaded.class_names)
+    model, variables, names = loaded.model, loaded.variables, loaded.class_names
+    noah = loaded.meta.get("head", "noah") == "noah"
+    written = []
+    for i, path in enumerate(paths):
+        image = loaded.preprocess([path])
+        stem = f"{i:04d}_{os.path.splitext(os.path.basename(path))[0]}"
+        picture = stretched(image[0])
+        if noah:
+            seen = explain.explain(model, variables, image)
+            scores = loaded.scores(seen.logits)[0]
+            attention, contributions = np.asarray(seen.attention[0]), seen.contributions[0]
+            shown = head_indices(heads, attention.shape[0])
+            written.append(figures.heads_figure(
+                os.path.join(out, f"{stem}_heads.png"), picture, attention, contributions,
+                scores, class_index=chosen[0] if chosen else None, class_names=names,
+                heads=shown))
+            # Figure (b) for each head named in --heads; by default for head 0 only.
+            for n in shown if heads != "all" else shown[:1]:
+                written.append(figures.classes_figure(
+                    os.path.join(out, f"{stem}_head{n}.png"), picture, attention,
+                    contributions, scores, head=n, classes=chosen, class_names=names))
+        else:
+            logits = model.apply(variables, image, train=False)
+            scores = loaded.scores(logits)[0]
+        if grad_cam or not noah:
+            ranked = chosen or [int(k) for k in np.argsort(-scores)[:_TOP_CLASSES]]
+            cams = explain.grad_cam_plus_plus(model, variables, image, ranked)[0]
+            written.append(figures.grad_cam_figure(
+                os.path.join(out, f"{stem}_gradcam.png"), picture, cams, ranked,
+                [float(scores[k]) for k in ranked], class_names=names))
+    return [str(p) for p in written]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m noah_jax.visualize",
+        description="Draw what a trained model attends to (NOAH attention maps, Grad-CAM++).")
+    parser.add_argument("checkpoint", help="a training workdir, its checkpoints/ folder, or "
+                                           "a converted checkpoint")
+    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("--out", required=True, help="folder for the PNG figures")
+    parser.add_argument("--classes", default="top",
+                        help="'top' (the predicted classes) or class names, comma-separated")
+    parser.add_argument("--heads", default="all",
+                        help="'all' or NOAH head indices, comma-separated: the heads of "
+                             "figure (a), and one figure (b) each ('all': head 0's only)")
+    parser.add_argument("--grad-cam", action="store_true",
+                        help="also Grad-CAM++ for a NOAH model (always for other heads)")
+    parser.add_argument("--no-ema", action="store_true",
+                        help="the raw parameters, not the run's EMA ones")
+    args = parser.parse_args(argv)
+    try:
+        written = visualize(args.checkpoint, args.images, args.out, classes=args.classes,
+                            heads=args.heads, grad_cam=args.grad_cam, ema=not args.no_ema)
+    except UserError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
