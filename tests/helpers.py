@@ -6,6 +6,7 @@ conftest.py puts this folder on sys.path, so tests use `import helpers`.
 from __future__ import annotations
 
 import importlib
+import pathlib
 import socket
 from collections.abc import Mapping
 
@@ -130,6 +131,27 @@ def demo_config(**changes) -> ml_collections.ConfigDict:
     c.eval_every_steps = 6
     c.checkpoint_every_steps = 3
     return set_fields(c, **changes)
+
+
+def write_test_digits(folder) -> tuple[list[str], np.ndarray]:
+    """The 360 test digits of the demo (load_digits() at digits.split_indices()'s test
+    indices, in that order) as 8x8 grey PNGs folder/<label>/<index>.png of pixel value
+    round(255 * level / 16). Returns (paths, labels int [360])."""
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
+
+    from noah_jax.data import digits
+
+    data = load_digits()
+    _, test = digits.split_indices()
+    paths = []
+    for index in test:
+        pixels = np.round(data.images[index] * 255 / 16).astype(np.uint8)[..., None]
+        path = pathlib.Path(folder) / str(data.target[index]) / f"{index:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(tf.io.encode_png(pixels).numpy())
+        paths.append(str(path))
+    return paths, data.target[test]
 
 
 def _key_name(key) -> str:

@@ -24,7 +24,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 import tfds_fakes  # noqa: E402
 from configs import common  # noqa: E402
 from helpers import assert_follows_source_protocol, free_port, set_fields  # noqa: E402
-from noah_jax import checkpoint, train  # noqa: E402
+from noah_jax import checkpoint, inference, train  # noqa: E402
 from noah_jax.data import catalog, get_source, tfds_source  # noqa: E402
 from noah_jax.models import create_model  # noqa: E402
 
@@ -406,9 +406,10 @@ def test_coco_fine_tuning_from_imagenet_and_exact_map(coco_run, imagenet_run):
     config, workdir, results = coco_run
     assert results["eval/count"] == 8
     variables, meta = checkpoint.restore_model(workdir / "checkpoints")
-    # Multi-label, classes named by the TFDS feature (the fake's bare ClassLabel numbers
-    # them).
+    # Read back as multi-label: scores are sigmoids, classes named by the TFDS feature
+    # (the fake's bare ClassLabel numbers them).
     assert (meta["multilabel"], meta["class_names"]) == (True, [str(k) for k in range(80)])
+    assert inference.load(workdir).multilabel
     logits, labels = direct_logits(config, variables, source_of(config).eval_batches)
     assert results["eval/mAP"] == pytest.approx(sklearn_map(logits, labels), abs=1e-6)
     # The ImageNet backbone (32 px) initialised the 48 px model: its 4 x 4 grid of
