@@ -88,6 +88,14 @@ def latest_step(directory: str | os.PathLike) -> Optional[int]:
         return mngr.latest_step()
 
 
+def read_meta(directory: str | os.PathLike, *, step: int) -> dict:
+    """The 'meta' item of a checkpoint step: what it holds (model, head, num_classes,
+    overrides, class_names, ...), read without touching the arrays."""
+    with manager(directory, read_only=True) as mngr:
+        return dict(mngr.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta)
+
+
 def resize_position_embedding(pos_embed: np.ndarray, num_tokens: int) -> np.ndarray:
     """ViT position embeddings [1, P + g*g, D] -> [1, P + G*G, D] for G*G = num_tokens - P.
 
@@ -191,6 +199,25 @@ def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
             if "head" in tree:
                 restored[col]["head"] = tree["head"]
     return restored, meta
+
+
+def restore_ema_params(directory: str | os.PathLike, target: Any, *, step: int) -> Optional[Any]:
+    """The EMA parameters of a training run's checkpoint ('train' item, 'ema_params'),
+    restored into `target` (the model's params or their eval_shape), or None when the
+    run kept no EMA (or the checkpoint is model-only, e.g. converted). Only those
+    arrays are read, not the optimiser state beside them."""
+    with manager(directory, read_only=True) as mngr:
+        stored = mngr.item_metadata(step).get("train")
+        if not stored or "ema_params" not in stored:
+            return None
+        problems = tree_mismatches(target, stored["ema_params"])
+        if problems:
+            raise CheckpointMismatchError(
+                f"the EMA parameters of checkpoint {directory} step {step} do not fit the "
+                "model:\n  " + "\n  ".join(problems))
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            train=_restore_into({"ema_params": target}, partial=True))).train
+    return restored["ema_params"]
 
 
 def _restore_into(target: Any, partial: bool = False) -> ocp.args.PyTreeRestore:

@@ -5,7 +5,7 @@
     state_dict = flax_to_torch(variables, "resnet18")                    # the way back
 
     python -m noah_jax.convert --model resnet18 --head noah --input ckpt.pth --output DIR \
-        [--num-classes K] [--drop-head] [--override key_ratio=0.25 ...]
+        [--num-classes K] [--drop-head] [--class-names FILE] [--override key_ratio=0.25 ...]
 
 A state_dict is a mapping from the reference's keys to numpy arrays (torch tensors are
 accepted too). The class count comes from the head's weights, and for ViT/Mixer/gMLP the
@@ -47,6 +47,10 @@ shape mismatch by name. Nothing is skipped silently; `drop_head=True` drops the 
 weights (and ignores them in the state_dict) on purpose, for fine-tuning on other labels.
 Values are cast to float32, the dtype of our parameters.
 
+Class names. The checkpoint's meta records them for predictions (`noah_jax.predict`):
+`--class-names FILE` (one per line, as many as the head has classes), else, for a
+1000-class head, ImageNet-1k's (`catalog.imagenet_class_names`, WordNet synset ids).
+
 Files (`load_state_dict`): `.pth`/`.pt`/`.pth.tar` through `torch.load(...,
 weights_only=True)` (torch is optional and only needed for these), `.safetensors` (read
 here from the format's spec, no package needed) and `.npz` (entries named `__x__` are
@@ -79,6 +83,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from noah_jax import checkpoint
+from noah_jax.data import catalog
 from noah_jax.errors import UserError
 from noah_jax.heads import NOAHHead
 from noah_jax.models import create_model, model_overrides
@@ -712,6 +717,35 @@ def _parse_override(text: str) -> tuple[str, Any]:
         return key, value  # a bare string
 
 
+def read_class_names(path: str) -> list[str]:
+    """Class names from a text file, one per line in label order (surrounding spaces
+    and trailing empty lines dropped); an empty line among them is a mistake."""
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f.read().splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    if "" in names:
+        raise ConversionError(f"{path}: line {names.index('') + 1} is empty; the file needs "
+                              "one class name per line, in label order")
+    return names
+
+
+def _class_names(path: Optional[str], num_classes: Optional[int], *, drop_head: bool
+                 ) -> Optional[list[str]]:
+    """The names to record: those of `path`, checked against the head's class count;
+    without a file, ImageNet-1k's (WordNet synset ids) for a kept 1000-class head; else
+    None (a dropped head's classes are the fine-tuning dataset's, recorded by training)."""
+    if path is None:
+        if num_classes == 1000 and not drop_head:
+            return catalog.imagenet_class_names()
+        return None
+    names = read_class_names(path)
+    if num_classes is not None and len(names) != num_classes:
+        raise ConversionError(f"{path} has {len(names)} class names (one per line), but the "
+                              f"model has {num_classes} classes")
+    return names
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m noah_jax.convert",
@@ -728,6 +762,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "count of the new head, recorded in the checkpoint's meta")
     parser.add_argument("--drop-head", action="store_true",
                         help="write the backbone only (fine-tuning on another label set)")
+    parser.add_argument("--class-names", metavar="FILE", default=None,
+                        help="text file of the class names in label order, one per line, "
+                             "recorded in the checkpoint's meta (predictions show them); "
+                             "without it a 1000-class model records ImageNet-1k's")
     parser.add_argument("--override", action="append", type=_parse_override, default=[],
                         metavar="KEY=VALUE",
                         help="create_model override, e.g. key_ratio=0.25 or head_split=False "
@@ -741,6 +779,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         num_classes, overrides = infer_model_settings(
             state_dict, args.model, head=args.head, num_classes=args.num_classes,
             drop_head=args.drop_head, **dict(args.override))
+        class_names = _class_names(args.class_names, num_classes, drop_head=args.drop_head)
         variables = torch_to_flax(state_dict, args.model, head=args.head,
                                   num_classes=num_classes, drop_head=args.drop_head,
                                   **overrides)
@@ -753,6 +792,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta = {"model": args.model, "head": args.head, "num_classes": num_classes,
             "overrides": overrides, "source": os.path.abspath(args.input),
             "dropped_head": args.drop_head}
+    if class_names is not None:
+        meta["class_names"] = class_names
     try:
         checkpoint.save_model(args.output, variables, meta)
     except (UserError, OSError) as e:  # an output folder that cannot be written

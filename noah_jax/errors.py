@@ -31,6 +31,10 @@ class DataError(UserError, ValueError):
     """A dataset that is missing, malformed or does not fit the config."""
 
 
+class ImageFileError(DataError):
+    """An image to predict on that is missing, unreadable, undecodable or too large."""
+
+
 class CheckpointError(UserError):
     """A checkpoint that cannot be used, read or written."""
 

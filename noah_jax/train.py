@@ -372,9 +372,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
         _log_run_description(config, workdir, mesh, source, abstract_state, overrides)
+        # What describes the model to whoever loads the checkpoint without the config
+        # (noah_jax.inference): the classes by name, how its scores are read, its inputs.
         meta = {"model": config.model.name, "head": config.model.head,
                 "num_classes": source.num_classes, "overrides": overrides,
-                "dataset": config.dataset.name}
+                "dataset": config.dataset.name, "class_names": list(source.class_names),
+                "multilabel": source.multilabel, "loss": config.loss,
+                "image_size": config.dataset.image_size}
 
         # ------------------------------------------------------------- Update step
         train_step = jax.jit(make_train_step(model, tx, config, schedule, mesh,

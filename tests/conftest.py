@@ -24,3 +24,28 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """(workdir, final evaluation) of the tiny demo run (helpers.demo_config) with an EMA
+    of its parameters, trained once per test process for the tests that load it."""
+    from helpers import demo_config
+    from noah_jax import train
+
+    workdir = tmp_path_factory.mktemp("demo_run")
+    results = train.train_and_evaluate(demo_config(ema_decay=0.5), str(workdir))
+    return workdir, results
+
+
+@pytest.fixture(scope="session")
+def digit_pngs(tmp_path_factory):
+    """(folder, paths, labels) of the demo's 360 test digits as PNG files
+    (helpers.write_test_digits)."""
+    from helpers import write_test_digits
+
+    folder = tmp_path_factory.mktemp("test_digits")
+    paths, labels = write_test_digits(folder)
+    return folder, paths, labels

@@ -5,6 +5,8 @@ conftest.py puts this folder on sys.path, so tests use `import helpers`.
 
 from __future__ import annotations
 
+import importlib
+import pathlib
 import socket
 from collections.abc import Mapping
 
@@ -68,8 +70,8 @@ def assert_optimizer_state_fits(opt_state, params, optimizer_name: str) -> None:
 
 def assert_follows_source_protocol(source, *, name: str, num_classes: int,
                                    image_shape: tuple[int, int, int], num_train_examples: int,
-                                   num_eval_examples: int, multilabel: bool = False,
-                                   local_batch_size: int = 4) -> None:
+                                   num_eval_examples: int, class_names: list[str],
+                                   multilabel: bool = False, local_batch_size: int = 4) -> None:
     """`source` has the attribute values given and its iterators yield what
     noah_jax/data/base.py's `Source` documents: training batches {'image' float32
     [b, H, W, 3], 'label' int32 [b] class ids (multi-label: float32 [b, K] multi-hot)}
@@ -78,6 +80,8 @@ def assert_follows_source_protocol(source, *, name: str, num_classes: int,
     assert isinstance(source, Source)
     assert (source.name, source.num_classes, tuple(source.image_shape)) == (
         name, num_classes, image_shape)
+    assert source.class_names == class_names and len(class_names) == num_classes
+    assert all(isinstance(n, str) for n in source.class_names)
     assert (source.num_train_examples, source.num_eval_examples) == (
         num_train_examples, num_eval_examples)
     assert source.multilabel is multilabel
@@ -112,6 +116,44 @@ def assert_follows_source_protocol(source, *, name: str, num_classes: int,
     # Padding only at the end of the last batch, and every example marked exactly once.
     assert len(masks) == -(-num_eval_examples // b) * b
     np.testing.assert_array_equal(masks, np.arange(len(masks)) < num_eval_examples)
+
+
+def demo_config(**changes) -> ml_collections.ConfigDict:
+    """The README demo, shrunk: a 1-block NOAH ViT, 6 steps of 16 digits."""
+    c = importlib.import_module("configs.vit_noah").get_config("demo")
+    c.model.overrides.depth = 1
+    c.model.overrides.embed_dim = 96
+    c.model.overrides.attn_heads = 3
+    c.num_epochs = 0.0
+    c.total_steps = 6
+    c.batch_size = 16
+    c.eval_batch_size = 48   # 360 eval digits = 7.5 batches: the last one is padded
+    c.log_every_steps = 3
+    c.eval_every_steps = 6
+    c.checkpoint_every_steps = 3
+    c.attention_figure_images = 0  # drawn only where a test checks it
+    return set_fields(c, **changes)
+
+
+def write_test_digits(folder) -> tuple[list[str], np.ndarray]:
+    """The 360 test digits of the demo (load_digits() at digits.split_indices()'s test
+    indices, in that order) as 8x8 grey PNGs folder/<label>/<index>.png of pixel value
+    round(255 * level / 16). Returns (paths, labels int [360])."""
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
+
+    from noah_jax.data import digits
+
+    data = load_digits()
+    _, test = digits.split_indices()
+    paths = []
+    for index in test:
+        pixels = np.round(data.images[index] * 255 / 16).astype(np.uint8)[..., None]
+        path = pathlib.Path(folder) / str(data.target[index]) / f"{index:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(tf.io.encode_png(pixels).numpy())
+        paths.append(str(path))
+    return paths, data.target[test]
 
 
 def _key_name(key) -> str:

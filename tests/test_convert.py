@@ -16,6 +16,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from noah_jax import checkpoint, convert
+from noah_jax.data import catalog
 from noah_jax.heads import NOAHHead
 from noah_jax.models import create_model
 
@@ -640,6 +641,7 @@ def test_command_line_writes_a_checkpoint_that_scores_like_the_reference(tmp_pat
     variables, stored_meta = checkpoint.restore_model(out, abstract_variables(model, 224))
     # The source path as given; compare resolved (../shared may be a symbolic link).
     assert os.path.realpath(stored_meta.pop("source")) == str(path.resolve())
+    assert stored_meta.pop("class_names") == catalog.imagenet_class_names()
     assert stored_meta == {"model": "resnet18", "head": "noah", "num_classes": 1000,
                            "overrides": {}, "dropped_head": False}
     assert_parity(evaluate(model, variables, images), reference)
@@ -697,3 +699,73 @@ def test_command_line_overrides_reach_the_model(tmp_path):
     assert meta["overrides"] == {"key_ratio": 0.25, "depth": 1, "img_size": 32}
     assert meta["num_classes"] == 6
     assert_variables_equal(restored, source_vars)
+
+
+# ---------------------------------------------------------------------------------------
+# Class names in the checkpoint's meta.
+# ---------------------------------------------------------------------------------------
+
+TINY_DEIT = dict(img_size=32, depth=1)
+
+
+def write_tiny_deit(path, num_classes):
+    """A 1-block DeiT-Tiny x0.5 at 32 px with `num_classes` classes, as reference weights."""
+    model = create_model("deit_tiny_050_patch16_224", num_classes=num_classes, **TINY_DEIT)
+    np.savez(path, **convert.flax_to_torch(random_variables(model, (1, 32, 32, 3)),
+                                           "deit_tiny_050_patch16_224"))
+
+
+def convert_tiny_deit(tmp_path, *flags, out="converted"):
+    """Runs the command on tmp_path/w.npz; returns (exit code, output directory)."""
+    out = tmp_path / out
+    code = convert.main(["--model", "deit_tiny_050_patch16_224", "--input",
+                         str(tmp_path / "w.npz"), "--output", str(out), "--override", "depth=1",
+                         *flags])
+    return code, out
+
+
+def test_imagenet_class_names_are_the_sorted_synsets_tfds_ships():
+    names = catalog.imagenet_class_names()
+    assert len(names) == len(set(names)) == 1000
+    assert names == sorted(names)  # the folder-per-class order the reference trained with
+    assert names[:2] == ["n01440764", "n01443537"] and names[-1] == "n15075141"
+
+
+def test_a_1000_class_checkpoint_records_imagenet_names_unless_a_file_gives_them(tmp_path):
+    write_tiny_deit(tmp_path / "w.npz", 1000)
+    code, out = convert_tiny_deit(tmp_path)
+    _, meta = checkpoint.restore_model(out)
+    assert code == 0 and meta["class_names"] == catalog.imagenet_class_names()
+
+    names = [f"thing {k}, kind {k % 7}" for k in range(1000)]  # commas and spaces kept
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n\n")  # trailing blank lines
+    code, out = convert_tiny_deit(tmp_path, "--class-names", str(tmp_path / "names.txt"),
+                                  out="named")
+    _, meta = checkpoint.restore_model(out)
+    assert code == 0 and meta["class_names"] == names
+
+
+def test_class_names_file_is_checked_against_the_head(tmp_path, capsys):
+    write_tiny_deit(tmp_path / "w.npz", 3)
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    with pytest.raises(SystemExit) as info:
+        convert_tiny_deit(tmp_path, "--class-names", str(tmp_path / "names.txt"))
+    assert info.value.code == 1
+    assert capsys.readouterr().err == (
+        f"python -m noah_jax.convert: error: {tmp_path / 'names.txt'} has 2 class names (one "
+        "per line), but the model has 3 classes\n")
+    assert checkpoint.latest_step(tmp_path / "converted") is None  # nothing written
+
+    (tmp_path / "names.txt").write_text("cat\n\ndog\nfox\n")
+    with pytest.raises(SystemExit):
+        convert_tiny_deit(tmp_path, "--class-names", str(tmp_path / "names.txt"))
+    assert capsys.readouterr().err.endswith("names.txt: line 2 is empty; the file needs one "
+                                            "class name per line, in label order\n")
+
+    (tmp_path / "names.txt").write_text(" cat \ndog\nfox")  # spaces around names dropped
+    code, out = convert_tiny_deit(tmp_path, "--class-names", str(tmp_path / "names.txt"))
+    _, meta = checkpoint.restore_model(out)
+    assert code == 0 and meta["class_names"] == ["cat", "dog", "fox"]
+    # Other class counts record no names unless given (the loader then numbers them).
+    code, plain = convert_tiny_deit(tmp_path, out="plain")
+    assert code == 0 and "class_names" not in checkpoint.restore_model(plain)[1]

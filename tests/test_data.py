@@ -106,7 +106,7 @@ def test_digits_arrays(digits_source):
     s = digits_source
     assert_follows_source_protocol(s, name="digits", num_classes=10, image_shape=(32, 32, 3),
                                    num_train_examples=1437, num_eval_examples=360,
-                                   local_batch_size=64)
+                                   class_names=list("0123456789"), local_batch_size=64)
     assert s.train_images.shape == (1437, 32, 32, 3) and s.eval_images.shape == (360, 32, 32, 3)
     assert s.train_images.dtype == s.eval_images.dtype == np.float32
     assert s.train_labels.dtype == s.eval_labels.dtype == np.int32
@@ -285,7 +285,8 @@ def test_synthetic_shapes_statistics_and_splits():
     source = synthetic_source(image_size=20, num_classes=7, num_train_examples=300)
     assert_follows_source_protocol(source, name="synthetic", num_classes=7,
                                    image_shape=(20, 20, 3), num_train_examples=300,
-                                   num_eval_examples=37, local_batch_size=8)
+                                   num_eval_examples=37, local_batch_size=8,
+                                   class_names=[f"class_{k}" for k in range(7)])
     batch = next(source.train_batches(start_step=0, local_batch_size=300, process_index=0,
                                       process_count=1))
     assert batch["image"].shape == (300, 20, 20, 3) and batch["image"].dtype == np.float32

@@ -107,8 +107,7 @@ def test_attributes_counts_and_skipped(tree, source):
     assert len(valid["train"]) == 13 and len(valid["val"]) == 7
     assert_follows_source_protocol(source, name="folder", num_classes=3,
                                    image_shape=(SIZE, SIZE, 3), num_train_examples=13,
-                                   num_eval_examples=7)
-    assert source.class_names == list(CLASSES)
+                                   num_eval_examples=7, class_names=list(CLASSES))
     assert source.train_split == "train" and source.eval_split == "val"
     assert source.extra_evals == {}
     assert {split: sorted(paths) for split, paths in source.skipped.items()} == skipped

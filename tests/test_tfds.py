@@ -24,8 +24,8 @@ tfds = pytest.importorskip("tensorflow_datasets")
 import tfds_fakes  # noqa: E402
 from configs import common  # noqa: E402
 from helpers import assert_follows_source_protocol, free_port, set_fields  # noqa: E402
-from noah_jax import checkpoint, train  # noqa: E402
-from noah_jax.data import get_source, tfds_source  # noqa: E402
+from noah_jax import checkpoint, inference, train  # noqa: E402
+from noah_jax.data import catalog, get_source, tfds_source  # noqa: E402
 from noah_jax.models import create_model  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -246,7 +246,9 @@ def test_cifar_png_images_through_the_non_jpeg_path(data_dir):
     source = source_of(c)
     assert_follows_source_protocol(source, name="cifar10", num_classes=10,
                                    image_shape=(32, 32, 3), num_train_examples=12,
-                                   num_eval_examples=5)
+                                   # TFDS names CIFAR's classes when it builds the data;
+                                   # the fake's metadata has the builder's bare ClassLabel.
+                                   num_eval_examples=5, class_names=list("0123456789"))
     labels, _ = eval_rows(source.eval_batches, 1, 4)
     assert sorted(labels) == sorted(tfds_fakes.single_label("test", i, 10) for i in range(5))
     # At 32 px with crop ratio 1 the eval image is the stored PNG, normalised.
@@ -309,13 +311,19 @@ def test_coco_multi_hot_labels_and_unlabeled_images(data_dir, drop_unlabeled):
         assert (b["label"].sum(1) > 0).all() or not drop_unlabeled
 
 
+VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor"]
+
+
 def test_voc_uses_trainval_and_test(data_dir):
     source = source_of(dataset_config(data_dir, "voc/2007"))
     labelled_test_images = sum(1 for i in range(7) if tfds_fakes.coco_label_ids("test", i, 20))
     assert_follows_source_protocol(source, name="voc/2007", num_classes=20,
                                    image_shape=(32, 32, 3),
                                    num_train_examples=6 + 4,  # train + validation
-                                   num_eval_examples=labelled_test_images, multilabel=True)
+                                   num_eval_examples=labelled_test_images, multilabel=True,
+                                   class_names=VOC_CLASSES)
     labels, _ = eval_rows(source.eval_batches, 1, 8)
     assert labels.shape[1] == 20
 
@@ -362,7 +370,8 @@ def imagenet_run(data_dir, tmp_path_factory):
 def test_imagenet_training_and_exact_evaluation(imagenet_run):
     config, workdir, results = imagenet_run
     assert results["eval/count"] == 13 and results["eval/imagenet2012_real/count"] == 9
-    variables, _ = checkpoint.restore_model(workdir / "checkpoints")
+    variables, meta = checkpoint.restore_model(workdir / "checkpoints")
+    assert meta["class_names"] == catalog.imagenet_class_names()  # the synsets TFDS ships
     source = source_of(config)
     logits, labels = direct_logits(config, variables, source.eval_batches)
     assert results["eval/top1"] == pytest.approx(np.mean(logits.argmax(1) == labels), abs=1e-9)
@@ -396,7 +405,11 @@ def coco_run(data_dir, imagenet_run, tmp_path_factory):
 def test_coco_fine_tuning_from_imagenet_and_exact_map(coco_run, imagenet_run):
     config, workdir, results = coco_run
     assert results["eval/count"] == 8
-    variables, _ = checkpoint.restore_model(workdir / "checkpoints")
+    variables, meta = checkpoint.restore_model(workdir / "checkpoints")
+    # Read back as multi-label: scores are sigmoids, classes named by the TFDS feature
+    # (the fake's bare ClassLabel numbers them).
+    assert (meta["multilabel"], meta["class_names"]) == (True, [str(k) for k in range(80)])
+    assert inference.load(workdir).multilabel
     logits, labels = direct_logits(config, variables, source_of(config).eval_batches)
     assert results["eval/mAP"] == pytest.approx(sklearn_map(logits, labels), abs=1e-6)
     # The ImageNet backbone (32 px) initialised the 48 px model: its 4 x 4 grid of

@@ -18,29 +18,12 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import common
-from helpers import assert_optimizer_state_fits, free_port, set_fields
+from helpers import assert_optimizer_state_fits, demo_config, free_port, set_fields
 from noah_jax import checkpoint, data, durations, errors, optim, sharding, train
 from noah_jax.models import create_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARITY = ROOT.parent / "shared" / "parity"
-
-
-def demo_config(**changes):
-    """The README demo, shrunk: a 1-block NOAH ViT, 6 steps of 16 digits."""
-    c = importlib.import_module("configs.vit_noah").get_config("demo")
-    c.model.overrides.depth = 1
-    c.model.overrides.embed_dim = 96
-    c.model.overrides.attn_heads = 3
-    c.num_epochs = 0.0
-    c.total_steps = 6
-    c.batch_size = 16
-    c.eval_batch_size = 48   # 360 eval digits = 7.5 batches: the last one is padded
-    c.log_every_steps = 3
-    c.eval_every_steps = 6
-    c.checkpoint_every_steps = 3
-    c.attention_figure_images = 0  # drawn in the one test that checks it
-    return set_fields(c, **changes)
 
 
 def direct_eval(config, variables):
@@ -73,6 +56,9 @@ def test_demo_run_trains_checkpoints_logs_and_evaluates_every_example_once(tmp_p
     assert results["eval/top1"] == pytest.approx(top1, abs=1e-9)
     assert results["eval/loss"] == pytest.approx(loss, rel=1e-5)
     assert meta["model"] == "deit_tiny_patch16_224" and meta["num_classes"] == 10
+    # What a loader needs without the config (noah_jax.inference).
+    assert meta["class_names"] == list("0123456789")
+    assert (meta["multilabel"], meta["loss"], meta["image_size"]) == (False, "softmax_xent", 32)
     assert checkpoint.latest_step(tmp_path / "checkpoints") == 6
     assert list(tmp_path.glob("events.out.tfevents.*"))
     assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 6

@@ -1,7 +1,7 @@
 """Input sources: `get_source(config.dataset, seed=..., augment=config.augment) -> Source`.
 
-A `Source` (noah_jax/data/base.py) gives sizes, the image shape and two iterators
-of host-side numpy batches: an endless, resumable `train_batches` and a finite,
+A `Source` (noah_jax/data/base.py) gives sizes, the image shape, the class names and
+two iterators of host-side numpy batches: an endless, resumable `train_batches` and a finite,
 padded and masked `eval_batches`. Names:
 
   digits     scikit-learn's 8x8 handwritten digits, upsampled (noah_jax/data/digits.py);

@@ -42,6 +42,8 @@ class Source(Protocol):
 
     name: str
     num_classes: int
+    class_names: list[str]      # label k is class_names[k]; the trainer records them in
+                                # each checkpoint's meta, so predictions can name classes
     image_shape: tuple[int, int, int]  # (H, W, 3)
     num_train_examples: int
     num_eval_examples: int

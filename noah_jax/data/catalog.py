@@ -8,6 +8,8 @@ configs take class counts from here.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 # How each label kind turns a record into (encoded image, label) is tfds_source's.
 SINGLE, COCO, VOC, REAL = "single", "coco", "voc", "real"
@@ -85,3 +87,22 @@ def default_manual_dir(data_dir: str = "") -> str:
 def prepare_command(name: str, data_dir: str = "") -> str:
     """The command that prepares `name` in `data_dir`, as the README gives it."""
     return f"python -m noah_jax.prepare {name} --data_dir={default_data_dir(data_dir)}"
+
+
+def imagenet_class_names() -> list[str]:
+    """ImageNet-1k's 1000 class names in label order: WordNet synset ids ('n01440764',
+    'n01443537', ...), sorted, which is the order of TFDS's imagenet2012 labels and of
+    the folder-per-class datasets the reference trained on. Read from the list the
+    tensorflow_datasets package ships (found without importing it, so no TensorFlow).
+    TFDS ships no human-readable ImageNet names; `python -m noah_jax.convert
+    --class-names FILE` records your own."""
+    spec = importlib.util.find_spec("tensorflow_datasets")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        path = os.path.join(folder, "datasets", "imagenet2012", "labels.txt")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return [line.strip() for line in f if line.strip()]
+    raise FileNotFoundError("tensorflow_datasets/datasets/imagenet2012/labels.txt, the "
+                            "ImageNet class list, is not installed; install "
+                            "requirements.txt")

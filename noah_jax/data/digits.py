@@ -55,6 +55,19 @@ def linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
+def area_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] weights of area (box) resampling: output pixel i is the mean
+    of the input over its span [i, i + 1) * in_size / out_size, each input pixel
+    weighted by how much of it lies in that span. Identity when the sizes are equal;
+    what shrinks an image of any size to the digits' 8x8 without skipping pixels."""
+    scale = in_size / out_size
+    starts, ends = np.arange(out_size) * scale, (np.arange(out_size) + 1) * scale
+    pixels = np.arange(in_size)
+    overlap = np.clip(np.minimum(ends[:, None], pixels[None, :] + 1)
+                      - np.maximum(starts[:, None], pixels[None, :]), 0, None)
+    return overlap / scale
+
+
 def split_indices() -> tuple[np.ndarray, np.ndarray]:
     """(train, test) indices into load_digits(), disjoint, each in increasing order."""
     keys = base.hash_u64(DIGITS_SPLIT_KEY, np.arange(NUM_EXAMPLES, dtype=np.uint64))
@@ -66,7 +79,9 @@ class DigitsSource(base.IndexedSource):
     """scikit-learn's digits at image_size x image_size x 3; see the module docstring.
 
     `train_images` / `eval_images` hold the normalised, un-augmented float32
-    [n, H, W, 3] arrays and `train_labels` / `eval_labels` the int32 labels.
+    [n, H, W, 3] arrays and `train_labels` / `eval_labels` the int32 labels;
+    `class_names` are '0'..'9'. `images_from_levels` applies the same transform to
+    new 8x8 digits (what `noah_jax.inference` does with image files).
     """
 
     name = "digits"
@@ -81,23 +96,23 @@ class DigitsSource(base.IndexedSource):
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         self.seed = seed
         self.image_shape = (image_size, image_size, 3)
+        self.class_names = [str(digit) for digit in range(NUM_CLASSES)]  # label k is digit k
         self.augment = augment
         self.max_shift = max(1, round(image_size / 16))
 
         digits = load_digits()
-        raw = digits.images.astype(np.float64) / 16.0  # [1797, 8, 8] in [0, 1]
-        if raw.shape != (NUM_EXAMPLES, 8, 8):
-            raise ValueError(f"load_digits() returned images of shape {raw.shape}, "
+        levels = digits.images  # [1797, 8, 8], grey levels 0..16
+        if levels.shape != (NUM_EXAMPLES, 8, 8):
+            raise ValueError(f"load_digits() returned images of shape {levels.shape}, "
                              f"expected {(NUM_EXAMPLES, 8, 8)}")
-        resize = linear_resize_matrix(8, image_size)
-        resized = np.einsum("hi,nij,wj->nhw", resize, raw, resize)  # [1797, S, S]
+        self._resize = linear_resize_matrix(8, image_size)
+        resized = self._resized(levels)  # [1797, S, S]
 
         train, test = split_indices()
         self.mean = float(resized[train].mean())
         self.std = float(resized[train].std())
         self.background = np.float32((0.0 - self.mean) / self.std)
-        normalised = ((resized - self.mean) / self.std).astype(np.float32)
-        images = np.repeat(normalised[..., None], 3, axis=-1)  # [1797, S, S, 3]
+        images = self._normalised(resized)  # [1797, S, S, 3]
         labels = digits.target.astype(np.int32)
 
         self.train_images, self.train_labels = images[train], labels[train]
@@ -106,6 +121,24 @@ class DigitsSource(base.IndexedSource):
         # Padded once; a translated image is then a crop of its padded copy.
         self._padded_train = np.pad(self.train_images, ((0, 0), (s, s), (s, s), (0, 0)),
                                     constant_values=self.background)
+
+    def _resized(self, levels: np.ndarray) -> np.ndarray:
+        """Grey levels [n, 8, 8] (0..16) -> float64 [n, S, S] on [0, 1], bilinear."""
+        raw = np.asarray(levels, np.float64) / 16.0
+        return np.einsum("hi,nij,wj->nhw", self._resize, raw, self._resize)
+
+    def _normalised(self, resized: np.ndarray) -> np.ndarray:
+        normalised = ((resized - self.mean) / self.std).astype(np.float32)
+        return np.repeat(normalised[..., None], 3, axis=-1)
+
+    def images_from_levels(self, levels: np.ndarray) -> np.ndarray:
+        """Any 8x8 grey images, as levels 0..16 [n, 8, 8], -> the model's input, float32
+        [n, S, S, 3]: the transform every example of this source went through (resize,
+        then the training split's mean and std), for predicting on new digits."""
+        levels = np.asarray(levels)
+        if levels.ndim != 3 or levels.shape[1:] != (8, 8):
+            raise ValueError(f"expected grey levels of shape [n, 8, 8], got {levels.shape}")
+        return self._normalised(self._resized(levels))
 
     def _shifted(self, indices: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Training images `indices`, each translated by a hash of (seed, position)."""

@@ -66,9 +66,10 @@ def _subfolders(path: str) -> list[str]:
     return sorted(names)
 
 
-def _image_files(folder: str) -> list[str]:
+def image_files(folder: str) -> list[str]:
     """Paths of the image files anywhere below `folder`, skipping hidden files and
-    folders (anything below a hidden folder included)."""
+    folders (anything below a hidden folder included). `noah_jax.inference` finds the
+    images to predict on with it, by the same rules."""
     paths = []
     for directory, subdirs, files in tf.io.gfile.walk(folder):
         # Pruning in place stops the (top-down) walk from entering hidden folders.
@@ -207,7 +208,7 @@ class FolderSource:
         for label, class_name in enumerate(self.class_names):
             class_dir = tf.io.gfile.join(split_dir, class_name)
             if tf.io.gfile.isdir(class_dir):  # an eval split may lack classes
-                labelled += [(path, label) for path in _image_files(class_dir)]
+                labelled += [(path, label) for path in image_files(class_dir)]
         labelled.sort()
         paths = [path for path, _ in labelled]
         labels = np.array([label for _, label in labelled], np.int32)

@@ -47,6 +47,7 @@ class SyntheticSource(base.IndexedSource):
                              f"{num_train_examples}, num_eval_examples={num_eval_examples}")
         self.seed = seed
         self.num_classes = num_classes
+        self.class_names = [f"class_{k}" for k in range(num_classes)]
         self.image_shape = (image_size, image_size, 3)
         self.num_train_examples = num_train_examples
         self.num_eval_examples = num_eval_examples

@@ -21,6 +21,9 @@ when the training pipeline is built, so that resumption stays exact), evaluation
 masks them out and logs how many; `noah_jax.data.pipeline` explains both. The sizes
 from the TFDS metadata (`num_train_examples`, `num_eval_examples`) still count them.
 
+Class names (`class_names`) come from the label's ClassLabel feature: ImageNet's are
+WordNet synset ids, as TFDS ships them (`catalog.imagenet_class_names`).
+
 ImageNet-ReaL (`imagenet2012_real`) evaluates with its multi-hot "real" labels:
 a prediction is right when it is one of an image's real labels, and images without
 real labels are not counted (`noah_jax.metrics.real_accuracy_sums`).
@@ -123,6 +126,18 @@ def _label_ids(kind: str, record: dict) -> tf.Tensor:
     if kind == _COCO:
         return record["objects"]["label"]
     return record["labels" if kind == _VOC else "real_label"]
+
+
+def class_names(features: tfds.features.FeaturesDict, kind: str) -> list[str]:
+    """The names of the label's classes, from the dataset's ClassLabel feature:
+    ImageNet's WordNet synset ids ('n01440764', ...; TFDS ships no other names), the
+    COCO and VOC category names ('person', 'aeroplane', ...), CIFAR's ('airplane', ...).
+    A ClassLabel built without names gives '0', '1', ..."""
+    feature = {_SINGLE: lambda: features["label"], _COCO: lambda: features["objects"]["label"],
+               _VOC: lambda: features["labels"], _REAL: lambda: features["real_label"]}[kind]()
+    while isinstance(feature, tfds.features.Sequence):  # VOC's labels, ReaL's
+        feature = feature.feature
+    return [str(name) for name in feature.names]
 
 
 def make_parse(kind: str, num_classes: int) -> pipeline.Parse:
@@ -242,6 +257,7 @@ class TfdsSource:
         builder = prepared_builder(name, data_dir, spec)
         self.name = name
         self.num_classes = num_classes
+        self.class_names = class_names(builder.info.features, spec.kind)
         self.multilabel = spec.multilabel
         self.image_shape = (preprocess.image_size, preprocess.image_size, 3)
         self.seed, self._preprocess, self._shuffle_buffer = seed, preprocess, shuffle_buffer

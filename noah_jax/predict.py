@@ -1,0 +1,228 @@
+"""Classify image files with a trained or converted model.
+
+    python -m noah_jax.predict CHECKPOINT IMAGES_OR_FOLDERS... [--top-k 5]
+        [--format table|json|csv] [--batch-size 64] [--no-ema] [--threshold 0.5]
+        [--image-size S]
+
+CHECKPOINT is a training workdir, its checkpoints/ folder or a converted checkpoint
+(`noah_jax.inference.load`: the model and its evaluation preprocessing come from the
+checkpoint and the run's config.json). IMAGES_OR_FOLDERS are image files, and folders
+whose images are all read (.jpg .jpeg .png .gif .bmp anywhere below, as for folder
+datasets), sorted by path.
+
+For every image, in that order, stdout gets
+  single-label models  the --top-k classes by softmax probability;
+  multi-label models   (COCO, VOC, or trained with a sigmoid or asymmetric loss) every
+                       class whose sigmoid score is at least --threshold, highest first.
+--format table is for reading, json one array of {"path", "predictions": [{"rank",
+"class", "index", "probability" or "score"}, ...]}, csv one row per image and class.
+Images go through the model --batch-size at a time (the last batch padded, so the
+model compiles once); over several batches a progress line goes to stderr.
+
+Exit status 0. A mistake ends in one line on stderr: status 2 for the command line, 1
+for the checkpoint or an image (`noah_jax.errors.UserError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import time
+from typing import Optional, Sequence, TextIO
+
+import numpy as np
+
+FORMATS = ("table", "json", "csv")
+PROG = "python -m noah_jax.predict"
+
+
+# ----------------------------------------------------------------------------------
+# Scoring.
+# ----------------------------------------------------------------------------------
+class _Progress:
+    """'done/total images' on stderr: rewritten in place on a terminal, else a line
+    every 10 seconds; nothing for a single batch."""
+
+    def __init__(self, total: int, batch_size: int, stream: TextIO):
+        self.total, self.stream = total, stream
+        self.active = total > batch_size
+        self.tty = stream.isatty()
+        self.start = self.last = time.time()
+
+    def update(self, done: int) -> None:
+        if not self.active:
+            return
+        now = time.time()
+        finished = done == self.total
+        if not (self.tty or finished or now - self.last >= 10):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        start, end = ("\r", "\n" if finished else "") if self.tty else ("", "\n")
+        self.stream.write(f"{start}predicted {done}/{self.total} images "
+                          f"({rate:.1f} images/s){end}")
+        self.stream.flush()
+
+
+def predict_scores(loaded, paths: Sequence[str], *, batch_size: int,
+                   progress: Optional[TextIO] = None) -> np.ndarray:
+    """float32 [n, K] scores of `loaded` (an `inference.Loaded`) on the image files:
+    softmax probabilities, or sigmoids for a multi-label model."""
+    import jax
+
+    apply = jax.jit(lambda variables, x: loaded.model.apply(variables, x, train=False))
+    scores = np.zeros((len(paths), len(loaded.class_names)), np.float32)
+    report = _Progress(len(paths), batch_size, progress or sys.stderr)
+    for start in range(0, len(paths), batch_size):
+        images = loaded.preprocess(paths[start:start + batch_size])
+        n = len(images)
+        if n < batch_size:  # one shape for every batch: one compilation
+            images = np.concatenate([images, np.zeros((batch_size - n, *images.shape[1:]),
+                                                      images.dtype)])
+        scores[start:start + n] = loaded.scores(apply(loaded.variables, images))[:n]
+        report.update(start + n)
+    return scores
+
+
+def results(scores: np.ndarray, paths: Sequence[str], class_names: Sequence[str], *,
+            multilabel: bool, top_k: int, threshold: float) -> list[dict]:
+    """Per image {'path', 'predictions': [{'rank', 'class', 'index', 'probability'}]}
+    (the top_k classes), or for a multi-label model the classes scoring at least
+    `threshold`, each with its 'score', highest first (ties: lower index first)."""
+    key = "score" if multilabel else "probability"
+    out = []
+    for path, row in zip(paths, scores):
+        order = np.argsort(-row, kind="stable")
+        chosen = order[row[order] >= threshold] if multilabel else order[:top_k]
+        out.append({"path": path, "predictions": [
+            {"rank": rank, "class": class_names[k], "index": int(k), key: float(row[k])}
+            for rank, k in enumerate(chosen, 1)]})
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# Output.
+# ----------------------------------------------------------------------------------
+def write_table(rows: list[dict], multilabel: bool, threshold: float, out: TextIO) -> None:
+    """Aligned columns: the image, then its classes with their percentages."""
+    def cell(p):
+        value = p["score"] if multilabel else p["probability"]
+        return f"{p['class']} {100 * value:.2f}%"
+
+    cells = [[r["path"]] + [cell(p) for p in r["predictions"]] for r in rows]
+    if multilabel:
+        header = ["image", f"classes scoring >= {threshold:g}"]
+        cells = [[c[0], ", ".join(c[1:]) or "(none)"] for c in cells]
+    else:
+        header = ["image"] + [f"top-{k}" for k in range(1, max(map(len, cells), default=1))]
+    table = [header] + cells
+    widths = [max(len(row[i]) for row in table if i < len(row)) for i in range(len(header))]
+    for row in table:
+        out.write("  ".join(text.ljust(w) for text, w in zip(row, widths)).rstrip() + "\n")
+
+
+def write_csv(rows: list[dict], multilabel: bool, out: TextIO) -> None:
+    key = "score" if multilabel else "probability"
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["path", "rank", "class", "index", key])
+    for r in rows:
+        for p in r["predictions"]:
+            writer.writerow([r["path"], p["rank"], p["class"], p["index"], f"{p[key]:.6g}"])
+
+
+# ----------------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, without argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Classify image files with a trained or converted "
+                                       "NOAH model.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a training workdir, its checkpoints/ folder, or a converted checkpoint")
+    p.add_argument("images", metavar="IMAGES_OR_FOLDERS", nargs="+",
+                   help="image files and folders of images (searched recursively)")
+    p.add_argument("--top-k", type=_positive, default=5,
+                   help="classes shown per image (single-label models; default 5)")
+    p.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    p.add_argument("--batch-size", type=_positive, default=64,
+                   help="images per forward pass (default 64)")
+    p.add_argument("--no-ema", action="store_true",
+                   help="use the raw parameters of a run that kept an EMA of them")
+    p.add_argument("--threshold", type=_fraction, default=0.5,
+                   help="multi-label models: show classes scoring at least this (default 0.5)")
+    p.add_argument("--image-size", type=_positive, default=None,
+                   help="input size for a converted checkpoint of a CNN (default 224)")
+    return p
+
+
+def one_line(error: BaseException) -> str:
+    """An error message on one line: a listing's lines joined with '; '."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    # TensorFlow decodes the images; its C++ start-up notices are not for this command.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from noah_jax import inference, run_log
+    from noah_jax.errors import UserError
+
+    # Orbax's notices (a checkpoint opened read-only, on purpose) go through the "absl"
+    # logger to stderr when absl's own handler is not in use, as here.
+    run_log.quiet_library_notices()
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, run_log.DropLibraryNotices) for f in absl_logger.filters):
+        absl_logger.addFilter(run_log.DropLibraryNotices())
+    try:
+        paths = inference.image_files(args.images)
+        loaded = inference.load(args.checkpoint, ema=not args.no_ema,
+                                image_size=args.image_size)
+        scores = predict_scores(loaded, paths, batch_size=args.batch_size)
+    except UserError as e:
+        sys.stderr.write(f"{PROG}: error: {one_line(e)}\n")
+        sys.exit(1)
+    rows = results(scores, paths, loaded.class_names, multilabel=loaded.multilabel,
+                   top_k=args.top_k, threshold=args.threshold)
+    if args.format == "json":
+        json.dump(rows, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    elif args.format == "csv":
+        write_csv(rows, loaded.multilabel, sys.stdout)
+    else:
+        write_table(rows, loaded.multilabel, args.threshold, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

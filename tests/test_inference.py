@@ -1,0 +1,242 @@
+"""The loader (noah_jax.inference): checkpoints of every kind, class names, and the
+evaluation preprocessing reproduced exactly on image files."""
+
+import re
+import struct
+import zlib
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from helpers import demo_config
+from noah_jax import checkpoint, convert, data, inference, train
+from noah_jax.data import catalog, pipeline
+from noah_jax.data.digits import DigitsSource
+from noah_jax.data.preprocess import Preprocess
+from noah_jax.errors import CheckpointError, ConfigError, ImageFileError
+from noah_jax.models import create_model
+
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def top1_count(loaded, images, labels):
+    logits = jax.jit(lambda v, x: loaded.model.apply(v, x, train=False))(loaded.variables, images)
+    return int((np.argmax(np.asarray(logits), -1) == labels).sum())
+
+
+def write_png(path, pixels):
+    path.write_bytes(tf.io.encode_png(np.asarray(pixels, np.uint8)).numpy())
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------
+# A training run.
+# ----------------------------------------------------------------------------------
+def test_a_workdir_loads_its_newest_checkpoint_config_and_ema(demo_run):
+    workdir, results = demo_run
+    source = DigitsSource(seed=0, image_size=32, augment=False)
+    raw_params = checkpoint.restore_model(workdir / "checkpoints")[0]["params"]
+    for path in (workdir, workdir / "checkpoints", f"{workdir}/checkpoints/"):
+        loaded = inference.load(path)
+        assert (loaded.step, loaded.ema, loaded.multilabel, loaded.image_size) == (
+            6, True, False, 32)
+        assert loaded.config.total_steps == 6 and loaded.config.ema_decay == 0.5
+        assert loaded.class_names == list("0123456789")
+        assert loaded.checkpoint == str(workdir / "checkpoints")
+    # The EMA parameters score what the run's eval_ema scored, the raw ones its eval.
+    assert top1_count(loaded, source.eval_images, source.eval_labels) == round(
+        results["eval_ema/top1"] * 360)
+    assert not np.array_equal(loaded.variables["params"]["head"]["query"]["kernel"],
+                              raw_params["head"]["query"]["kernel"])
+    raw = inference.load(workdir, ema=False)
+    assert not raw.ema
+    jax.tree.map(np.testing.assert_array_equal, raw.variables["params"], raw_params)
+    assert top1_count(raw, source.eval_images, source.eval_labels) == round(
+        results["eval/top1"] * 360)
+    # The attention maps are sown for whoever wants to show them: [B, N, K, L].
+    _, state = raw.model.apply(raw.variables, source.eval_images[:2], train=False,
+                               mutable=["intermediates"])
+    (attention,) = jax.tree.leaves(state["intermediates"])
+    assert attention.shape == (2, 4, 10, 16)  # 4 heads, 10 classes, 4x4 patches of 8 px
+    np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_test_digits_written_as_png_come_back_as_the_eval_images_exactly(demo_run, digit_pngs):
+    workdir, _ = demo_run
+    _, paths, labels = digit_pngs
+    source = DigitsSource(seed=0, image_size=32, augment=False)
+    np.testing.assert_array_equal(source.eval_labels, labels)
+    images = inference.load(workdir).preprocess(paths)
+    assert images.dtype == np.float32
+    np.testing.assert_array_equal(images, source.eval_images)
+
+
+def test_any_image_becomes_an_8x8_digit_of_17_grey_levels(demo_run, tmp_path):
+    loaded = inference.load(demo_run[0])
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 24, 3))
+    path = write_png(tmp_path / "photo.png", rgb)
+    # By hand: luma, the mean of each 4 x 3 block, one of the levels 0..16.
+    luma = rgb @ np.array([0.299, 0.587, 0.114])
+    blocks = luma.reshape(8, 4, 8, 3).mean(axis=(1, 3))
+    levels = np.round(blocks * 16 / 255)
+    source = DigitsSource(seed=0, image_size=32, augment=False)
+    np.testing.assert_array_equal(loaded.preprocess([path]), source.images_from_levels(levels[None]))
+    assert inference.digit_levels(np.full((5, 7, 3), 255)).tolist() == [[16.0] * 8] * 8
+
+
+# ----------------------------------------------------------------------------------
+# A folder dataset: its class names, and exactly its evaluation pipeline.
+# ----------------------------------------------------------------------------------
+def test_a_folder_run_records_its_class_names_and_preprocesses_as_it_evaluated(tmp_path):
+    rng = np.random.default_rng(1)
+    classes = ["cat", "dog", "fox"]
+    for split, per_class in (("train", 3), ("val", 2)):
+        for c, name in enumerate(classes):
+            (tmp_path / "images" / split / name).mkdir(parents=True)
+            for j in range(per_class):
+                h, w = rng.integers(30, 60, 2)
+                pixels = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+                encoded = (tf.io.encode_jpeg(pixels) if j % 2 else tf.io.encode_png(pixels))
+                suffix = ".jpg" if j % 2 else ".PNG"
+                (tmp_path / "images" / split / name / f"{j}{suffix}").write_bytes(
+                    encoded.numpy())
+    config = demo_config(dataset__name="folder", dataset__data_dir=str(tmp_path / "images"),
+                         dataset__num_classes=3, total_steps=1, eval_every_steps=1,
+                         checkpoint_every_steps=1, log_every_steps=1)
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert checkpoint.read_meta(tmp_path / "run" / "checkpoints", step=1)["class_names"] == classes
+
+    loaded = inference.load(tmp_path / "run")
+    assert loaded.class_names == classes and not loaded.ema
+    paths = inference.image_files([str(tmp_path / "images" / "val")])
+    assert len(paths) == 6 and paths == sorted(paths)
+    source = data.get_source(config.dataset, seed=config.seed, augment=config.augment)
+    (batch,) = source.eval_batches(local_batch_size=6, process_index=0, process_count=1)
+    np.testing.assert_array_equal(loaded.preprocess(paths), batch["image"])
+    assert [classes[k] for k in batch["label"]] == [p.split("/")[-2] for p in paths]
+
+
+# ----------------------------------------------------------------------------------
+# Converted checkpoints: ImageNet's evaluation preprocessing.
+# ----------------------------------------------------------------------------------
+def convert_random(tmp_path, name, num_classes, *flags, **overrides):
+    model = create_model(name, num_classes=num_classes, **overrides)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32) * 0.1,
+                             shapes)
+    np.savez(tmp_path / f"{name}.npz", **convert.flax_to_torch(variables, name))
+    out = tmp_path / f"{name}_converted"
+    convert.main(["--model", name, "--input", str(tmp_path / f"{name}.npz"),
+                  "--output", str(out), *flags,
+                  *(f"--override={k}={v}" for k, v in overrides.items() if k != "img_size")])
+    return out, variables
+
+
+def test_a_converted_checkpoint_uses_imagenet_evaluation_at_the_models_size(tmp_path):
+    out, variables = convert_random(tmp_path, "deit_tiny_050_patch16_224", 1000, img_size=32,
+                                    depth=1)
+    loaded = inference.load(out)
+    assert (loaded.image_size, loaded.config, loaded.ema, loaded.multilabel) == (
+        32, None, False, False)
+    assert loaded.class_names == catalog.imagenet_class_names()
+    jax.tree.map(np.testing.assert_array_equal, loaded.variables["params"], variables["params"])
+
+    grey = write_png(tmp_path / "grey.png", np.full((50, 40, 3), 200))
+    photo = write_png(tmp_path / "photo.png",
+                      np.random.default_rng(2).integers(0, 256, (50, 70, 3)))
+    images = loaded.preprocess([grey, photo])
+    assert images.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(images[0], np.broadcast_to((200 / 255 - MEAN) / STD, (32, 32, 3)),
+                               atol=1e-5)
+    # Shorter side to 32 / 0.875 = 36, centre crop 32: the base config's evaluation.
+    expected = pipeline.eval_image(tf.io.read_file(photo), Preprocess(image_size=32))
+    np.testing.assert_array_equal(images[1], expected.numpy())
+
+    with pytest.raises(ConfigError, match=r"takes 32 px images \(the model "
+                                          r"\(deit_tiny_050_patch16_224\) says so\); image "
+                                          r"size 64 does not fit it"):
+        inference.load(out, image_size=64)
+
+
+def test_a_converted_cnn_takes_the_image_size_asked_for(tmp_path):
+    (tmp_path / "names.txt").write_text("a\nb\nc\nd\ne\n")
+    out, _ = convert_random(tmp_path, "mobilenetv2_035", 5, "--class-names",
+                            str(tmp_path / "names.txt"))
+    loaded = inference.load(out, image_size=48)
+    assert loaded.image_size == 48 and loaded.class_names == list("abcde")
+    assert inference.load(out).image_size == 224
+    path = write_png(tmp_path / "x.png", np.zeros((60, 60, 3)))
+    assert loaded.preprocess([path]).shape == (1, 48, 48, 3)
+
+
+# ----------------------------------------------------------------------------------
+# Mistakes.
+# ----------------------------------------------------------------------------------
+def test_a_path_without_a_checkpoint_says_what_is_expected(tmp_path):
+    expected = ("expected a training workdir (with checkpoints/ inside), its checkpoints/ "
+                "folder, or a converted checkpoint (the --output of python -m noah_jax.convert)")
+    with pytest.raises(CheckpointError) as info:
+        inference.load(tmp_path / "nowhere")
+    assert str(info.value) == f"{tmp_path / 'nowhere'}: no such file or folder; {expected}"
+    with pytest.raises(CheckpointError) as info:
+        inference.load(tmp_path)
+    assert str(info.value) == f"no checkpoint in {tmp_path}: {expected}"
+
+
+def small_checkpoint(path, **meta):
+    checkpoint.save_model(path, {"params": {"w": np.zeros(3, np.float32)}}, meta)
+    return path
+
+
+def test_checkpoints_that_cannot_classify_are_refused_by_name(tmp_path):
+    unknown = small_checkpoint(tmp_path / "unknown", model="resnet9000", num_classes=3)
+    with pytest.raises(CheckpointError, match=r"^checkpoint .*unknown \(step 0\) is of a model "
+                                              r"this code cannot build: unknown model "
+                                              r"'resnet9000'\. .*Known models: resnet18, "):
+        inference.load(unknown)
+    anonymous = small_checkpoint(tmp_path / "anonymous", step=3)
+    with pytest.raises(CheckpointError, match=r"does not say which model it holds"):
+        inference.load(anonymous)
+    backbone = small_checkpoint(tmp_path / "backbone", model="resnet18", num_classes=10,
+                                dropped_head=True)
+    with pytest.raises(CheckpointError, match=r"holds a backbone without its head \(converted "
+                                              r"with --drop-head\)"):
+        inference.load(backbone)
+    other = small_checkpoint(tmp_path / "other", model="resnet18", num_classes=10)
+    with pytest.raises(checkpoint.CheckpointMismatchError,
+                       match=r"unexpected in checkpoint: params/w \(3,\)"):
+        inference.load(other)
+
+
+def huge_png_header(path, side=20000):
+    """A PNG signature and IHDR chunk declaring side x side RGB pixels, and nothing else."""
+    ihdr = struct.pack(">II5B", side, side, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(
+        ">I", zlib.crc32(b"IHDR" + ihdr))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk)
+    return str(path)
+
+
+def test_images_that_cannot_be_used_are_named(demo_run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(ImageFileError, match=r"^folder .*empty holds no images \(files ending "
+                                             r"in \.jpg, \.jpeg, \.png, \.gif, \.bmp, in any "
+                                             r"case\)$"):
+        inference.image_files([str(tmp_path / "empty")])
+    with pytest.raises(ImageFileError, match=r"^.*missing\.png: no such file or folder$"):
+        inference.image_files([str(tmp_path / "missing.png")])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    huge = huge_png_header(tmp_path / "huge.png")
+    for loaded in (inference.load(demo_run[0]),  # digits
+                   inference.load(convert_random(tmp_path, "mobilenetv2_035", 3)[0])):
+        with pytest.raises(ImageFileError,
+                           match=rf"^{re.escape(str(broken))} cannot be decoded as an image"):
+            loaded.preprocess([str(broken)])
+        with pytest.raises(ImageFileError,
+                           match=rf"^{re.escape(huge)} has more than 89,478,485 pixels"):
+            loaded.preprocess([huge])
