@@ -114,10 +114,14 @@ def visualize(checkpoint: str, images: Sequence[str], out: str, *, classes: str 
             scores = loaded.scores(logits)[0]
         if grad_cam or not noah:
             ranked = chosen or [int(k) for k in np.argsort(-scores)[:_TOP_CLASSES]]
-            cams = explain.grad_cam_plus_plus(model, variables, image, ranked)[0]
+            try:
+                cams = explain.grad_cam_plus_plus(model, variables, image, ranked)[0]
+            except ValueError as e:  # a class-token head (DeiT baseline): no feature map
+                raise ConfigError(f"{loaded.meta.get('model')} head="
+                                  f"{loaded.meta.get('head')}: {e}") from None
             written.append(figures.grad_cam_figure(
-                os.path.join(out, f"{stem}_gradcam.png"), picture, cams, ranked,
-                [float(scores[k]) for k in ranked], class_names=names))
+                os.path.join(out, f"{stem}_gradcam.png"), picture, cams, ranked, scores,
+                class_names=names))
     return [str(p) for p in written]
 
 

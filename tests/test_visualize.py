@@ -1,6 +1,7 @@
 """python -m noah_jax.visualize on checkpoints the trainer wrote: files, sizes, errors."""
 
 import importlib
+import re
 
 import numpy as np
 import pytest
@@ -10,11 +11,14 @@ from helpers import set_fields
 from noah_jax import figures, train, visualize
 
 
-def tiny_demo(workdir, head):
-    """The README demo shrunk to 3 steps of a 1-block ViT (4 NOAH heads)."""
-    c = importlib.import_module("configs.vit_noah").get_config(f"demo,head={head}")
-    set_fields(c, model__overrides__depth=1, num_epochs=0.0, total_steps=3, batch_size=16,
-               eval_batch_size=120, log_every_steps=3, eval_every_steps=3,
+def tiny_demo(workdir, head, family="vit"):
+    """A demo recipe shrunk to 3 steps of a 1-block model: the ViT (4 NOAH heads), or
+    the Mixer, whose baseline pools tokens (a DeiT baseline reads its class token only,
+    which has no map)."""
+    c = importlib.import_module(f"configs.{family}_noah").get_config(f"demo,head={head}")
+    depth = {"vit": "depth", "mixer": "num_blocks"}[family]
+    set_fields(c, **{f"model__overrides__{depth}": 1}, num_epochs=0.0, total_steps=3,
+               batch_size=16, eval_batch_size=120, log_every_steps=3, eval_every_steps=3,
                checkpoint_every_steps=3, attention_figure_images=0)
     train.train_and_evaluate(c, str(workdir))
     return workdir
@@ -65,7 +69,7 @@ def test_noah_figures_show_the_chosen_heads_and_classes(noah_run, tmp_path):
 
 
 def test_a_linear_head_gets_grad_cam_plus_plus(tmp_path):
-    workdir = tiny_demo(tmp_path / "work", "linear")
+    workdir = tiny_demo(tmp_path / "work", "linear", family="mixer")
     digits = write_digits(tmp_path / "digits", count=1)
     out = tmp_path / "out"
     assert visualize.main([str(workdir), str(digits), "--out", str(out)]) == 0
@@ -77,7 +81,7 @@ def test_a_linear_head_gets_grad_cam_plus_plus(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown_class", "no_checkpoint", "unreadable_image",
-                                  "no_such_head"])
+                                  "no_such_head", "class_token_baseline"])
 def test_mistakes_end_in_one_line(noah_run, tmp_path, capsys, case):
     workdir, digits = noah_run
     args = [str(workdir), str(digits), "--out", str(tmp_path / "out")]
@@ -86,6 +90,8 @@ def test_mistakes_end_in_one_line(noah_run, tmp_path, capsys, case):
         "no_checkpoint": r"no checkpoint",
         "unreadable_image": r"broken\.png",
         "no_such_head": r"--heads=9: give 'all' or head indices 0\.\.3",
+        "class_token_baseline": r"deit_tiny_patch16_224 head=linear: the head receives "
+                                r"features of shape \(1, 192\), with no positions",
     }[case]
     if case == "unknown_class":
         args += ["--classes", "3,eight"]
@@ -95,11 +101,12 @@ def test_mistakes_end_in_one_line(noah_run, tmp_path, capsys, case):
     elif case == "unreadable_image":
         (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
         args[1] = str(tmp_path / "broken.png")
-    else:
+    elif case == "no_such_head":
         args += ["--heads", "9"]
+    else:
+        args[0] = str(tiny_demo(tmp_path / "linear", "linear"))
     assert visualize.main(args) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("python -m noah_jax.visualize: error: ")
-    import re
     assert re.search(expected, err), err
