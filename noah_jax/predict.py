@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import os
 import sys
 import time
@@ -198,12 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from noah_jax import inference, run_log
     from noah_jax.errors import UserError
 
-    # Orbax's notices (a checkpoint opened read-only, on purpose) go through the "absl"
-    # logger to stderr when absl's own handler is not in use, as here.
-    run_log.quiet_library_notices()
-    absl_logger = logging.getLogger("absl")
-    if not any(isinstance(f, run_log.DropLibraryNotices) for f in absl_logger.filters):
-        absl_logger.addFilter(run_log.DropLibraryNotices())
+    run_log.quiet_library_notices()  # e.g. Orbax's "read only" notice, on purpose here
     try:
         paths = inference.image_files(args.images)
         loaded = inference.load(args.checkpoint, ema=not args.no_ema,

@@ -47,9 +47,12 @@ class DropLibraryNotices(logging_lib.Filter):
 
 
 def quiet_library_notices():
-    handler = logging.get_absl_handler()
-    if not any(isinstance(f, DropLibraryNotices) for f in handler.filters):
-        handler.addFilter(DropLibraryNotices())
+    """Installs DropLibraryNotices on absl's handler (main.py) and on the "absl" logger
+    itself, through which Orbax's notices reach stderr in commands that do not run
+    under absl's app (predict, visualize)."""
+    for target in (logging.get_absl_handler(), logging_lib.getLogger("absl")):
+        if not any(isinstance(f, DropLibraryNotices) for f in target.filters):
+            target.addFilter(DropLibraryNotices())
     if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
         sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 

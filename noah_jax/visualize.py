@@ -143,6 +143,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-ema", action="store_true",
                         help="the raw parameters, not the run's EMA ones")
     args = parser.parse_args(argv)
+    from noah_jax import run_log
+    run_log.quiet_library_notices()  # e.g. Orbax's "read only" notice, on purpose here
     try:
         written = visualize(args.checkpoint, args.images, args.out, classes=args.classes,
                             heads=args.heads, grad_cam=args.grad_cam, ema=not args.no_ema)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import pathlib
+import re
+import shlex
 import socket
 from collections.abc import Mapping
 
@@ -194,3 +196,27 @@ def tiny_model(name: str, head: str = "noah", batch: int = 2, num_classes: int =
     images = jax.random.normal(jax.random.key(seed), (batch, side, side, 3))
     variables = model.init(jax.random.key(seed + 1), images)
     return model, variables, images
+
+
+def readme_commands(prefix: str) -> list[list[str]]:
+    """Every command in the README's bash blocks that runs `prefix` (continuation lines
+    joined, the TPU one taken out of its gcloud quotes), as argument lists."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s)#.*$", "", line)  # comments
+            for part in re.split(r'&&|--command="', line):
+                part = part.strip()
+                if part.count('"') % 2:  # the end of the gcloud --command="..."
+                    part = part.rstrip('"')
+                words = shlex.split(part)
+                head = prefix.split()
+                for start in range(len(words)):
+                    # `python` or `.venv/bin/python`, then the rest of the prefix.
+                    here = words[start:start + len(head)]
+                    if (here and here[0].split("/")[-1] == head[0]
+                            and here[1:] == head[1:]):
+                        commands.append(words[start + len(head):])
+                        break
+    return commands

@@ -4,12 +4,13 @@ as written."""
 import os
 import pathlib
 import re
-import shlex
 import subprocess
 import sys
 
 from absl import flags
 from ml_collections import config_flags
+
+from helpers import readme_commands
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -22,30 +23,6 @@ def test_ci_runs_the_readme_test_command():
     assert setup == "python3 -m venv .venv"
     for step in (setup, install.replace("-r requirements.txt", "-q -r requirements.txt"), test):
         assert step in ci.splitlines(), f"{step!r} is in README.md but not in .ci/run"
-
-
-def readme_commands(prefix: str) -> list[list[str]]:
-    """Every command in the README's bash blocks that runs `prefix` (continuation lines
-    joined, the TPU one taken out of its gcloud quotes), as argument lists."""
-    readme = (ROOT / "README.md").read_text()
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.sub(r"(^|\s)#.*$", "", line)  # comments
-            for part in re.split(r'&&|--command="', line):
-                part = part.strip()
-                if part.count('"') % 2:  # the end of the gcloud --command="..."
-                    part = part.rstrip('"')
-                words = shlex.split(part)
-                head = prefix.split()
-                for start in range(len(words)):
-                    # `python` or `.venv/bin/python`, then the rest of the prefix.
-                    here = words[start:start + len(head)]
-                    if (here and here[0].split("/")[-1] == head[0]
-                            and here[1:] == head[1:]):
-                        commands.append(words[start + len(head):])
-                        break
-    return commands
 
 
 MAIN_FLAGS = {"workdir", "distributed", "coordinator_address", "num_processes", "process_id"}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import set_fields
+from helpers import readme_commands, set_fields
 from noah_jax import figures, train, visualize
 
 
@@ -110,3 +110,21 @@ def test_mistakes_end_in_one_line(noah_run, tmp_path, capsys, case):
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("python -m noah_jax.visualize: error: ")
     assert re.search(expected, err), err
+
+
+def test_the_readmes_figure_command_runs_on_a_demo_checkpoint(noah_run, tmp_path, monkeypatch):
+    """README.md's `python -m noah_jax.visualize` command, taken literally, with a short
+    demo run as runs/demo and digits at the paths it names."""
+    [args] = readme_commands("python -m noah_jax.visualize")
+    workdir, digits = noah_run
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "demo").symlink_to(workdir)
+    images = [a for a in args[1:] if a.endswith(".png")]
+    assert args[0] == "runs/demo" and images
+    for image in images:
+        (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / image).write_bytes((digits / "digit0.png").read_bytes())
+    assert visualize.main(args) == 0
+    out = tmp_path / args[args.index("--out") + 1]
+    assert len(list(out.glob("*_heads.png"))) == len(images)
