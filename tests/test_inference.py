@@ -82,7 +82,8 @@ def test_any_image_becomes_an_8x8_digit_of_17_grey_levels(demo_run, tmp_path):
     blocks = luma.reshape(8, 4, 8, 3).mean(axis=(1, 3))
     levels = np.round(blocks * 16 / 255)
     source = DigitsSource(seed=0, image_size=32, augment=False)
-    np.testing.assert_array_equal(loaded.preprocess([path]), source.images_from_levels(levels[None]))
+    np.testing.assert_array_equal(loaded.preprocess([path]),
+                                  source.images_from_levels(levels[None]))
     assert inference.digit_levels(np.full((5, 7, 3), 255)).tolist() == [[16.0] * 8] * 8
 
 
