@@ -120,21 +120,31 @@ def heads_figure(path, image, attention, contributions, probabilities, *,
     return _save(path, picture, [row])
 
 
+def _true_classes(label, class_names: Optional[Sequence[str]]) -> str:
+    """A class id, or a multi-hot row's first three positive classes, by name."""
+    label = np.asarray(label)
+    if label.ndim == 0:
+        return _class_name(int(label), class_names)
+    positives = [_class_name(int(k), class_names) for k in np.flatnonzero(label > 0)]
+    return ", ".join(positives[:3]) + (", ..." if len(positives) > 3 else "") or "none"
+
+
 def gallery_figure(path, images, attention, contributions, probabilities, *,
                    labels: Optional[Sequence[int]] = None,
                    class_names: Optional[Sequence[str]] = None, mean=None, std=None
                    ) -> pathlib.Path:
     """Figure (a) for several images, one row each: the image, then every head's map
     for the image's most probable class. images [B, H, W, C], attention [B, N, K, h, w],
-    contributions [B, N, K], probabilities [B, K]; `labels` (the true classes) are
-    named in the first panel's title when given. B rows of N + 1 panels."""
+    contributions [B, N, K], probabilities [B, K]; `labels` (the true classes: ids [B],
+    or multi-hot [B, K]) are named in the first panel's title when given. B rows of
+    N + 1 panels."""
     probabilities = np.asarray(probabilities)
     pictures, rows = [], []
     for b in range(len(probabilities)):
         k = int(np.argmax(probabilities[b]))
         picture = display_image(images[b], mean, std)
         heat = _heat(np.asarray(attention[b])[:, k], picture.shape[:2])
-        truth = f" (true {_class_name(int(labels[b]), class_names)})" if labels is not None else ""
+        truth = f" (true {_true_classes(labels[b], class_names)})" if labels is not None else ""
         row = [(None, f"{_class_name(k, class_names)}{truth}\np = {probabilities[b, k]:.3g}")]
         row += [(heat[n], f"head {n}\ncontribution {float(contributions[b][n, k]):+.3g}")
                 for n in range(len(heat))]

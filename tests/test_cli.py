@@ -79,7 +79,7 @@ def test_the_pixel_limit_is_set_from_a_flag_and_reaches_the_pipelines(monkeypatc
 MISTAKES = [
     (["--config=configs/vit_noah.py", "--config.batchsize=16"],
      ["--config.batchsize: config has no field 'batchsize' (did you mean 'batch_size'?)",
-      "its fields: asl, augment, batch_size,"]),
+      "its fields: asl, attention_figure_images, augment,"]),
     (["--config=configs/resnet18_noah.py", "--config.model.overrides.img_size=32"],
      ["config.model.overrides has no field 'img_size'",
       "block, dropout, head_split, key_ratio, kv_split, merge, num_heads, stage_sizes"]),

@@ -58,7 +58,7 @@ def test_a_workdir_loads_its_newest_checkpoint_config_and_ema(demo_run):
     # The attention maps are sown for whoever wants to show them: [B, N, K, L].
     _, state = raw.model.apply(raw.variables, source.eval_images[:2], train=False,
                                mutable=["intermediates"])
-    (attention,) = jax.tree.leaves(state["intermediates"])
+    (attention,) = jax.tree.leaves(state["intermediates"]["head"]["attention"])
     assert attention.shape == (2, 4, 10, 16)  # 4 heads, 10 classes, 4x4 patches of 8 px
     np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
 

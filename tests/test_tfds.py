@@ -410,6 +410,11 @@ def test_coco_fine_tuning_from_imagenet_and_exact_map(coco_run, imagenet_run):
     # (the fake's bare ClassLabel numbers them).
     assert (meta["multilabel"], meta["class_names"]) == (True, [str(k) for k in range(80)])
     assert inference.load(workdir).multilabel
+    # The recipe's end-of-run figure (4 images x (1 + 4 NOAH heads)), multi-hot truths.
+    from PIL import Image
+    from noah_jax import figures
+    with Image.open(workdir / "attention.png") as png:
+        assert png.size == figures.figure_size(4, 1 + 4)
     logits, labels = direct_logits(config, variables, source_of(config).eval_batches)
     assert results["eval/mAP"] == pytest.approx(sklearn_map(logits, labels), abs=1e-6)
     # The ImageNet backbone (32 px) initialised the 48 px model: its 4 x 4 grid of

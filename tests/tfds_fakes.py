@@ -18,10 +18,12 @@ import contextlib
 import functools
 import os
 import re
+from unittest import mock
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.testing import test_utils as tfds_test_utils
 
 COCO_EMPTY_EVERY = 5  # every 5th COCO / VOC image has no object
 
@@ -130,6 +132,24 @@ def fake_tfds(data_dir: str, datasets: dict[str, dict[str, int]] | None = None):
     processes of a cluster, which must not all write the same files at once)."""
     for name, splits in (datasets or {}).items():
         write_metadata(data_dir, name, splits)
-    with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_FILES, data_dir=data_dir,
-                                as_dataset_fn=_as_dataset):
+    # TFDS's mock wraps each `as_dataset` in a MockFs, which redirects every epath and
+    # gfile call of the whole process into a temporary folder while it runs, so an Orbax
+    # checkpoint that a background thread writes meanwhile lands there and fails. The
+    # fake data_dir is real: the calls may go to the real files.
+    with mock.patch.object(tfds_test_utils, "MockFs", _RealFs), tfds.testing.mock_data(
+            policy=tfds.testing.MockPolicy.USE_FILES, data_dir=data_dir,
+            as_dataset_fn=_as_dataset):
         yield
+
+
+class _RealFs:
+    """Stands in for tfds.testing's MockFs: no redirection."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    def add_file(self, path, content=None):
+        pass
