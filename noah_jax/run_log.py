@@ -20,6 +20,10 @@ from absl import logging
 # tracebacks; `checkpoint.check_saves` raises it once as a CheckpointWriteError.
 _ORBAX_SAVE_FAILURE = ("raised an exception", "in background save thread",
                        "Save Finalize thread")
+# What asyncio's "exception was never retrieved" records of checkpoint reads and writes
+# mention (a damaged checkpoint's read is reported by restore_or_init, a failed write
+# by check_saves).
+_CHECKPOINT_IO = ("orbax-checkpoint-tmp", "OCDBT", "zarr", "/orbax/")
 
 
 class DropLibraryNotices(logging_lib.Filter):
@@ -34,8 +38,9 @@ class DropLibraryNotices(logging_lib.Filter):
     and errors stay."""
 
     def filter(self, record):
-        if record.name == "asyncio" and "orbax-checkpoint-tmp" in record.getMessage():
-            return False  # at exit, a failed save's leftover futures; reported already
+        if record.name == "asyncio" and any(part in record.getMessage()
+                                            for part in _CHECKPOINT_IO):
+            return False  # leftover futures of a failed save or read, reported already
         if "/orbax/" in record.pathname:
             message = record.getMessage()
             if any(part in message for part in _ORBAX_SAVE_FAILURE):

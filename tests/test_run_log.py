@@ -37,6 +37,10 @@ def test_a_failed_saves_repeated_tracebacks_are_dropped_but_other_errors_kept():
                 "exception=ValueError('RESOURCE_EXHAUSTED: ... /w/checkpoints/8.orbax-checkpoint-"
                 "tmp/train.orbax-checkpoint-tmp/ocdbt.process_0/')>")
     assert not keep(record(loop, logging.ERROR, leftover, name="asyncio"))
+    damaged_read = ("Future exception was never retrieved\nfuture: <Future finished exception="
+                    "ValueError('OUT_OF_RANGE: Error reading \"params.head/.zarray\" in OCDBT "
+                    "database at local file \"/w/checkpoints/40/model/\"')>")
+    assert not keep(record(loop, logging.ERROR, damaged_read, name="asyncio"))
     assert keep(record(loop, logging.ERROR, "Task exception was never retrieved", name="asyncio"))
 
 
