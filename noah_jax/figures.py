@@ -58,6 +58,15 @@ def display_image(image, mean: Optional[Sequence[float]] = None,
     return np.clip(x, 0.0, 1.0)
 
 
+def stretched(images) -> np.ndarray:
+    """Preprocessed images [..., H, W, C] as pictures in [0, 1]: each image's own range
+    stretched (undoes any normalisation up to contrast, without knowing its constants)."""
+    x = np.asarray(images, np.float32)
+    low = x.min(axis=(-3, -2, -1), keepdims=True)
+    high = x.max(axis=(-3, -2, -1), keepdims=True)
+    return (x - low) / np.maximum(high - low, 1e-6)
+
+
 def _class_name(k: int, class_names: Optional[Sequence[str]]) -> str:
     name = str(class_names[k]) if class_names is not None else f"class {k}"
     return name if len(name) <= 28 else name[:25] + "..."

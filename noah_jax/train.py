@@ -145,7 +145,8 @@ def restore_or_init(config: ml_collections.ConfigDict, mngr, init_state, abstrac
                     moved = checkpoint.move_aside(mngr.directory, bad,
                                                   os.path.join(workdir, "damaged_checkpoints"))
                     logging.warning("moved the damaged checkpoint of step %d to %s", bad, moved)
-            _on_every_process(True)  # the others wait for the moves before reading the list
+            if jax.process_count() > 1:  # the others wait for the moves, then list again
+                multihost_utils.sync_global_devices("damaged checkpoints moved aside")
             mngr.reload()
         logging.info("resuming from %s step %d", mngr.directory, step)
         return state, step
@@ -459,12 +460,9 @@ def draw_attention_figure(model, state, source: data.Source, num_images: int,
     images, labels = batch["image"][:num_images], batch["label"][:num_images]
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     seen = explain.explain(model, variables, images)
-    low = images.min(axis=(1, 2, 3), keepdims=True)
-    high = images.max(axis=(1, 2, 3), keepdims=True)
-    shown = (images - low) / np.maximum(high - low, 1e-6)  # each image stretched to [0, 1]
-    figures.gallery_figure(path, shown, seen.attention, seen.contributions,
+    figures.gallery_figure(path, figures.stretched(images), seen.attention, seen.contributions,
                            jax.nn.softmax(seen.logits), labels=labels,
-                           class_names=getattr(source, "class_names", None))
+                           class_names=source.class_names)
     logging.info("attention maps of %d evaluation images drawn in %s", len(images), path)
 
 

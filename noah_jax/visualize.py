@@ -73,13 +73,6 @@ def head_indices(heads: str, num_heads: int) -> list[int]:
     return chosen
 
 
-def stretched(image: np.ndarray) -> np.ndarray:
-    """A preprocessed image as a picture in [0, 1]: its own range stretched (undoes any
-    normalisation up to contrast)."""
-    low, high = image.min(), image.max()
-    return (image - low) / max(float(high - low), 1e-6)
-
-
 def visualize(checkpoint: str, images: Sequence[str], out: str, *, classes: str = "top",
               heads: str = "all", grad_cam: bool = False, ema: bool = True) -> list[str]:
     """Writes the figures (module docstring) and returns their paths."""
@@ -94,7 +87,7 @@ def visualize(checkpoint: str, images: Sequence[str], out: str, *, classes: str 
     for i, path in enumerate(paths):
         image = loaded.preprocess([path])
         stem = f"{i:04d}_{os.path.splitext(os.path.basename(path))[0]}"
-        picture = stretched(image[0])
+        picture = figures.stretched(image[0])
         if noah:
             seen = explain.explain(model, variables, image)
             scores = loaded.scores(seen.logits)[0]
