@@ -460,8 +460,10 @@ def draw_attention_figure(model, state, source: data.Source, num_images: int,
     images, labels = batch["image"][:num_images], batch["label"][:num_images]
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     seen = explain.explain(model, variables, images)
+    # A multi-label model scores each class by its own sigmoid, as its evaluation does.
+    scores = jax.nn.sigmoid(seen.logits) if source.multilabel else jax.nn.softmax(seen.logits)
     figures.gallery_figure(path, figures.stretched(images), seen.attention, seen.contributions,
-                           jax.nn.softmax(seen.logits), labels=labels,
+                           scores, labels=labels,
                            class_names=source.class_names)
     logging.info("attention maps of %d evaluation images drawn in %s", len(images), path)
 
