@@ -19,16 +19,14 @@ every Flax leaf gives the one torch key it expects, with a layout rule, and the
 state_dict must supply exactly those keys.
 
   module path   Flax segments `name_3_0` are torch's `name.3.0` (the models name their
-                submodules so: `layer1_0/downsample_1` is `layer1.0.downsample.1`),
-                plus a short table of renames of top-level modules:
-                  DeiT/ViT   patch_embed -> patch_embed.proj, pre_logits -> pre_logits.fc
-                  linear heads, the reference's name first, then accepted aliases:
-                    ResNet       head -> head.2 (Sequential(pool, flatten, linear));
-                                 fc (torchvision)
-                    MobileNetV2  head -> head.2; classifier.1 (torchvision)
-                    DeiT, Mixer, gMLP  head (timm)
-                The NOAH head is `head.query` / `head.value` in every model (the head
-                alone: `query` / `value`).
+                submodules so: `layer1_0/downsample_1` is `layer1.0.downsample.1`).
+                What this generic rule does not cover, each family states next to its
+                model (`torch_names`, a `noah_jax.models.torch_names.TorchNames`): the
+                torch names of its two heads (the reference's name first, then aliases
+                accepted on the way in: ResNet's baseline `head.2`, or torchvision's
+                `fc`), top-level renames (DeiT: `patch_embed` -> `patch_embed.proj`) and
+                where the token count shows (the image size of a ViT, Mixer or gMLP).
+                The NOAH head alone (`noah_head`) is `query` / `value`.
   leaf name     kernel, scale -> weight (Conv/Linear, BatchNorm/LayerNorm); batch_stats
                 mean, var -> running_mean, running_var; bias, pos_embed, cls_token as is.
                 BatchNorm's `num_batches_tracked` (in real torchvision checkpoints, not
@@ -87,33 +85,10 @@ from noah_jax.data import catalog
 from noah_jax.errors import UserError
 from noah_jax.heads import NOAHHead
 from noah_jax.models import create_model, model_overrides
-from noah_jax.models.mixer import GMLP, MlpMixer
-from noah_jax.models.mobilenetv2 import MobileNetV2
-from noah_jax.models.resnet import ResNet
-from noah_jax.models.vit import VisionTransformer
+from noah_jax.models.torch_names import GENERIC, TorchNames
 
 HEAD_ONLY = "noah_head"  # torch_to_flax's model name for a NOAH head on its own
 
-# Top-level modules whose torch name is not the generic one.
-_MODULE_RENAMES: dict[type, dict[str, str]] = {
-    VisionTransformer: {"patch_embed": "patch_embed.proj", "pre_logits": "pre_logits.fc"},
-}
-# The torch module of the linear (baseline) head: the reference's name first (what
-# flax_to_torch writes), then the names public checkpoints use (accepted on the way in).
-_LINEAR_HEAD_NAMES: dict[type, tuple[str, ...]] = {
-    ResNet: ("head.2", "fc"),
-    MobileNetV2: ("head.2", "classifier.1"),
-    VisionTransformer: ("head",),
-    MlpMixer: ("head",),
-    GMLP: ("head",),
-}
-# Where the number of tokens shows, to build a model for the checkpoint's image size:
-# (state_dict key, axis holding L).
-_TOKEN_COUNT_KEYS: dict[type, tuple[str, int]] = {
-    VisionTransformer: ("pos_embed", 1),
-    MlpMixer: ("blocks.0.mlp_tokens.fc1.weight", 1),
-    GMLP: ("blocks.0.mlp_channels.gate.proj.weight", 0),
-}
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "mean": "running_mean",
                "var": "running_var"}
 _BATCH_NORM_COUNTER = "num_batches_tracked"
@@ -243,16 +218,9 @@ def _model_input_shape(model: nn.Module) -> tuple[int, ...]:
     return (1, size, size, 3)
 
 
-def _head_names(model_cls: type, head: str) -> tuple[str, ...]:
-    if head == "noah":
-        return ("head",)
-    return _LINEAR_HEAD_NAMES.get(model_cls, ("head",))
-
-
-def _renames(model_cls: type, head: str) -> dict[str, str]:
-    renames = dict(_MODULE_RENAMES.get(model_cls, {}))
-    renames["head"] = _head_names(model_cls, head)[0]
-    return renames
+def _torch_names(model: nn.Module) -> TorchNames:
+    """The model family's naming rules (the `torch_names` its module class declares)."""
+    return getattr(type(model), "torch_names", GENERIC)
 
 
 def _under(key: str, module: str) -> bool:
@@ -294,25 +262,20 @@ def infer_model_settings(state_dict: Mapping[str, Any], model_name: str, *, head
     """
     state_dict = _as_numpy_dict(state_dict)
     model = create_model(model_name, num_classes=1, head=head, **overrides)
-    model_cls = type(model)
+    torch_names = _torch_names(model)
+    attends = model.head_wants_positions
     overrides = dict(overrides)
 
     if "img_size" in model_overrides(model_name) and "img_size" not in overrides:
-        key, axis = _TOKEN_COUNT_KEYS.get(model_cls, (None, 0))
-        if key in state_dict and state_dict[key].ndim > axis:
-            tokens = state_dict[key].shape[axis]
-            if model_cls is VisionTransformer and head != "noah":
-                tokens -= 1  # the class token's position
-            side = math.isqrt(max(tokens, 0))
-            if side * side == tokens and side > 0:
-                img_size = side * model.patch_size
-                if img_size != model.img_size:
-                    overrides["img_size"] = img_size
+        img_size = torch_names.image_size(model, state_dict)
+        if img_size is not None and img_size != model.img_size:
+            overrides["img_size"] = img_size
 
     if drop_head and num_classes is not None:
         return num_classes, overrides  # the new head's count; the old head is not read
-    names = _head_names(model_cls, head)
-    weight_keys = ([f"{names[0]}.query.weight"] if head == "noah"
+    names = torch_names.head_names(attends)
+    # The NOAH head's query projection has N*K rows, the linear head's weight K.
+    weight_keys = ([f"{name}.query.weight" for name in names] if attends
                    else [f"{name}.weight" for name in names])
     found = next((k for k in weight_keys if k in state_dict), None)
     if found is None:
@@ -323,7 +286,7 @@ def infer_model_settings(state_dict: Mapping[str, Any], model_name: str, *, head
             f"none of {weight_keys}. Pass num_classes (the head's keys are then reported "
             f"missing), or drop_head=True to convert the backbone only.")
     rows = state_dict[found].shape[0] if state_dict[found].ndim else 0
-    if head == "noah":
+    if attends:
         if rows % model.num_heads:
             if drop_head:
                 return None, overrides
@@ -450,19 +413,20 @@ def torch_to_flax(state_dict: Mapping[str, Any], model_name: str, *, head: str =
                                                   num_classes=num_classes,
                                                   drop_head=drop_head, **overrides)
     model = create_model(model_name, num_classes=num_classes or 1, head=head, **overrides)
-    model_cls = type(model)
+    torch_names = _torch_names(model)
+    attends = model.head_wants_positions
     target = _abstract_variables(model, _model_input_shape(model))
-    names = _head_names(model_cls, head)
+    names = torch_names.head_names(attends)
     if drop_head:
         target = {col: {k: v for k, v in tree.items() if k != "head"}
                   for col, tree in target.items()}
-        every_head = set(_head_names(model_cls, "noah")) | set(_head_names(model_cls, "linear"))
+        every_head = set(torch_names.noah_head) | set(torch_names.linear_head)
         state_dict = {k: v for k, v in state_dict.items()
                       if not any(_under(k, name) for name in every_head)}
         origin = {}
     else:
         state_dict, origin = _apply_aliases(state_dict, names[0], names[1:])
-    entries = _layout(target, _renames(model_cls, head))
+    entries = _layout(target, torch_names.module_renames(attends))
     settings = "".join(f", {k}={v!r}" for k, v in sorted(overrides.items()))
     description = (f"{model_name} (head={head}, "
                    + ("head dropped" if drop_head else f"num_classes={num_classes}")
@@ -484,9 +448,10 @@ def flax_to_torch(variables: Mapping[str, Any], model_name: str, *,
     if model_name == HEAD_ONLY:
         renames = {}
     else:
-        model_cls = type(create_model(model_name, num_classes=1))
         head_params = variables.get("params", {}).get("head", {})
-        renames = _renames(model_cls, "noah" if "query" in head_params else "linear")
+        model = create_model(model_name, num_classes=1,
+                             head="noah" if "query" in head_params else "linear")
+        renames = _torch_names(model).module_renames(model.head_wants_positions)
     entries = _layout(variables, renames)
     state_dict = {}
     for e in entries:

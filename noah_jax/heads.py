@@ -22,7 +22,7 @@ slice of these tensors (`NOAHHead.head_view`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import flax.linen as nn
 import jax
@@ -180,6 +180,10 @@ class NOAHHead(nn.Module):
     """
 
     num_classes: int
+    # It attends over every position, so a backbone hands it all of them (a CNN's map,
+    # every token) rather than a pooled vector or a class token.
+    wants_positions: ClassVar[bool] = True
+
     num_heads: int = 4
     key_ratio: float = 0.5
     dropout: float = 0.0
@@ -323,6 +327,10 @@ class LinearHead(nn.Module):
     class token). Returns float32 logits [B, K].
     """
 
+    # One vector per image: it pools positions itself (pool='avg') or is handed a
+    # class token (pool='none').
+    wants_positions: ClassVar[bool] = False
+
     num_classes: int
     pool: str = "avg"
     dtype: Any = jnp.float32
@@ -346,7 +354,9 @@ class LinearHead(nn.Module):
         return (x @ kernel + bias).astype(jnp.float32)
 
 
-HEAD_KINDS = ("noah", "linear")
+# Head kinds by the name models and configs use (`create_model(..., head=...)`).
+HEADS: dict[str, type[nn.Module]] = {"noah": NOAHHead, "linear": LinearHead}
+HEAD_KINDS = tuple(HEADS)
 
 
 class Classifier(nn.Module):
@@ -368,14 +378,26 @@ class Classifier(nn.Module):
     merge: str = NOAHHead.merge
     dtype: Any = jnp.float32
 
+    @property
+    def head_wants_positions(self) -> bool:
+        """Whether the head reads every position (NOAH) rather than one vector per image
+        (the baseline: pooled features, or a class token). Backbones ask this, never the
+        head's name: e.g. DeiT adds a class token only when it is False."""
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEAD_KINDS}, got {self.head!r}")
+        return HEADS[self.head].wants_positions
+
     def classify(self, features: Array, *, train: bool, pool: str, linear_init: Initializer,
                  noah_init: Optional[Initializer] = None) -> Array:
-        if self.head == "noah":
+        """Builds the head 'head' on `features` ([B, h, w, C] or [B, L, C]; for a head
+        that does not want positions also [B, C], with pool='none')."""
+        head_cls = HEADS.get(self.head)
+        if head_cls is NOAHHead:
             return NOAHHead(self.num_classes, self.num_heads, self.key_ratio, self.dropout,
                             self.head_split, self.kv_split, self.merge, dtype=self.dtype,
                             kernel_init=noah_init or noah_kernel_init,
                             name="head")(features, train=train)
-        if self.head == "linear":
+        if head_cls is LinearHead:
             return LinearHead(self.num_classes, pool=pool, dtype=self.dtype,
                               kernel_init=linear_init, name="head")(features)
         raise ValueError(f"head must be one of {HEAD_KINDS}, got {self.head!r}")

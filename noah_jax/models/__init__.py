@@ -1,10 +1,27 @@
 """The model zoo: `create_model(name, num_classes=..., head='noah'|'linear', **overrides)`.
 
 Names follow the reference implementation (`resnet18`, `mobilenetv2_050`,
-`deit_tiny_patch16_224`, `mixer_s16_075_224`, `gmlp_ti16_050_224`, ...); the NOAH
-and baseline variants of a backbone share its name and differ by `head`. Each
-family module declares `VARIANTS = {name: (ModuleClass, constructor kwargs)}`,
-the kwargs including the reference's head defaults (N, r, dropout) for it.
+`deit_tiny_patch16_224`, `mixer_s16_075_224`, `pvt_tiny`, ...); the NOAH and baseline
+variants of a backbone share its name and differ by `head`.
+
+Adding a family takes one model file and, for training recipes, one config:
+
+1. Write `noah_jax/models/<family>.py` with a linen module that subclasses
+   `noah_jax.heads.Classifier`, computes its features and ends with
+   `self.classify(features, train=train, pool=..., linear_init=...)`. Where the
+   baseline and NOAH need different features (a class token, pooling before a last
+   layer), ask `self.head_wants_positions`, never the head's name. CNN layers with
+   PyTorch's padding, init and BatchNorm settings are in `noah_jax.models.layers`.
+2. Name submodules after the reference's state_dict, integer indices joined by '_'
+   (`features.3.conv.1` -> `features_3/conv_1`), and give the module a class attribute
+   `torch_names = TorchNames(...)` (`noah_jax.models.torch_names`) for what that
+   generic rule does not cover: the torch names of the two heads, top-level renames,
+   where the token count shows. `noah_jax.convert` then converts it both ways.
+3. Declare `VARIANTS = {name: (ModuleClass, constructor kwargs)}` in the file, the
+   kwargs including the reference's head defaults (num_heads, key_ratio, dropout).
+
+Every module of this package with a `VARIANTS` table is found on first use; a family
+defined elsewhere (a test, a user's project) joins with `register_family(VARIANTS)`.
 """
 
 from __future__ import annotations
@@ -14,23 +31,66 @@ import dataclasses
 import difflib
 import functools
 import importlib
+import pkgutil
 import typing
 
 import flax.linen as nn
 
-from noah_jax.heads import HEAD_KINDS
+from noah_jax.heads import HEAD_KINDS, Classifier
 from noah_jax.errors import ConfigError, UnknownSettingError
 
-_FAMILIES = ("resnet", "mobilenetv2", "vit", "mixer")
+Variants = dict[str, tuple[type[nn.Module], dict]]
+
+# Families registered from outside the package (register_family), in order.
+_EXTERNAL: Variants = {}
 
 
 @functools.cache
-def _registry() -> dict[str, tuple[type[nn.Module], dict]]:
+def _package_families() -> Variants:
     # Built on first use, so importing one family module does not import the others.
-    registry = {}
-    for family in _FAMILIES:
-        registry.update(importlib.import_module(f"noah_jax.models.{family}").VARIANTS)
+    registry: Variants = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: _FAMILY_ORDER.get(
+            m.name, len(_FAMILY_ORDER))):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        variants = getattr(module, "VARIANTS", None)
+        if variants is not None:
+            _check_new(variants, registry, module.__name__)
+            registry.update(variants)
     return registry
+
+
+# The order `list_models` shows the package's families in (the paper's tables first);
+# a family missing here comes after them, alphabetically.
+_FAMILY_ORDER = {name: i for i, name in enumerate(
+    ("resnet", "mobilenetv2", "vit", "mixer", "mobilenetv3", "shufflenetv2", "pvt"))}
+
+
+def _registry() -> Variants:
+    return {**_package_families(), **_EXTERNAL}
+
+
+def _check_new(variants: Variants, registry: Variants, source: str) -> None:
+    taken = sorted(set(variants) & set(registry))
+    if taken:
+        raise ValueError(f"{source}: model name(s) {taken} are already registered")
+    for name, entry in variants.items():
+        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], type)
+                and issubclass(entry[0], Classifier) and isinstance(entry[1], dict)):
+            raise TypeError(f"{source}: VARIANTS[{name!r}] must be (a Classifier subclass, "
+                            f"its constructor kwargs), got {entry!r}")
+
+
+def register_family(variants: Variants) -> None:
+    """Adds models defined outside this package: `variants` as a family file's
+    `VARIANTS` ({name: (Classifier subclass, constructor kwargs)}). Names must be new."""
+    _check_new(variants, _registry(), "register_family")
+    _EXTERNAL.update(variants)
+
+
+def unregister_family(variants: Variants) -> None:
+    """Removes models added by `register_family` (tests clean up with it)."""
+    for name in variants:
+        _EXTERNAL.pop(name, None)
 
 
 def list_models() -> list[str]:

@@ -20,13 +20,14 @@ by `scale` (e.g. `blocks.3.mlp_channels.gate.proj.weight` ->
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from noah_jax.heads import Classifier, noah_lecun_kernel_init
+from noah_jax.models.torch_names import TorchNames
 
 Array = jax.Array
 
@@ -214,6 +215,9 @@ class MlpMixer(_TokenMlpClassifier):
 
     mlp_ratio: tuple[float, float] = (0.5, 4.0)
 
+    # The token MLP's first weight [hidden, L] shows the checkpoint's token count.
+    torch_names: ClassVar[TorchNames] = TorchNames(tokens=("blocks.0.mlp_tokens.fc1.weight", 1))
+
     def make_block(self, name: str) -> nn.Module:
         tokens_ratio, channels_ratio = self.mlp_ratio
         return MixerBlock(int(tokens_ratio * self.embed_dim), int(channels_ratio * self.embed_dim),
@@ -226,6 +230,10 @@ class GMLP(_TokenMlpClassifier):
     embed_dim: int = 128
     num_blocks: int = 30
     mlp_ratio: float = 6.0
+
+    # The spatial gating projection [L, L] shows the checkpoint's token count.
+    torch_names: ClassVar[TorchNames] = TorchNames(
+        tokens=("blocks.0.mlp_channels.gate.proj.weight", 0))
 
     def make_block(self, name: str) -> nn.Module:
         return SpatialGatingBlock(int(self.mlp_ratio * self.embed_dim), self.drop_rate,

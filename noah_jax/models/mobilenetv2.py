@@ -13,13 +13,14 @@ Names mirror the reference's state_dict with integer indices joined by '_':
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from noah_jax.heads import Classifier
-from noah_jax.models.resnet import batch_norm, conv
+from noah_jax.models.layers import batch_norm, conv
+from noah_jax.models.torch_names import TorchNames
 
 # (expansion t, channels c, repeats n, first stride s) of the seven stages.
 INVERTED_RESIDUAL_SETTING = (
@@ -69,6 +70,10 @@ class MobileNetV2(Classifier):
     """MobileNetV2 backbone; `__call__(images [B, H, W, 3], train) -> logits [B, K]`."""
 
     width: float = 1.0
+
+    # The reference's baseline head is Sequential(pool, flatten, linear); torchvision's
+    # is Sequential(dropout, linear).
+    torch_names: ClassVar[TorchNames] = TorchNames(linear_head=("head.2", "classifier.1"))
 
     @nn.compact
     def __call__(self, x, train: bool = False):

@@ -13,29 +13,14 @@ checkpoint converts with one generic rule.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from noah_jax.heads import Classifier
-
-# Kaiming-normal, fan_out, ReLU gain: the reference's init of every conv.
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-    # PyTorch's BatchNorm2d defaults: eps 1e-5, momentum 0.1 (Flax's 0.9).
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=dtype, name=name)
-
-
-def conv(features: int, kernel: int, stride: int, dtype: Any, name: str, groups: int = 1) -> nn.Conv:
-    # Explicit symmetric padding as PyTorch's (k-1)//2; 'SAME' would pad (0, 1) on even inputs.
-    pad = (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                   feature_group_count=groups, use_bias=False, dtype=dtype, kernel_init=conv_init,
-                   name=name)
+from noah_jax.models.layers import batch_norm, conv
+from noah_jax.models.torch_names import TorchNames
 
 
 class BasicBlock(nn.Module):
@@ -81,6 +66,9 @@ class ResNet(Classifier):
 
     block: str = "basic"  # 'basic' or 'bottleneck'
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
+
+    # The reference's baseline head is Sequential(pool, flatten, linear); torchvision's `fc`.
+    torch_names: ClassVar[TorchNames] = TorchNames(linear_head=("head.2", "fc"))
 
     @nn.compact
     def __call__(self, x, train: bool = False):

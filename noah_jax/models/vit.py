@@ -20,7 +20,7 @@ transpose alone.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from noah_jax.heads import Classifier
+from noah_jax.models.torch_names import TorchNames
 
 # timm's trunc_normal_(std=.02) for every Linear, pos_embed and cls_token. timm cuts at
 # +-2 in absolute value, i.e. +-100 std: in effect a plain normal, which is what we use
@@ -135,6 +136,11 @@ class VisionTransformer(Classifier):
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
 
+    # pos_embed [1, L (+1 with a class token), D] shows the checkpoint's image size.
+    torch_names: ClassVar[TorchNames] = TorchNames(
+        renames={"patch_embed": "patch_embed.proj", "pre_logits": "pre_logits.fc"},
+        tokens=("pos_embed", 1), class_token_in_tokens=True)
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.img_size % self.patch_size:
@@ -153,7 +159,7 @@ class VisionTransformer(Classifier):
                     kernel_init=patch_embed_init, name="patch_embed")(x)
         x = x.reshape(x.shape[0], -1, self.embed_dim)  # row-major, as torch's flatten(2)
 
-        use_cls_token = self.head != "noah"
+        use_cls_token = not self.head_wants_positions
         if use_cls_token:
             cls = self.param("cls_token", dense_init, (1, 1, self.embed_dim), jnp.float32)
             cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.embed_dim))
