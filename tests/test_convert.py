@@ -21,7 +21,9 @@ from noah_jax.heads import NOAHHead
 from noah_jax.models import create_model
 
 PARITY = pathlib.Path(__file__).resolve().parents[2] / "shared" / "parity"
-FIXTURES = sorted(PARITY.glob("*.npz")) if PARITY.is_dir() else []
+# The paper's zoo in PARITY, the rest of the reference zoo (NOAH_SPEC 2b) in PARITY/extra.
+FIXTURES = (sorted(PARITY.glob("*.npz")) + sorted(PARITY.glob("extra/*.npz"))
+            if PARITY.is_dir() else [])
 NO_PARITY = (f"{PARITY} is absent (a clone without ../shared); the reference-parity tests "
              "need its fixtures")
 
@@ -99,6 +101,9 @@ def test_parity_folder_has_every_kind_of_fixture():
         pytest.skip(NO_PARITY)
     families = {load_fixture(p)[3]["family"] for p in FIXTURES}
     assert {"head", "cnn", "deit", "mlp"} <= families, families
+    models = {load_fixture(p)[3]["model"] for p in FIXTURES if p.parent.name == "extra"}
+    assert {"mobilenetv3_small", "shufflenetv2_100", "noah_pvt_tiny_050",
+            "pvt_tiny_050"} <= models, models
 
 
 # ---------------------------------------------------------------------------------------

@@ -27,6 +27,14 @@ EXPECTED_MODELS = [
     "mixer_s16_224", "mixer_s16_075_224", "mixer_s16_050_224", "mixer_b16_224",
     "gmlp_ti16_224", "gmlp_ti16_075_224", "gmlp_ti16_050_224", "gmlp_s16_224", "gmlp_b16_224",
 ]
+# The rest of the reference zoo (NOAH_SPEC section 2b).
+EXTRA_MODELS = [
+    "mobilenetv3_small", "mobilenetv3_large",
+    "shufflenetv2_050", "shufflenetv2_100", "shufflenetv2_150", "shufflenetv2_200",
+    "pvt_tiny_050", "pvt_tiny_075", "pvt_tiny", "pvt_small", "pvt_medium", "pvt_large",
+]
+ALL_MODELS = (EXPECTED_MODELS[:15] + ["deit_base_patch16_384"] + EXPECTED_MODELS[15:]
+              + EXTRA_MODELS)
 
 
 def count_params(model, image_size=224):
@@ -35,15 +43,26 @@ def count_params(model, image_size=224):
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
 
 
-def reference_counts():
-    """(model name, head, parameter count) of the 22 reference models, both heads each."""
-    models = json.loads(PARAM_COUNTS.read_text())["models"]
+def reference_counts(section="models"):
+    """(model name, head, parameter count) of the reference models of a section of
+    param_counts.json, both heads each."""
+    models = json.loads(PARAM_COUNTS.read_text())[section]
     return [(name, head, counts[key]) for name, counts in models.items()
             for head, key in (("linear", "baseline"), ("noah", "noah"))]
 
 
-def test_registry_lists_every_model_of_the_paper():
-    assert list_models() == EXPECTED_MODELS
+def count_mismatches(counts):
+    mismatches = []
+    for name, head, expected in counts:
+        model = create_model(name, num_classes=1000, head=head)
+        ours = count_params(model, getattr(model, "img_size", 224))
+        if ours != expected:
+            mismatches.append(f"{name} head={head}: ours {ours}, reference {expected}")
+    return mismatches
+
+
+def test_registry_lists_every_model_of_the_reference_zoo():
+    assert list_models() == ALL_MODELS
 
 
 def test_parameter_counts_equal_the_reference_for_all_44_models():
@@ -52,22 +71,30 @@ def test_parameter_counts_equal_the_reference_for_all_44_models():
     # vit_large_patch16_224 and gmlp_b16_224 have no official NOAH model to count.
     assert {name for name, _, _ in counts} == set(EXPECTED_MODELS) - {
         "vit_large_patch16_224", "gmlp_b16_224"}
-    mismatches = []
-    for name, head, expected in counts:
-        ours = count_params(create_model(name, num_classes=1000, head=head))
-        if ours != expected:
-            mismatches.append(f"{name} head={head}: ours {ours}, reference {expected}")
+    mismatches = count_mismatches(counts)
+    assert not mismatches, "\n".join(mismatches)
+
+
+def test_parameter_counts_equal_the_reference_for_the_26_extra_models():
+    counts = reference_counts("extra_models")
+    assert len(counts) == 26
+    assert {name for name, _, _ in counts} == set(EXTRA_MODELS) | {"deit_base_patch16_384"}
+    mismatches = count_mismatches(counts)
     assert not mismatches, "\n".join(mismatches)
 
 
 def test_parameter_counts_in_the_repository_agree_with_the_shared_measurements():
     if not SHARED_PARAM_COUNTS.exists():
         pytest.skip(f"{SHARED_PARAM_COUNTS} is absent (a clone without ../shared)")
-    shared = {m["name"]: {"baseline": m["baseline_params"], "noah": m["noah_params"]}
-              for m in json.loads(SHARED_PARAM_COUNTS.read_text())["models"]}
-    ours = json.loads(PARAM_COUNTS.read_text())["models"]
-    assert ours == {name: counts for name, counts in shared.items() if name in EXPECTED_MODELS}
-    assert len(ours) == 22
+    shared_file = json.loads(SHARED_PARAM_COUNTS.read_text())
+    ours_file = json.loads(PARAM_COUNTS.read_text())
+    for section, size in (("models", 22), ("extra_models", 13)):
+        shared = {m["name"]: {"baseline": m["baseline_params"], "noah": m["noah_params"]}
+                  for m in shared_file[section]}
+        ours = ours_file[section]
+        assert ours == {name: counts for name, counts in shared.items()
+                        if name in ALL_MODELS}, section
+        assert len(ours) == size, section
 
 
 def test_vit_large_parameter_count():
@@ -92,11 +119,16 @@ def reduced(name):
         return {}, 64
     if name.startswith(("deit", "vit")):
         return {"img_size": 32, "depth": 2}, 32
+    if name.startswith(("mobilenetv3", "shufflenetv2")):
+        return {}, 64
+    if name.startswith("pvt"):
+        # Every stage keeps its spatial reduction at 64 px (stage maps 16, 8, 4, 2).
+        return {"img_size": 64, "depths": (1, 1, 2, 1)}, 64
     return {"img_size": 32, "num_blocks": 2}, 32
 
 
 @pytest.mark.parametrize("head,dtype", [("noah", jnp.float32), ("linear", jnp.bfloat16)])
-@pytest.mark.parametrize("name", EXPECTED_MODELS)
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_forward_and_backward(name, head, dtype):
     overrides, size = reduced(name)
     model = create_model(name, num_classes=10, head=head, dtype=dtype, **overrides)

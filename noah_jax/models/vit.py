@@ -185,11 +185,12 @@ class VisionTransformer(Classifier):
         return self.classify(features, train=train, pool="none", linear_init=dense_init)
 
 
-def _variant(embed_dim: int, depth: int, attn_heads: int) -> tuple[type, dict]:
+def _variant(embed_dim: int, depth: int, attn_heads: int, img_size: int = 224
+             ) -> tuple[type, dict]:
     # All reference DeiT/ViT factories: patch 16, MLP ratio 4, qkv bias, LayerNorm eps 1e-6;
     # NOAH head defaults N=4, r=1/2, dropout 0.1 (NOAH_VisionTransformer's class defaults).
     return VisionTransformer, dict(patch_size=16, embed_dim=embed_dim, depth=depth,
-                                   attn_heads=attn_heads, mlp_ratio=4.0,
+                                   attn_heads=attn_heads, mlp_ratio=4.0, img_size=img_size,
                                    num_heads=4, key_ratio=0.5, dropout=0.1)
 
 
@@ -199,6 +200,8 @@ VARIANTS: dict[str, tuple[type, dict]] = {
     "deit_tiny_patch16_224": _variant(192, 12, 3),
     "deit_small_patch16_224": _variant(384, 12, 6),
     "deit_base_patch16_224": _variant(768, 12, 12),
+    # DeiT-B fine-tuned at 384 px (576 tokens): the README's 86.86M model.
+    "deit_base_patch16_384": _variant(768, 12, 12, img_size=384),
     # The paper's MS-COCO backbone (use img_size=448 for the usual multi-label setting).
     "vit_large_patch16_224": _variant(1024, 24, 16),
 }
