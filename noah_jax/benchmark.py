@@ -1,0 +1,402 @@
+"""Speed of the zoo's training and inference steps on this machine: images/s, compile
+time, FLOPs, model FLOP utilisation and memory.
+
+    python -m noah_jax.benchmark --models resnet50,deit_small_patch16_224 --heads noah,linear \
+        --batch 128 --dtype bfloat16 --mode train,infer [--minimal] [--out DIR]
+
+What is timed is what users run: the train step is `noah_jax.train.jit_train_step` (the
+trainer's own update, with its NaN guard, metrics, sharding and donated state) on a
+recipe's optimiser (`--config`, default the ResNet recipe's SGD), and inference is the
+single-label evaluator's step (`noah_jax.evaluators`). The data is synthetic (random
+images and labels made once on the host and placed on the devices), so nothing here
+needs TensorFlow and the input pipeline is not part of the time.
+
+Every variant (model x head x mode x batch size x device count) is compiled first
+(compile time = trace, lower and compile); then the variants are timed in rounds, each
+round running every variant for `--steps` steps in a rotated order, so that a slow
+minute of the machine hits all variants alike. The step time is the median over rounds.
+
+  --minimal   also times a bare step of the same model, loss and optimiser (no NaN
+              guard, no metrics, no schedule read), for the trainer's own cost.
+  --batch-sizes 32,64,128   images/s against batch size.
+  --devices 1,8             the same global batch on the first 1 and 8 devices (on CPU,
+              fake devices: XLA_FLAGS=--xla_force_host_platform_device_count=8).
+
+FLOPs are XLA's cost analysis of the compiled step (all devices together). MFU is
+FLOPs / step time / the devices' peak, for device kinds with a known peak (PEAK_TFLOPS:
+dense bfloat16, and float32 where the hardware has a float32 rate); `null` otherwise.
+Memory is XLA's memory analysis of the compiled step (arguments, outputs and temporaries
+per device) and, where the backend reports it (GPU, TPU), the process's peak.
+
+Output: a markdown table on stdout, and with --out DIR `benchmark.json` (every field of
+every variant, the ratios, the device and the date) and `benchmark.md`. Ratios: NOAH's
+cost (noah / linear step time, same model, mode, batch and devices) and the trainer's
+cost (train / minimal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from noah_jax import cli, evaluators, optim, sharding, train
+from noah_jax.errors import ConfigError, UserError
+from noah_jax.models import create_model, list_models
+
+# Peak dense TFLOP/s per device: (bfloat16, float32). float32 is None where matrix units
+# have no float32 rate of their own (TPUs run float32 matmuls as bfloat16 passes).
+# Sources: NVIDIA's H100/H200/A100 datasheets (SXM, dense, no sparsity; float32 without
+# TF32), Google Cloud's TPU system architecture pages.
+PEAK_TFLOPS: dict[str, tuple[float, Optional[float]]] = {
+    "H200": (989.4, 66.9),
+    "H100": (989.4, 66.9),
+    "A100": (312.0, 19.5),
+    "TPU v4": (275.0, None),
+    "TPU v5 lite": (197.0, None),   # v5e
+    "TPU v5e": (197.0, None),
+    "TPU v5p": (459.0, None),
+    "TPU v5": (459.0, None),        # v5p reports itself as "TPU v5"
+    "TPU v6 lite": (918.0, None),   # v6e (Trillium)
+    "TPU v6e": (918.0, None),
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODES = ("train", "infer")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "resnet18_noah.py")
+
+
+def peak_tflops(device_kind: str, dtype: str) -> Optional[float]:
+    """The peak of one device of this kind in this dtype, or None if unknown."""
+    for name in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "TPU v5 lite" before "TPU v5"
+        if name.lower() in device_kind.lower():
+            bf16, fp32 = PEAK_TFLOPS[name]
+            return bf16 if dtype == "bfloat16" else fp32
+    return None
+
+
+def cost_flops(compiled) -> Optional[float]:
+    """FLOPs of a compiled computation by XLA's cost analysis (None if not reported)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
+        analysis = analysis[0] if analysis else None
+    if not analysis or "flops" not in analysis:
+        return None
+    return float(analysis["flops"])
+
+
+def memory_bytes(compiled) -> dict[str, Optional[int]]:
+    """Per-device bytes of a compiled computation's arguments, outputs and temporaries."""
+    try:
+        m = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):
+        m = None
+    if m is None:
+        return {"argument_bytes": None, "output_bytes": None, "temp_bytes": None}
+    return {"argument_bytes": int(m.argument_size_in_bytes),
+            "output_bytes": int(m.output_size_in_bytes),
+            "temp_bytes": int(m.temp_size_in_bytes)}
+
+
+def process_peak_bytes() -> Optional[int]:
+    stats = jax.local_devices()[0].memory_stats()
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+@dataclasses.dataclass
+class Variant:
+    """One thing to time: a compiled step and the arguments it runs on."""
+
+    model: str
+    head: str
+    mode: str            # 'train', 'infer' or 'minimal'
+    batch: int
+    devices: int
+    dtype: str
+    image_size: int
+    run: Callable[[], Any] = dataclasses.field(repr=False)  # one step; returns what to block on
+    compile_s: float = 0.0
+    flops: Optional[float] = None
+    memory: dict = dataclasses.field(default_factory=dict)
+    times: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def key(self) -> tuple:
+        return (self.model, self.mode, self.batch, self.devices)
+
+    def record(self, peak: Optional[float]) -> dict[str, Any]:
+        step = statistics.median(self.times)
+        achieved = self.flops / step / 1e12 if self.flops else None
+        return {
+            "model": self.model, "head": self.head, "mode": self.mode, "batch": self.batch,
+            "devices": self.devices, "dtype": self.dtype, "image_size": self.image_size,
+            "step_s": step, "step_s_all": self.times, "images_per_s": self.batch / step,
+            "compile_s": self.compile_s, "flops_per_step": self.flops,
+            "tflops_per_s": achieved,
+            "mfu": achieved / (peak * self.devices) if achieved and peak else None,
+            **self.memory,
+        }
+
+
+def _compile(fn, *args) -> tuple[Any, float]:
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def minimal_train_step(model, tx: optax.GradientTransformation, config) -> Callable:
+    """The same model, loss and optimiser as the trainer's step, and nothing else: no NaN
+    guard, no metrics, no EMA, no gradient accumulation."""
+    per_example_loss = train.loss_function(config)
+
+    def step(state, batch):
+        def loss_fn(params):
+            logits, new_vars = model.apply({"params": params,
+                                            "batch_stats": state["batch_stats"]},
+                                           batch["image"], train=True,
+                                           rngs={"dropout": jax.random.key(0)},
+                                           mutable=["batch_stats"])
+            return per_example_loss(logits, batch["label"]).mean(), new_vars
+
+        grads, new_vars = jax.grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        return dict(state, params=optax.apply_updates(state["params"], updates),
+                    batch_stats=new_vars.get("batch_stats", state["batch_stats"]),
+                    opt_state=opt_state)
+
+    return step
+
+
+def build_variants(config, model_name: str, head: str, modes: Sequence[str], batch: int,
+                   num_devices: int, dtype: str, image_size: Optional[int],
+                   minimal: bool, num_classes: int = 1000, seed: int = 0) -> list[Variant]:
+    """Compiled train / inference / minimal steps of one model with one head."""
+    devices = jax.devices()[:num_devices]
+    if len(devices) < num_devices:
+        raise ConfigError(f"--devices {num_devices}: only {jax.device_count()} devices here")
+    if batch % num_devices:
+        raise ConfigError(f"--batch {batch} is not divisible by {num_devices} devices")
+    mesh = sharding.create_mesh(num_devices, 1, devices=devices)
+    probe = create_model(model_name, num_classes=num_classes, head=head)
+    size = image_size or getattr(probe, "img_size", 224)
+    overrides = {"img_size": size} if "img_size" in {f.name for f in
+                                                      dataclasses.fields(probe)} else {}
+    model = create_model(model_name, num_classes=num_classes, head=head,
+                         dtype=DTYPES[dtype], **overrides)
+    schedule = optim.learning_rate_schedule(config, total_steps=1_000_000,
+                                            steps_per_epoch=1000)
+    tx = optim.make_optimizer(config, schedule)
+    image_shape = (size, size, 3)
+    init = lambda rng: train.init_train_state(model, tx, image_shape, rng,  # noqa: E731
+                                              ema=config.ema_decay > 0)
+    abstract = jax.eval_shape(init, jax.random.key(seed))
+    state_sharding = sharding.state_shardings(abstract, mesh, fsdp=config.fsdp,
+                                              fsdp_min_size=config.fsdp_min_size)
+    data_sharding = sharding.batch_sharding(mesh)
+    rng = np.random.default_rng(seed)
+    batch_arrays = {"image": rng.standard_normal((batch, *image_shape), np.float32),
+                    "label": rng.integers(0, num_classes, (batch,)).astype(np.int32),
+                    "mask": np.ones((batch,), np.bool_)}
+    on_devices = jax.device_put(batch_arrays, data_sharding)
+    describe = dict(model=model_name, head=head, batch=batch, devices=num_devices, dtype=dtype,
+                    image_size=size)
+
+    variants = []
+    wanted = [m for m in modes if m == "train"] + (["minimal"] if minimal else [])
+    for mode in wanted:
+        state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(seed))
+        if mode == "train":
+            step = train.jit_train_step(model, tx, config, schedule, mesh, state_sharding,
+                                        multilabel=False)
+        else:
+            step = jax.jit(minimal_train_step(model, tx, config),
+                           in_shardings=(state_sharding, data_sharding),
+                           out_shardings=state_sharding, donate_argnums=0)
+        train_batch = {k: on_devices[k] for k in ("image", "label")}
+        compiled, seconds = _compile(step, state, train_batch)
+        holder = {"state": state}
+
+        def run(compiled=compiled, holder=holder, train_batch=train_batch, mode=mode):
+            out = compiled(holder["state"], train_batch)
+            holder["state"] = out[0] if mode == "train" else out
+            return holder["state"]["params"]
+
+        variants.append(Variant(mode=mode, run=run, compile_s=seconds,
+                                flops=cost_flops(compiled), memory=memory_bytes(compiled),
+                                **describe))
+    if "infer" in modes:
+        state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(seed))
+        scorer = evaluators.get("single")(model, mesh)
+        args = (state["params"], state["batch_stats"], on_devices)
+        compiled, seconds = _compile(scorer._step, *args)
+        variants.append(Variant(mode="infer", run=lambda c=compiled, a=args: c(*a),
+                                compile_s=seconds, flops=cost_flops(compiled),
+                                memory=memory_bytes(compiled), **describe))
+    return variants
+
+
+def time_variants(variants: Sequence[Variant], *, steps: int, rounds: int, warmup: int) -> None:
+    """Fills each variant's `times` (seconds per step, one entry per round)."""
+    for v in variants:
+        for _ in range(warmup):
+            jax.block_until_ready(v.run())
+    for r in range(rounds):
+        order = list(variants[r % len(variants):]) + list(variants[:r % len(variants)])
+        for v in order:
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = v.run()
+            jax.block_until_ready(out)
+            v.times.append((time.perf_counter() - start) / steps)
+
+
+def ratios(records: Sequence[dict]) -> list[dict[str, Any]]:
+    """NOAH's cost (noah / linear) and the trainer's cost (train / minimal), by step time."""
+    by_key = {(r["model"], r["head"], r["mode"], r["batch"], r["devices"]): r for r in records}
+    out = []
+    for (model, head, mode, batch, devices), r in by_key.items():
+        if head == "noah" and (model, "linear", mode, batch, devices) in by_key:
+            other = by_key[(model, "linear", mode, batch, devices)]
+            out.append({"ratio": "noah/linear", "model": model, "mode": mode, "batch": batch,
+                        "devices": devices, "value": r["step_s"] / other["step_s"]})
+        if mode == "train" and (model, head, "minimal", batch, devices) in by_key:
+            other = by_key[(model, head, "minimal", batch, devices)]
+            out.append({"ratio": "train/minimal", "model": model, "head": head, "batch": batch,
+                        "devices": devices, "value": r["step_s"] / other["step_s"]})
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    def num(x, fmt):
+        return "" if x is None else format(x, fmt)
+
+    lines = [f"{result['device']['kind']} x{result['device']['count']} "
+             f"({result['device']['backend']}), {result['date']}, {result['dtype']}", "",
+             "| model | head | mode | batch | devices | images/s | step ms | compile s "
+             "| GFLOPs/step | MFU | temp MiB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["results"]:
+        lines.append(
+            f"| {r['model']} | {r['head']} | {r['mode']} | {r['batch']} | {r['devices']} "
+            f"| {r['images_per_s']:.1f} | {1e3 * r['step_s']:.1f} | {r['compile_s']:.1f} "
+            f"| {num(r['flops_per_step'] and r['flops_per_step'] / 1e9, '.1f')} "
+            f"| {num(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} "
+            f"| {num(r['temp_bytes'] and r['temp_bytes'] / 2**20, '.0f')} |")
+    if result["ratios"]:
+        lines += ["", "| ratio | model | head | mode | batch | devices | value |",
+                  "|---|---|---|---|---:|---:|---:|"]
+        for q in result["ratios"]:
+            lines.append(f"| {q['ratio']} | {q['model']} | {q.get('head', '')} "
+                         f"| {q.get('mode', 'train')} | {q['batch']} | {q['devices']} "
+                         f"| {q['value']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _choices(valid: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        values = [v for v in text.split(",") if v]
+        unknown = [v for v in values if v not in valid]
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown or text!r}; valid: "
+                                             f"{', '.join(valid)}")
+        return values
+    return parse
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m noah_jax.benchmark",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=_choices(list_models(), "model"),
+                        default=["resnet50"], help="comma-separated zoo names")
+    parser.add_argument("--heads", type=_choices(("noah", "linear"), "head"),
+                        default=["noah", "linear"])
+    parser.add_argument("--mode", type=_choices(MODES, "mode"), default=["train"],
+                        help="train, infer or both (train,infer)")
+    parser.add_argument("--batch", type=int, default=32, help="global batch size")
+    parser.add_argument("--batch-sizes", type=_int_list, default=None,
+                        help="several global batch sizes (overrides --batch)")
+    parser.add_argument("--devices", type=_int_list, default=None,
+                        help="device counts to run on (default: all devices)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="input side (default: the model's own, 224 for CNNs)")
+    parser.add_argument("--minimal", action="store_true",
+                        help="also time a bare train step (the trainer's own cost)")
+    parser.add_argument("--steps", type=int, default=5, help="steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (the median is taken)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="recipe whose optimiser, loss and settings the train step uses "
+                             "(path[:args], as main.py's --config)")
+    parser.add_argument("--out", default=None, help="folder for benchmark.json and .md")
+    args = parser.parse_args(argv)
+
+    try:
+        config = cli.load_config(args.config)
+        config.dtype = args.dtype
+        batches = args.batch_sizes or [args.batch]
+        device_counts = args.devices or [jax.device_count()]
+        variants = []
+        for model in args.models:
+            for head in args.heads:
+                for batch in batches:
+                    for count in device_counts:
+                        print(f"compiling {model} head={head} batch={batch} devices={count} "
+                              f"({', '.join(args.mode + (['minimal'] if args.minimal else []))})",
+                              file=sys.stderr, flush=True)
+                        variants += build_variants(config, model, head, args.mode, batch, count,
+                                                   args.dtype, args.image_size, args.minimal)
+    except (UserError, ValueError) as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
+    print(f"timing {len(variants)} variants: {args.rounds} rounds of {args.steps} steps",
+          file=sys.stderr, flush=True)
+    time_variants(variants, steps=args.steps, rounds=args.rounds, warmup=args.warmup)
+
+    device = jax.devices()[0]
+    peak = peak_tflops(device.device_kind, args.dtype)
+    records = [v.record(peak) for v in variants]
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": {"kind": device.device_kind, "backend": jax.default_backend(),
+                   "count": jax.device_count(), "host": platform.node(),
+                   "cpu_count": os.cpu_count(), "peak_tflops": peak},
+        "jax": jax.__version__, "dtype": args.dtype, "config": args.config,
+        "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+        "process_peak_bytes": process_peak_bytes(),
+        "results": records, "ratios": ratios(records),
+    }
+    table = markdown(result)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "benchmark.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(args.out, "benchmark.md"), "w") as f:
+            f.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
