@@ -1,0 +1,92 @@
+"""python -m noah_jax.benchmark on a toy model: the JSON it writes, its FLOP count
+against an analytic one, its ratios, and its errors."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from noah_jax import benchmark, models
+from test_families import VARIANTS as TOY_FAMILY
+
+
+@pytest.fixture
+def toy_family():
+    models.register_family(TOY_FAMILY)
+    yield
+    models.unregister_family(TOY_FAMILY)
+
+
+def test_flops_of_a_dense_layer_equal_the_analytic_count():
+    batch, fan_in, fan_out = 8, 32, 16
+    x, w, b = jnp.ones((batch, fan_in)), jnp.ones((fan_in, fan_out)), jnp.ones((fan_out,))
+    compiled = jax.jit(lambda x, w, b: x @ w + b).lower(x, w, b).compile()
+    # A multiply and an add per weight and example, and the bias added to each output.
+    assert benchmark.cost_flops(compiled) == 2 * batch * fan_in * fan_out + batch * fan_out
+
+
+def test_peaks_of_known_devices():
+    assert benchmark.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert benchmark.peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 66.9
+    assert benchmark.peak_tflops("TPU v5 lite", "bfloat16") == 197.0  # v5e, not v5p
+    assert benchmark.peak_tflops("TPU v5", "bfloat16") == 459.0
+    assert benchmark.peak_tflops("cpu", "float32") is None
+
+
+def test_the_benchmark_writes_every_field_for_every_variant(toy_family, tmp_path, capsys):
+    assert benchmark.main([
+        "--models", "toynet_4", "--heads", "noah,linear", "--mode", "train,infer",
+        "--minimal", "--batch", "4", "--devices", "1,2", "--image-size", "16", "--steps", "2", "--rounds", "2",
+        "--warmup", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    assert result["device"]["backend"] == "cpu" and result["dtype"] == "float32"
+    assert result["device"]["count"] == jax.device_count()
+    records = result["results"]
+    assert sorted((r["head"], r["mode"], r["devices"]) for r in records) == [
+        (head, mode, devices) for head in ("linear", "noah")
+        for mode in ("infer", "minimal", "train") for devices in (1, 2)]
+    for r in records:
+        assert r["model"] == "toynet_4" and r["batch"] == 4 and r["image_size"] == 16
+        assert len(r["step_s_all"]) == 2
+        for field in ("step_s", "images_per_s", "compile_s", "flops_per_step",
+                      "argument_bytes", "temp_bytes"):
+            assert math.isfinite(r[field]) and r[field] > 0, (field, r)
+        assert r["images_per_s"] == pytest.approx(4 / r["step_s"])
+        assert r["mfu"] is None and r["tflops_per_s"] > 0  # no known peak for a CPU
+    by = {(r["head"], r["mode"]): r for r in records if r["devices"] == 1}
+    # Training costs more FLOPs than inference (the backward pass), and NOAH's head more
+    # than the linear one (two projections to N*K instead of one to K).
+    assert by["noah", "train"]["flops_per_step"] > 2 * by["noah", "infer"]["flops_per_step"]
+    assert by["noah", "infer"]["flops_per_step"] > by["linear", "infer"]["flops_per_step"]
+    ratios = {(q["ratio"], q.get("mode", "train"), q.get("head")): q["value"]
+              for q in result["ratios"] if q["devices"] == 1}
+    assert set(ratios) == {("noah/linear", m, None) for m in ("train", "infer", "minimal")} | {
+        ("train/minimal", "train", h) for h in ("noah", "linear")}
+    assert len(result["ratios"]) == 2 * len(ratios)
+    assert ratios["noah/linear", "train", None] == pytest.approx(
+        by["noah", "train"]["step_s"] / by["linear", "train"]["step_s"])
+    assert all(math.isfinite(v) and v > 0 for v in ratios.values())
+    table = (tmp_path / "benchmark.md").read_text()
+    assert table in capsys.readouterr().out
+    assert table.count("| toynet_4 |") == 12 + len(result["ratios"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--models", "resnet17"], "unknown model ['resnet17']"),
+    (["--mode", "eval"], "unknown mode ['eval']; valid: train, infer"),
+    (["--batch-sizes", "0,4"], "expected positive integers"),
+])
+def test_wrong_arguments_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_more_devices_than_there_are_is_refused(toy_family, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--models", "toynet_4", "--devices", str(jax.device_count() + 1)])
+    assert exit_info.value.code == 1
+    assert f"only {jax.device_count()} devices here" in capsys.readouterr().err
