@@ -152,6 +152,9 @@ def base_config() -> ml_collections.ConfigDict:
     # After training, draw each NOAH head's attention maps for this many evaluation
     # images into WORKDIR/attention.png (0 = none; one process runs only).
     c.attention_figure_images = 0
+    # A TensorBoard profiler trace of training steps first .. first + count - 1 into
+    # WORKDIR/plugins/profile (process 0; TensorBoard's Profile tab reads it). (0, 0) = off.
+    c.profile_steps = (0, 0)
     return c
 
 

@@ -120,6 +120,35 @@ def metric_writer(workdir: str):
     return metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
 
 
+class StepTrace:
+    """A profiler trace of training steps first .. first + count - 1 (process 0), written
+    where TensorBoard looks for it: WORKDIR/plugins/profile/<time>/. count 0: none."""
+
+    def __init__(self, workdir: str, first: int, count: int):
+        self.workdir, self.first, self.last = workdir, first, first + count - 1
+        self.enabled = count > 0 and jax.process_index() == 0
+        self.running = False
+
+    def before(self, step: int) -> None:
+        if self.enabled and step == self.first:
+            jax.profiler.start_trace(self.workdir)
+            self.running = True
+
+    def after(self, step: int, state) -> None:
+        if self.running and step >= self.last:
+            jax.block_until_ready(state)  # the traced steps run to their end in the trace
+            self.stop()
+            logging.info("profile of steps %d-%d written to %s; view it with: tensorboard "
+                         "--logdir %s (Profile tab, needs tensorboard-plugin-profile)",
+                         self.first, self.last, os.path.join(self.workdir, "plugins",
+                                                             "profile"), self.workdir)
+
+    def stop(self) -> None:
+        if self.running:
+            self.running = False
+            jax.profiler.stop_trace()
+
+
 def format_metrics(results: dict[str, float]) -> str:
     return ", ".join(f"{k} {int(v)}" if k.endswith("count") else f"{k} {v:.4f}"
                      for k, v in results.items())

@@ -84,6 +84,10 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         raise ConfigError(f"batch_size={config.batch_size} must split into grad_accum_steps="
                           f"{config.grad_accum_steps} micro-batches divisible by the "
                           f"{devices} devices")
+    first, count = config.profile_steps
+    if count < 0 or (count and first < 1):
+        raise ConfigError(f"config.profile_steps=(first step, count) needs first >= 1 and "
+                          f"count >= 0 (0 = no trace), got {tuple(config.profile_steps)}")
     if (config.eval_only and not config.init_from.path
             and checkpoint.latest_step(os.path.join(workdir, "checkpoints")) is None):
         raise ConfigError("config.eval_only needs a checkpoint: a workdir with one, or "
@@ -425,10 +429,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
         progress = _Progress(total_steps, steps_per_epoch, start_step, config.batch_size)
+        profile = run_log.StepTrace(workdir, *config.profile_steps)
+        on_exit.callback(profile.stop)
         pending, results = [], {}
         for step in range(start_step + 1, total_steps + 1):
+            profile.before(step)
             state, step_metrics = train_step(state, sharding.global_batch(next(batches),
                                                                            data_sharding))
+            profile.after(step, state)
             pending.append(step_metrics)
             if step % config.log_every_steps == 0 or step == total_steps:
                 check_finite(state, mngr)

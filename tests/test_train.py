@@ -149,6 +149,12 @@ def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
 
 
+def test_profile_steps_write_a_trace_that_tensorboard_reads(tmp_path):
+    train.train_and_evaluate(demo_config(total_steps=4, profile_steps=(2, 2)), str(tmp_path))
+    traces = list((tmp_path / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+
+
 def test_a_checkpoint_of_another_model_is_refused_with_the_keys_listed(tmp_path):
     train.train_and_evaluate(demo_config(total_steps=3), str(tmp_path))
     other = demo_config(total_steps=6)
@@ -318,6 +324,8 @@ MISTAKES = {
     "init_from_workdir": (dict(init_from__path="OLD"), r"no checkpoint in .*/old, which looks "
                           r"like a training workdir: use its checkpoint directory, .*/old/"
                           r"checkpoints$"),
+    "profile_steps": (dict(profile_steps=(0, 2)), r"profile_steps=\(first step, count\) needs "
+                      r"first >= 1"),
 }
 
 
