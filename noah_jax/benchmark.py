@@ -21,6 +21,8 @@ minute of the machine hits all variants alike. The step time is the median over 
   --batch-sizes 32,64,128   images/s against batch size.
   --devices 1,8             the same global batch on the first 1 and 8 devices (on CPU,
               fake devices: XLA_FLAGS=--xla_force_host_platform_device_count=8).
+  --depthwise grouped,shifted   both formulations of the depthwise convolutions
+              (`noah_jax.models.layers.DepthwiseConv`; default: this backend's choice).
 
 FLOPs are XLA's cost analysis of the compiled step (all devices together). MFU is
 FLOPs / step time / the devices' peak, for device kinds with a known peak (PEAK_TFLOPS:
@@ -31,7 +33,7 @@ per device) and, where the backend reports it (GPU, TPU), the process's peak.
 Output: a markdown table on stdout, and with --out DIR `benchmark.json` (every field of
 every variant, the ratios, the device and the date) and `benchmark.md`. Ratios: NOAH's
 cost (noah / linear step time, same model, mode, batch and devices) and the trainer's
-cost (train / minimal).
+cost (train / minimal), and shifted / grouped depthwise convolutions.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ import optax
 
 from noah_jax import cli, evaluators, optim, sharding, train
 from noah_jax.errors import ConfigError, UserError
-from noah_jax.models import create_model, list_models
+from noah_jax.models import create_model, layers, list_models
 
 # Peak dense TFLOP/s per device: (bfloat16, float32). float32 is None where matrix units
 # have no float32 rate of their own (TPUs run float32 matmuls as bfloat16 passes).
@@ -126,6 +128,7 @@ class Variant:
     devices: int
     dtype: str
     image_size: int
+    depthwise: str       # how the model's depthwise convolutions were computed
     run: Callable[[], Any] = dataclasses.field(repr=False)  # one step; returns what to block on
     compile_s: float = 0.0
     flops: Optional[float] = None
@@ -142,6 +145,7 @@ class Variant:
         return {
             "model": self.model, "head": self.head, "mode": self.mode, "batch": self.batch,
             "devices": self.devices, "dtype": self.dtype, "image_size": self.image_size,
+            "depthwise": self.depthwise,
             "step_s": step, "step_s_all": self.times, "images_per_s": self.batch / step,
             "compile_s": self.compile_s, "flops_per_step": self.flops,
             "tflops_per_s": achieved,
@@ -211,7 +215,7 @@ def build_variants(config, model_name: str, head: str, modes: Sequence[str], bat
                     "mask": np.ones((batch,), np.bool_)}
     on_devices = jax.device_put(batch_arrays, data_sharding)
     describe = dict(model=model_name, head=head, batch=batch, devices=num_devices, dtype=dtype,
-                    image_size=size)
+                    image_size=size, depthwise=layers.depthwise_formulation())
 
     variants = []
     wanted = [m for m in modes if m == "train"] + (["minimal"] if minimal else [])
@@ -262,19 +266,25 @@ def time_variants(variants: Sequence[Variant], *, steps: int, rounds: int, warmu
             v.times.append((time.perf_counter() - start) / steps)
 
 
+# (name, the field compared, its value on top, its value below); the other fields match.
+RATIOS = (("noah/linear", "head", "noah", "linear"),
+          ("train/minimal", "mode", "train", "minimal"),
+          ("shifted/grouped", "depthwise", "shifted", "grouped"))
+_VARIANT_FIELDS = ("model", "head", "mode", "batch", "devices", "depthwise")
+
+
 def ratios(records: Sequence[dict]) -> list[dict[str, Any]]:
-    """NOAH's cost (noah / linear) and the trainer's cost (train / minimal), by step time."""
-    by_key = {(r["model"], r["head"], r["mode"], r["batch"], r["devices"]): r for r in records}
+    """Step-time ratios of variants that differ in one field only: NOAH's cost (noah /
+    linear), the trainer's cost (train / minimal), the depthwise formulations."""
     out = []
-    for (model, head, mode, batch, devices), r in by_key.items():
-        if head == "noah" and (model, "linear", mode, batch, devices) in by_key:
-            other = by_key[(model, "linear", mode, batch, devices)]
-            out.append({"ratio": "noah/linear", "model": model, "mode": mode, "batch": batch,
-                        "devices": devices, "value": r["step_s"] / other["step_s"]})
-        if mode == "train" and (model, head, "minimal", batch, devices) in by_key:
-            other = by_key[(model, head, "minimal", batch, devices)]
-            out.append({"ratio": "train/minimal", "model": model, "head": head, "batch": batch,
-                        "devices": devices, "value": r["step_s"] / other["step_s"]})
+    for name, field, top, bottom in RATIOS:
+        others = [f for f in _VARIANT_FIELDS if f != field]
+        below = {tuple(r[f] for f in others): r for r in records if r[field] == bottom}
+        for r in records:
+            match = below.get(tuple(r[f] for f in others))
+            if r[field] == top and match is not None:
+                out.append({"ratio": name, **{f: r[f] for f in others},
+                            "value": r["step_s"] / match["step_s"]})
     return out
 
 
@@ -284,23 +294,23 @@ def markdown(result: dict[str, Any]) -> str:
 
     lines = [f"{result['device']['kind']} x{result['device']['count']} "
              f"({result['device']['backend']}), {result['date']}, {result['dtype']}", "",
-             "| model | head | mode | batch | devices | images/s | step ms | compile s "
-             "| GFLOPs/step | MFU | temp MiB |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | head | mode | batch | devices | depthwise | images/s | step ms "
+             "| compile s | GFLOPs/step | MFU | temp MiB |",
+             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["results"]:
         lines.append(
             f"| {r['model']} | {r['head']} | {r['mode']} | {r['batch']} | {r['devices']} "
-            f"| {r['images_per_s']:.1f} | {1e3 * r['step_s']:.1f} | {r['compile_s']:.1f} "
+            f"| {r['depthwise']} | {r['images_per_s']:.1f} | {1e3 * r['step_s']:.1f} | {r['compile_s']:.1f} "
             f"| {num(r['flops_per_step'] and r['flops_per_step'] / 1e9, '.1f')} "
             f"| {num(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} "
             f"| {num(r['temp_bytes'] and r['temp_bytes'] / 2**20, '.0f')} |")
     if result["ratios"]:
-        lines += ["", "| ratio | model | head | mode | batch | devices | value |",
-                  "|---|---|---|---|---:|---:|---:|"]
+        lines += ["", "| ratio | model | head | mode | batch | devices | depthwise | value |",
+                  "|---|---|---|---|---:|---:|---|---:|"]
         for q in result["ratios"]:
             lines.append(f"| {q['ratio']} | {q['model']} | {q.get('head', '')} "
-                         f"| {q.get('mode', 'train')} | {q['batch']} | {q['devices']} "
-                         f"| {q['value']:.3f} |")
+                         f"| {q.get('mode', '')} | {q['batch']} | {q['devices']} "
+                         f"| {q.get('depthwise', '')} | {q['value']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -342,6 +352,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--image-size", type=int, default=None,
                         help="input side (default: the model's own, 224 for CNNs)")
+    parser.add_argument("--depthwise", type=_choices(("auto", "grouped", "shifted"),
+                                                     "depthwise formulation"),
+                        default=["auto"], help="depthwise convolutions: grouped, shifted or "
+                                               "both (grouped,shifted); auto: the backend's")
     parser.add_argument("--minimal", action="store_true",
                         help="also time a bare train step (the trainer's own cost)")
     parser.add_argument("--steps", type=int, default=5, help="steps per variant per round")
@@ -363,11 +377,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for head in args.heads:
                 for batch in batches:
                     for count in device_counts:
-                        print(f"compiling {model} head={head} batch={batch} devices={count} "
-                              f"({', '.join(args.mode + (['minimal'] if args.minimal else []))})",
-                              file=sys.stderr, flush=True)
-                        variants += build_variants(config, model, head, args.mode, batch, count,
-                                                   args.dtype, args.image_size, args.minimal)
+                        for depthwise in args.depthwise:
+                            layers.DEPTHWISE_FORMULATION = depthwise  # read when traced
+                            print(f"compiling {model} head={head} batch={batch} devices={count}"
+                                  f" depthwise={layers.depthwise_formulation()} ("
+                                  f"{', '.join(args.mode + ['minimal'] * args.minimal)})",
+                                  file=sys.stderr, flush=True)
+                            variants += build_variants(config, model, head, args.mode, batch,
+                                                       count, args.dtype, args.image_size,
+                                                       args.minimal)
+        layers.DEPTHWISE_FORMULATION = "auto"
     except (UserError, ValueError) as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     print(f"timing {len(variants)} variants: {args.rounds} rounds of {args.steps} steps",

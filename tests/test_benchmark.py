@@ -4,19 +4,33 @@ against an analytic one, its ratios, and its errors."""
 import json
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
 from noah_jax import benchmark, models
+from noah_jax.heads import Classifier
+from noah_jax.models import layers
 from test_families import VARIANTS as TOY_FAMILY
+
+
+class DepthwiseToy(Classifier):
+    """A stem conv and one depthwise conv: the smallest model with a depthwise layer."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(layers.conv(8, 3, 2, self.dtype, "stem")(x.astype(self.dtype)))
+        x = nn.relu(layers.conv(8, 3, 1, self.dtype, "depthwise", groups=8)(x))
+        return self.classify(x, train=train, pool="avg", linear_init=nn.initializers.zeros)
 
 
 @pytest.fixture
 def toy_family():
-    models.register_family(TOY_FAMILY)
+    extra = {"depthwise_toy": (DepthwiseToy, dict(num_heads=2))}
+    models.register_family({**TOY_FAMILY, **extra})
     yield
-    models.unregister_family(TOY_FAMILY)
+    models.unregister_family({**TOY_FAMILY, **extra})
 
 
 def test_flops_of_a_dense_layer_equal_the_analytic_count():
@@ -71,6 +85,20 @@ def test_the_benchmark_writes_every_field_for_every_variant(toy_family, tmp_path
     table = (tmp_path / "benchmark.md").read_text()
     assert table in capsys.readouterr().out
     assert table.count("| toynet_4 |") == 12 + len(result["ratios"])
+
+
+def test_depthwise_formulations_are_compared_in_one_run(toy_family, tmp_path):
+    assert benchmark.main([
+        "--models", "depthwise_toy", "--heads", "linear", "--depthwise", "grouped,shifted",
+        "--batch", "4", "--devices", "1", "--image-size", "16", "--steps", "1", "--rounds", "1",
+        "--warmup", "0", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [r["depthwise"] for r in result["results"]] == ["grouped", "shifted"]
+    (ratio,) = result["ratios"]
+    assert ratio["ratio"] == "shifted/grouped" and ratio["model"] == "depthwise_toy"
+    assert ratio["value"] == pytest.approx(result["results"][1]["step_s"]
+                                           / result["results"][0]["step_s"])
+    assert layers.DEPTHWISE_FORMULATION == "auto"  # restored after the run
 
 
 @pytest.mark.parametrize("argv,message", [
