@@ -14,9 +14,11 @@ baseline with the same recipe.
 
   python main.py --config=configs/pvt_noah.py:demo --workdir=runs/pvt_demo
 
-The demo: a NOAH PVT-Tiny x0.5 with one block per stage on the embedded digits at
-32 px, 2 px patches (stage maps 16, 8, 4, 2: every spatial reduction leaves a 2x2 map
-and the head sees 4 tokens); about 97% test top-1 in a few minutes on 2 CPU cores.
+The demo: a NOAH pvt_tiny at the x0.5 widths (32/64/160/256), one block per stage, on
+the embedded digits at 32 px with 2 px patches (stage maps 16, 8, 4, 2: every spatial
+reduction leaves a 2x2 map and the head sees 4 tokens; 1.67M parameters). 99.17% test
+top-1 in one run; its 880 steps took about 6 minutes of CPU time on 2 cores (12 minutes
+wall on a busy shared machine).
 
 Arguments: variant=tiny_050|tiny_075|tiny|small|medium|large, head=noah|linear, demo.
 """

@@ -178,7 +178,7 @@ class PyramidVisionTransformer(Classifier):
             grids.append(grids[-1] // 2)
         return grids
 
-    def _check(self, x) -> list[int]:
+    def _check(self, x) -> None:
         stages = len(self.depths)
         for field in ("embed_dims", "attn_heads", "mlp_ratios", "sr_ratios"):
             if len(getattr(self, field)) != stages:
@@ -208,7 +208,6 @@ class PyramidVisionTransformer(Classifier):
                              f"img_size={self.img_size}: expected [B, {self.img_size}, "
                              f"{self.img_size}, C]; build the model with the input's img_size "
                              "(the position embeddings are not resized)")
-        return grids
 
     @nn.compact
     def __call__(self, x, train: bool = False):
