@@ -1,4 +1,5 @@
-"""Layers several CNN families share: PyTorch-initialised convolutions and BatchNorm.
+"""Layers several families share: PyTorch-initialised convolutions and BatchNorm (the
+CNNs), and timm's Linear, MLP and patch-embedding init (DeiT and PVT).
 
 `conv` pads as PyTorch does ((k-1)//2 on each side, where XLA's 'SAME' would pad an
 even input (0, 1)) and starts from the reference's Kaiming-normal (fan_out) init;
@@ -39,6 +40,38 @@ def conv(features: int, kernel: int, stride: int, dtype: Any, name: str, groups:
     return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
                    feature_group_count=groups, use_bias=use_bias, dtype=dtype,
                    kernel_init=conv_init, name=name)
+
+
+# ---------------------------------------------------------------------------------------
+# Transformers (DeiT, PVT): timm's layers and init.
+# ---------------------------------------------------------------------------------------
+
+# timm's trunc_normal_(std=.02) for every Linear, pos_embed and cls_token. timm cuts at
+# +-2 in absolute value, i.e. +-100 std: in effect a plain normal, which is what we use
+# (Flax's truncated_normal would cut at +-2 std and shrink the spread by 12%).
+dense_init = nn.initializers.normal(0.02)
+# PyTorch's default Conv2d init (kaiming_uniform with a=sqrt(5)) is U(+-1/sqrt(fan_in)),
+# i.e. variance 1/(3 fan_in). Its bias is U(+-1/sqrt(fan_in)) too; we start it at zero.
+patch_embed_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def dense(features: int, dtype: Any, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, kernel_init=dense_init, name=name)
+
+
+class Mlp(nn.Module):
+    """timm's transformer MLP: fc1, exact GELU, dropout, fc2 (back to the input width),
+    dropout."""
+
+    hidden: int
+    drop_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        dropout = nn.Dropout(self.drop_rate, deterministic=not train)
+        y = dropout(nn.gelu(dense(self.hidden, self.dtype, "fc1")(x), approximate=False))
+        return dropout(dense(x.shape[-1], self.dtype, "fc2")(y))
 
 
 # How DepthwiseConv computes: 'auto' (shifted multiply-adds on CPU, XLA's grouped

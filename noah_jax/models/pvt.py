@@ -48,7 +48,7 @@ from noah_jax.models.torch_names import TorchNames
 # The DeiT file's pieces that PVT shares unchanged: the timm-style initialisers (Linear,
 # pos_embed, cls_token: normal(0.02); convs: PyTorch's default, zero bias) and the MLP
 # (fc1, exact GELU, fc2, dropout after each).
-from noah_jax.models.vit import Mlp, dense, dense_init, patch_embed_init as conv_init
+from noah_jax.models.layers import Mlp, dense, dense_init, patch_embed_init as conv_init
 
 # LayerNorm eps: the reference builds the blocks and the final norm with eps 1e-6, but
 # the patch embeddings' and the spatial reductions' norms with PyTorch's default.

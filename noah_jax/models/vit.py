@@ -28,38 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from noah_jax.heads import Classifier
+from noah_jax.models.layers import Mlp, dense, dense_init, patch_embed_init
 from noah_jax.models.torch_names import TorchNames
-
-# timm's trunc_normal_(std=.02) for every Linear, pos_embed and cls_token. timm cuts at
-# +-2 in absolute value, i.e. +-100 std: in effect a plain normal, which is what we use
-# (Flax's truncated_normal would cut at +-2 std and shrink the spread by 12%).
-dense_init = nn.initializers.normal(0.02)
-# PyTorch's default Conv2d init (kaiming_uniform with a=sqrt(5)) is U(+-1/sqrt(fan_in)),
-# i.e. variance 1/(3 fan_in). Its bias is U(+-1/sqrt(fan_in)) too; we start it at zero.
-patch_embed_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 # The reference adds pre_logits (Linear(D, 192) + tanh) when embed_dim is below this.
 PRE_LOGITS_WIDTH = 192
 
 
-def dense(features: int, dtype: Any, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, kernel_init=dense_init, name=name)
-
-
 def layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
-
-
-class Mlp(nn.Module):
-    hidden: int
-    drop_rate: float = 0.0
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        dropout = nn.Dropout(self.drop_rate, deterministic=not train)
-        y = dropout(nn.gelu(dense(self.hidden, self.dtype, "fc1")(x), approximate=False))
-        return dropout(dense(x.shape[-1], self.dtype, "fc2")(y))
 
 
 class Attention(nn.Module):
