@@ -268,3 +268,40 @@ def test_unknown_mode_is_refused():
     model = create_model("mobilenetv3_small", num_classes=10, mode="medium")
     with pytest.raises(ValueError, match="mode must be one of"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+# ---------------------------------------------------------------------------------------
+# The recipe.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arg,name,head", [
+    ("", "mobilenetv3_small", "noah"),
+    ("variant=large,head=linear", "mobilenetv3_large", "linear"),
+    ("demo", "mobilenetv3_small", "noah"),
+])
+def test_recipe_builds_its_model_with_every_override_declared(arg, name, head):
+    from configs import mobilenetv3_noah
+    from noah_jax.models import model_override_types
+
+    c = mobilenetv3_noah.get_config(arg or None)
+    assert (c.model.name, c.model.head) == (name, head)
+    assert set(c.model.overrides) == set(model_override_types(name)) - {"dtype"}
+    model = create_model(name, num_classes=c.dataset.num_classes, head=head,
+                         **c.model.overrides)
+    if arg == "demo":
+        # No img_size (a CNN takes any size); 64 px leaves the head a 2x2 map.
+        assert c.dataset.name == "digits" and c.dataset.image_size == 64
+        size = c.dataset.image_size
+        shapes = jax.eval_shape(
+            lambda x: model.apply(model.init(jax.random.key(0), x), x,
+                                  capture_intermediates=True, mutable=["intermediates"]),
+            jnp.zeros((1, size, size, 3)))
+        assert shapes[1]["intermediates"]["features_13"]["__call__"][0].shape == (1, 2, 2, 1280)
+    else:
+        assert (c.num_epochs, c.optimizer.name, c.optimizer.weight_decay) == (150.0, "sgd", 4e-5)
+        assert c.optimizer.decay_only_matrices                 # no decay on BN and biases
+        assert (c.schedule.name, c.schedule.base_lr, c.schedule.base_batch_size) == (
+            "cosine", 0.05, 256)
+        assert (c.batch_size, c.dataset.image_size) == (256, 224)
+        assert (model.num_heads, model.key_ratio, model.dropout) == (8, 0.25, 0.2)
