@@ -193,9 +193,10 @@ def test_bottleneck_matches_numpy(stride, features):
     variables = moderate_variables(block, x.shape, seed=2, train=False)
     ours = block.apply(variables, x, train=False)
 
-    p = {k: v for k, v in variables["params"].items()}
-    s = variables["batch_stats"]
-    bn = lambda y, name: np_batch_norm(y, {**p[name], **s[name]})  # noqa: E731
+    p, s = variables["params"], variables["batch_stats"]
+
+    def bn(y, name):
+        return np_batch_norm(y, {**p[name], **s[name]})
     y = np_hard_swish(bn(x @ p["conv_0"]["kernel"][0, 0], "conv_1"))
     y = bn(np_depthwise(y, p["conv_3"]["kernel"], stride), "conv_4")
     y = np_hard_swish(np_se(y, p["conv_5"]["fc_0"]["kernel"], p["conv_5"]["fc_2"]["kernel"]))
@@ -235,8 +236,12 @@ def test_baseline_pools_before_the_last_conv():
     assert inter["features_14"]["__call__"][0].shape == (2, 1, 1, 1280)
     assert "features_13" not in inter                       # the pooling's index
     p = variables["params"]
-    conv = lambda y: y @ p["features_14"]["kernel"][0, 0] + p["features_14"]["bias"]  # noqa
-    head = lambda y: y @ p["head"]["kernel"] + p["head"]["bias"]  # noqa: E731
+
+    def conv(y):  # the 1x1 conv with bias, on [..., 576]
+        return y @ p["features_14"]["kernel"][0, 0] + p["features_14"]["bias"]
+
+    def head(y):
+        return y @ p["head"]["kernel"] + p["head"]["bias"]
 
     pooled_first = head(np_hard_swish(conv(np_hard_swish(last_bn).mean(axis=(1, 2)))))
     np.testing.assert_allclose(logits, pooled_first, rtol=1e-4, atol=1e-4)
@@ -255,7 +260,9 @@ def test_noah_runs_the_last_conv_on_the_map():
     # The head attends over the 4 positions, so it is not a function of their mean:
     # the positions' order does not matter, but replacing each by the mean does.
     noah = NOAHHead(10, num_heads=model.num_heads, key_ratio=model.key_ratio)
-    head = lambda f: np.asarray(noah.apply({"params": variables["params"]["head"]}, f))  # noqa
+
+    def head(features):
+        return np.asarray(noah.apply({"params": variables["params"]["head"]}, features))
     features = np_hard_swish(head_input).astype(np.float32)
     np.testing.assert_allclose(head(features), logits, rtol=1e-5, atol=1e-5)
     shuffled = features[:, ::-1, ::-1, :]
