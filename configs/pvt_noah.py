@@ -32,30 +32,8 @@ def get_config(arg=None):
     a = common.parse_arg(arg, variant="tiny", head="noah", demo=False)
     if a.variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {a.variant!r}")
-    c = common.imagenet_config(f"pvt_{a.variant}", a.head)
-    c.model.overrides.drop_path_rate = 0.1
-    c.batch_size = 1024
-    c.eval_batch_size = 1024
-    c.num_epochs = 300.0
-
-    c.optimizer.name = "adamw"
-    c.optimizer.weight_decay = 0.05
-    c.schedule.name = "cosine"
-    c.schedule.base_lr = 5e-4
-    c.schedule.base_batch_size = 512
-    c.schedule.warmup_epochs = 5.0
-    c.schedule.end_lr = 1e-5
-    c.label_smoothing = 0.1
-    # No EMA and no gradient clipping: the base config's (0 = off).
-    # DeiT's augmentation, as configs/vit_noah.py: RandAugment rand-m9-mstd0.5-inc1,
-    # random erasing 0.25 (pixel mode), mixup 0.8 / cutmix 1.0 (switch 0.5), repeated
-    # augmentation x3. The colour jitter 0.4 is ignored by timm when RandAugment is on.
-    c.augment.rand_augment_layers = 2
-    c.augment.random_erasing = 0.25
-    c.augment.mixup_alpha = 0.8
-    c.augment.cutmix_alpha = 1.0
-    c.augment.repeats = 3
-    c.checkpoint_every_steps = 2000
+    # DeiT's recipe; no EMA and no gradient clipping (the base config's: off).
+    c = common.deit_recipe(f"pvt_{a.variant}", a.head)
 
     if a.demo:
         common.apply_demo(c, patch_size=2, embed_dims=(32, 64, 160, 256), depths=(1, 1, 1, 1),

@@ -30,35 +30,12 @@ def get_config(arg=None):
     a = common.parse_arg(arg, variant="tiny", head="noah", demo=False)
     if a.variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {a.variant!r}")
+    model = ("deit_base_patch16_384" if a.variant == "base_384"
+             else f"deit_{a.variant}_patch16_224")
+    c = common.deit_recipe(model, a.head)
     if a.variant == "base_384":
-        c = common.imagenet_config("deit_base_patch16_384", a.head)
         c.dataset.image_size = 384
-    else:
-        c = common.imagenet_config(f"deit_{a.variant}_patch16_224", a.head)
-    c.model.overrides.drop_path_rate = 0.1
-    c.batch_size = 1024
-    c.eval_batch_size = 1024
-    c.num_epochs = 300.0
-
-    c.optimizer.name = "adamw"
-    c.optimizer.weight_decay = 0.05
-    c.schedule.name = "cosine"
-    c.schedule.base_lr = 5e-4
-    c.schedule.base_batch_size = 512
-    c.schedule.warmup_epochs = 5.0
-    c.schedule.end_lr = 1e-5
-    c.label_smoothing = 0.1
     c.ema_decay = 0.99996
-    # DeiT's augmentation: RandAugment rand-m9-mstd0.5-inc1 (magnitude, std and
-    # increasing are the base config's), random erasing 0.25 (pixel mode), mixup 0.8 /
-    # cutmix 1.0 (switch 0.5, the base's), repeated augmentation x3. DeiT also sets
-    # colour jitter 0.4, which timm ignores when RandAugment is on: left off.
-    c.augment.rand_augment_layers = 2
-    c.augment.random_erasing = 0.25
-    c.augment.mixup_alpha = 0.8
-    c.augment.cutmix_alpha = 1.0
-    c.augment.repeats = 3
-    c.checkpoint_every_steps = 2000
 
     if a.demo:
         common.apply_demo(c, patch_size=8, depth=4, drop_path_rate=0.0)
