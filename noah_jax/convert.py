@@ -8,7 +8,7 @@
         [--num-classes K] [--drop-head] [--class-names FILE] [--override key_ratio=0.25 ...]
 
 A state_dict is a mapping from the reference's keys to numpy arrays (torch tensors are
-accepted too). The class count comes from the head's weights, and for ViT/Mixer/gMLP the
+accepted too). The class count comes from the head's weights, and for ViT/PVT/Mixer/gMLP the
 image size from the number of tokens (e.g. a 448 px ViT); other settings that change
 shapes (the head's num_heads, key_ratio, head_split, kv_split, ...) are given as
 `create_model` overrides, the reference's defaults otherwise.
@@ -25,7 +25,7 @@ state_dict must supply exactly those keys.
                 torch names of its two heads (the reference's name first, then aliases
                 accepted on the way in: ResNet's baseline `head.2`, or torchvision's
                 `fc`), top-level renames (DeiT: `patch_embed` -> `patch_embed.proj`) and
-                where the token count shows (the image size of a ViT, Mixer or gMLP).
+                where the token count shows (the image size of a ViT, PVT, Mixer or gMLP).
                 The NOAH head alone (`noah_head`) is `query` / `value`.
   leaf name     kernel, scale -> weight (Conv/Linear, BatchNorm/LayerNorm); batch_stats
                 mean, var -> running_mean, running_var; bias, pos_embed, cls_token as is.

@@ -22,6 +22,10 @@ RECIPE_ARGS = [
     ("mobilenetv2_noah", "width=050"), ("vit_noah", ""), ("vit_noah", "demo"),
     ("mixer_noah", "variant=s16_050"), ("gmlp_noah", "variant=ti16,head=linear"),
     ("coco_resnet101_noah", "init=/ckpt"), ("coco_vit_large_noah", "init=/ckpt"),
+    ("vit_noah", "variant=base_384"), ("mobilenetv3_noah", "variant=large,head=linear"),
+    ("mobilenetv3_noah", "demo"), ("shufflenetv2_noah", "width=200"),
+    ("shufflenetv2_noah", "demo"), ("pvt_noah", "variant=medium,head=linear"),
+    ("pvt_noah", "demo"),
 ]
 
 
