@@ -252,7 +252,7 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
 
         # NaN guard: a non-finite step leaves the state untouched and records its number;
         # the host stops the run before anything non-finite reaches a checkpoint.
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         params_finite = jax.tree.reduce(
             jnp.logical_and, jax.tree.map(lambda p: jnp.isfinite(p).all(), new_state["params"]))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
