@@ -1,0 +1,48 @@
+"""ShuffleNetV2 with the NOAH head on ImageNet-1k: the reference's ShuffleNetV2 recipe.
+
+  python main.py --config=configs/shufflenetv2_noah.py:width=100 --workdir=runs/shufflenet_noah
+
+240 epochs, SGD (momentum 0.9, lr 0.5 at the global batch of 1024, weight decay 4e-5
+on weights with more than one dimension, none on BatchNorm and biases), the learning
+rate decaying linearly to 0; RandomResizedCrop 224 and flips. Head: N=8, r=1/4, no
+dropout. Expected ImageNet top-1 (paper, baseline -> NOAH): x1.0 69.43 -> 70.72. The
+reference defines x0.5, x1.5 and x2.0 in its code only; the paper reports no result
+for them.
+Arguments: width=050|100|150|200 (default 100; 050 with demo), head=noah|linear, demo.
+
+  python main.py --config=configs/shufflenetv2_noah.py:demo --workdir=runs/shufflenet_demo
+
+The demo: the full ShuffleNetV2 x0.5 (NOAH head, all 16 units) on the embedded
+digits at 64 px, where the 32x downsampling leaves the head a 2x2 map (at 32 px it
+would be 1x1, and the attention over positions would have nothing to choose from);
+the optimiser and schedule of every demo (common.apply_demo: AdamW, 40 epochs).
+98.9% test top-1 in about 12 minutes on 2 CPU cores shared with other jobs.
+"""
+
+from configs import common
+
+WIDTHS = ("050", "100", "150", "200")
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, width=None, head="noah", demo=False)
+    width = a.width or ("050" if a.demo else "100")  # the demo's default is the smallest
+    if width not in WIDTHS:
+        raise ValueError(f"width must be one of {WIDTHS}, got {width!r}")
+    c = common.imagenet_config(f"shufflenetv2_{width}", a.head)
+    # SGD with momentum 0.9 and no decay on BatchNorm and biases, as the base config.
+    c.batch_size = 1024
+    c.eval_batch_size = 1024
+    c.num_epochs = 240.0
+    c.optimizer.weight_decay = 4e-5
+    c.schedule.name = "linear"  # to the base config's end_lr, 0
+    c.schedule.base_lr = 0.5
+    c.schedule.base_batch_size = 1024
+
+    if a.demo:
+        common.apply_demo(c)
+        # A CNN takes any image size: no img_size override (apply_demo sets one for the
+        # token models). 64 px keeps a 2x2 map for the head.
+        del c.model.overrides["img_size"]
+        c.dataset.image_size = 64
+    return common.declare_model_overrides(c)
