@@ -40,9 +40,6 @@ def get_config(arg=None):
     c.schedule.base_batch_size = 1024
 
     if a.demo:
-        common.apply_demo(c)
-        # A CNN takes any image size: no img_size override (apply_demo sets one for the
-        # token models). 64 px keeps a 2x2 map for the head.
-        del c.model.overrides["img_size"]
-        c.dataset.image_size = 64
+        # 64 px keeps a 2x2 map for the head (at 32 px it would see one position).
+        common.apply_demo(c, image_size=64)
     return common.declare_model_overrides(c)

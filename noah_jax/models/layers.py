@@ -22,6 +22,10 @@ import jax.numpy as jnp
 
 # Kaiming-normal, fan_out, ReLU gain: the reference CNNs' init of every conv.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# PyTorch's default Conv2d / Linear weight init, kaiming_uniform with a=sqrt(5), is
+# U(+-1/sqrt(fan_in)), i.e. variance 1/(3 fan_in): what a model that does not
+# re-initialise starts from (ShuffleNetV2, patch embeddings).
+torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
@@ -31,15 +35,16 @@ def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
 
 
 def conv(features: int, kernel: int, stride: int, dtype: Any, name: str, groups: int = 1,
-         use_bias: bool = False) -> nn.Module:
+         use_bias: bool = False, kernel_init: Any = conv_init) -> nn.Module:
     """A square conv, PyTorch's padding (k-1)//2; `groups` = features is depthwise (its
     input must have `features` channels too)."""
     pad = (kernel - 1) // 2
     if groups == features and groups > 1:
-        return DepthwiseConv(features, kernel, stride, use_bias=use_bias, dtype=dtype, name=name)
+        return DepthwiseConv(features, kernel, stride, use_bias=use_bias, dtype=dtype,
+                             kernel_init=kernel_init, name=name)
     return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
                    feature_group_count=groups, use_bias=use_bias, dtype=dtype,
-                   kernel_init=conv_init, name=name)
+                   kernel_init=kernel_init, name=name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -50,9 +55,9 @@ def conv(features: int, kernel: int, stride: int, dtype: Any, name: str, groups:
 # +-2 in absolute value, i.e. +-100 std: in effect a plain normal, which is what we use
 # (Flax's truncated_normal would cut at +-2 std and shrink the spread by 12%).
 dense_init = nn.initializers.normal(0.02)
-# PyTorch's default Conv2d init (kaiming_uniform with a=sqrt(5)) is U(+-1/sqrt(fan_in)),
-# i.e. variance 1/(3 fan_in). Its bias is U(+-1/sqrt(fan_in)) too; we start it at zero.
-patch_embed_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+# The patch embedding keeps PyTorch's default Conv2d init. Its bias is U(+-1/sqrt(fan_in))
+# in PyTorch; we start it at zero.
+patch_embed_init = torch_default_init
 
 
 def dense(features: int, dtype: Any, name: str) -> nn.Dense:

@@ -25,6 +25,7 @@ Names mirror the reference's state_dict with integer indices joined by '_':
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
@@ -32,21 +33,12 @@ import jax
 import jax.numpy as jnp
 
 from noah_jax.heads import Classifier
-from noah_jax.models.layers import batch_norm
+from noah_jax.models import layers
+from noah_jax.models.layers import batch_norm, torch_default_init
 from noah_jax.models.torch_names import TorchNames
 
-# PyTorch's default Conv2d / Linear weight init, kaiming_uniform with a=sqrt(5), is
-# U(+-1/sqrt(fan_in)): variance 1/(3 fan_in). The reference does not re-initialise.
-torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-
-
-def conv(features: int, kernel: int, stride: int, dtype: Any, name: str,
-         groups: int = 1) -> nn.Conv:
-    """`layers.conv` (PyTorch's padding (k-1)//2, no bias) with PyTorch's default init."""
-    pad = (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                   feature_group_count=groups, use_bias=False, dtype=dtype,
-                   kernel_init=torch_default_init, name=name)
+# The reference does not re-initialise: every conv keeps PyTorch's default init.
+conv = functools.partial(layers.conv, kernel_init=torch_default_init)
 
 
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
