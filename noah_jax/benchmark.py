@@ -24,7 +24,10 @@ minute of the machine hits all variants alike. The step time is the median over 
   --depthwise grouped,shifted   both formulations of the depthwise convolutions
               (`noah_jax.models.layers.DepthwiseConv`; default: this backend's choice).
 
-FLOPs are XLA's cost analysis of the compiled step (all devices together). MFU is
+FLOPs are XLA's cost analysis of the compiled step: it counts the program one device runs,
+so a step's FLOPs are that times the device count. XLA counts a depthwise (grouped)
+convolution's backward pass as several times its real work, so MobileNets' FLOPs and
+MFU under the grouped form are overstated. MFU is
 FLOPs / step time / the devices' peak, for device kinds with a known peak (PEAK_TFLOPS:
 dense bfloat16, and float32 where the hardware has a float32 rate); `null` otherwise.
 Memory is XLA's memory analysis of the compiled step (arguments, outputs and temporaries
@@ -97,6 +100,12 @@ def cost_flops(compiled) -> Optional[float]:
     if not analysis or "flops" not in analysis:
         return None
     return float(analysis["flops"])
+
+
+def _step_flops(compiled, num_devices: int) -> Optional[float]:
+    """FLOPs of one step on all devices: XLA analyses the per-device program."""
+    flops = cost_flops(compiled)
+    return None if flops is None else flops * num_devices
 
 
 def memory_bytes(compiled) -> dict[str, Optional[int]]:
@@ -238,15 +247,15 @@ def build_variants(config, model_name: str, head: str, modes: Sequence[str], bat
             return holder["state"]["params"]
 
         variants.append(Variant(mode=mode, run=run, compile_s=seconds,
-                                flops=cost_flops(compiled), memory=memory_bytes(compiled),
-                                **describe))
+                                flops=_step_flops(compiled, num_devices),
+                                memory=memory_bytes(compiled), **describe))
     if "infer" in modes:
         state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(seed))
         scorer = evaluators.get("single")(model, mesh)
         args = (state["params"], state["batch_stats"], on_devices)
         compiled, seconds = _compile(scorer._step, *args)
         variants.append(Variant(mode="infer", run=lambda c=compiled, a=args: c(*a),
-                                compile_s=seconds, flops=cost_flops(compiled),
+                                compile_s=seconds, flops=_step_flops(compiled, num_devices),
                                 memory=memory_bytes(compiled), **describe))
     return variants
 
