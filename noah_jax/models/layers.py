@@ -64,6 +64,28 @@ def dense(features: int, dtype: Any, name: str) -> nn.Dense:
     return nn.Dense(features, dtype=dtype, kernel_init=dense_init, name=name)
 
 
+def drop_path(rate: float, train: bool) -> nn.Dropout:
+    """Stochastic depth on [B, L, D] (timm's DropPath): one keep/drop draw per sample,
+    broadcast over tokens and channels, kept samples scaled by 1/(1-p). Build it inside a
+    module's compact method; each call of it draws a new mask."""
+    return nn.Dropout(rate, broadcast_dims=(1, 2), deterministic=not train)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, attn_drop_rate: float,
+           train: bool) -> jax.Array:
+    """Multi-head softmax attention: queries [B, L, H, d], keys and values [B, S, H, d]
+    -> [B, L, H*d]. Logits (scaled by d^-0.5) and softmax in float32 whatever the
+    compute dtype; dropout on the probabilities. Call it inside a module's compact
+    method (the dropout is a submodule of that module)."""
+    batch, length, heads, head_dim = q.shape
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                        preferred_element_type=jnp.float32) * head_dim**-0.5
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = nn.Dropout(attn_drop_rate, deterministic=not train)(probs)
+    y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return y.reshape(batch, length, heads * head_dim)
+
+
 class Mlp(nn.Module):
     """timm's transformer MLP: fc1, exact GELU, dropout, fc2 (back to the input width),
     dropout."""

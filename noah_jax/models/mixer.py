@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from noah_jax.heads import Classifier, noah_lecun_kernel_init
+from noah_jax.models.layers import drop_path
 from noah_jax.models.torch_names import TorchNames
 
 Array = jax.Array
@@ -45,11 +46,6 @@ GATE_NORM_EPS = 1e-5
 
 def _gelu(x: Array) -> Array:
     return nn.gelu(x, approximate=False)  # the reference uses the exact (erf) GELU
-
-
-def _drop_path(rate: float, train: bool) -> nn.Dropout:
-    """Per-sample stochastic depth on [B, L, D]: one keep/drop draw per sample."""
-    return nn.Dropout(rate, broadcast_dims=(1, 2), deterministic=not train)
 
 
 class PatchEmbed(nn.Module):
@@ -97,15 +93,15 @@ class MixerBlock(nn.Module):
     def __call__(self, x: Array, train: bool = False) -> Array:
         num_tokens, dim = x.shape[1], x.shape[2]
         norm = lambda name: nn.LayerNorm(LAYER_NORM_EPS, dtype=self.dtype, name=name)
-        drop_path = _drop_path(self.drop_path_rate, train)  # each call draws its own mask
+        drop = drop_path(self.drop_path_rate, train)  # each call draws its own mask
         # Token mixing: the MLP acts on the L axis, so move it last and back.
         y = norm("norm1")(x).swapaxes(1, 2)
         y = Mlp(self.tokens_hidden, num_tokens, self.drop_rate, self.dtype,
                 name="mlp_tokens")(y, train).swapaxes(1, 2)
-        x = x + drop_path(y)
+        x = x + drop(y)
         y = Mlp(self.channels_hidden, dim, self.drop_rate, self.dtype,
                 name="mlp_channels")(norm("norm2")(x), train)
-        return x + drop_path(y)
+        return x + drop(y)
 
 
 class SpatialGatingUnit(nn.Module):
@@ -158,7 +154,7 @@ class SpatialGatingBlock(nn.Module):
         y = nn.LayerNorm(LAYER_NORM_EPS, dtype=self.dtype, name="norm")(x)
         y = GatedMlp(self.hidden_features, x.shape[-1], self.drop_rate, self.dtype,
                      name="mlp_channels")(y, train)
-        return x + _drop_path(self.drop_path_rate, train)(y)
+        return x + drop_path(self.drop_path_rate, train)(y)
 
 
 class _TokenMlpClassifier(Classifier):

@@ -39,7 +39,6 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,7 +47,8 @@ from noah_jax.models.torch_names import TorchNames
 # The DeiT file's pieces that PVT shares unchanged: the timm-style initialisers (Linear,
 # pos_embed, cls_token: normal(0.02); convs: PyTorch's default, zero bias) and the MLP
 # (fc1, exact GELU, fc2, dropout after each).
-from noah_jax.models.layers import Mlp, dense, dense_init, patch_embed_init as conv_init
+from noah_jax.models.layers import (Mlp, attend, dense, dense_init, drop_path,
+                                    patch_embed_init as conv_init)
 
 # LayerNorm eps: the reference builds the blocks and the final norm with eps 1e-6, but
 # the patch embeddings' and the spatial reductions' norms with PyTorch's default.
@@ -87,11 +87,7 @@ class SpatialReductionAttention(nn.Module):
             y = x
         kv = dense(2 * dim, self.dtype, "kv")(y).reshape(batch, -1, 2, self.attn_heads, head_dim)
         k, v = kv[:, :, 0], kv[:, :, 1]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                            preferred_element_type=jnp.float32) * head_dim**-0.5
-        probs = jax.nn.softmax(logits, axis=-1)
-        probs = nn.Dropout(self.attn_drop_rate, deterministic=not train)(probs)
-        y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(batch, length, dim)
+        y = attend(q, k, v, self.attn_drop_rate, train)
         y = dense(dim, self.dtype, "proj")(y)
         return nn.Dropout(self.drop_rate, deterministic=not train)(y)
 
@@ -107,18 +103,13 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, grid: tuple[int, int], train: bool):
-        def drop_path(y):
-            # Stochastic depth: one keep/drop draw per sample (timm's DropPath).
-            return nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2),
-                              deterministic=not train)(y)
-
         y = layer_norm(BLOCK_EPS, self.dtype, "norm1")(x)
         y = SpatialReductionAttention(self.attn_heads, self.sr_ratio, self.drop_rate,
                                       self.attn_drop_rate, self.dtype, name="attn")(y, grid, train)
-        x = x + drop_path(y)
+        x = x + drop_path(self.drop_path_rate, train)(y)
         y = layer_norm(BLOCK_EPS, self.dtype, "norm2")(x)
         y = Mlp(self.mlp_hidden, self.drop_rate, self.dtype, name="mlp")(y, train)
-        return x + drop_path(y)
+        return x + drop_path(self.drop_path_rate, train)(y)
 
 
 class PatchEmbed(nn.Module):

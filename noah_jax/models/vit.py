@@ -23,12 +23,11 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from noah_jax.heads import Classifier
-from noah_jax.models.layers import Mlp, dense, dense_init, patch_embed_init
+from noah_jax.models.layers import Mlp, attend, dense, dense_init, drop_path, patch_embed_init
 from noah_jax.models.torch_names import TorchNames
 
 # The reference adds pre_logits (Linear(D, 192) + tanh) when embed_dim is below this.
@@ -52,12 +51,7 @@ class Attention(nn.Module):
         qkv = dense(3 * dim, self.dtype, "qkv")(x).reshape(batch, length, 3, self.attn_heads,
                                                            head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        # Attention logits and softmax in float32 whatever the compute dtype.
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                            preferred_element_type=jnp.float32) * head_dim**-0.5
-        probs = jax.nn.softmax(logits, axis=-1)
-        probs = nn.Dropout(self.attn_drop_rate, deterministic=not train)(probs)
-        y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(batch, length, dim)
+        y = attend(q, k, v, self.attn_drop_rate, train)
         y = dense(dim, self.dtype, "proj")(y)
         return nn.Dropout(self.drop_rate, deterministic=not train)(y)
 
@@ -72,19 +66,13 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        def drop_path(y):
-            # Stochastic depth: one keep/drop draw per sample, broadcast over tokens and
-            # channels, kept samples scaled by 1/(1-p) (timm's DropPath).
-            return nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2),
-                              deterministic=not train)(y)
-
         y = layer_norm(self.dtype, "norm1")(x)
         y = Attention(self.attn_heads, self.drop_rate, self.attn_drop_rate, self.dtype,
                       name="attn")(y, train)
-        x = x + drop_path(y)
+        x = x + drop_path(self.drop_path_rate, train)(y)
         y = layer_norm(self.dtype, "norm2")(x)
         y = Mlp(self.mlp_hidden, self.drop_rate, self.dtype, name="mlp")(y, train)
-        return x + drop_path(y)
+        return x + drop_path(self.drop_path_rate, train)(y)
 
 
 class VisionTransformer(Classifier):
