@@ -59,7 +59,7 @@ import optax
 
 from noah_jax import cli, evaluators, optim, sharding, train
 from noah_jax.errors import ConfigError, UserError
-from noah_jax.models import create_model, layers, list_models
+from noah_jax.models import create_model, layers, list_models, model_overrides
 
 # Peak dense TFLOP/s per device: (bfloat16, float32). float32 is None where matrix units
 # have no float32 rate of their own (TPUs run float32 matmuls as bfloat16 passes).
@@ -144,10 +144,6 @@ class Variant:
     memory: dict = dataclasses.field(default_factory=dict)
     times: list[float] = dataclasses.field(default_factory=list)
 
-    @property
-    def key(self) -> tuple:
-        return (self.model, self.mode, self.batch, self.devices)
-
     def record(self, peak: Optional[float]) -> dict[str, Any]:
         step = statistics.median(self.times)
         achieved = self.flops / step / 1e12 if self.flops else None
@@ -204,8 +200,7 @@ def build_variants(config, model_name: str, head: str, modes: Sequence[str], bat
     mesh = sharding.create_mesh(num_devices, 1, devices=devices)
     probe = create_model(model_name, num_classes=num_classes, head=head)
     size = image_size or getattr(probe, "img_size", 224)
-    overrides = {"img_size": size} if "img_size" in {f.name for f in
-                                                      dataclasses.fields(probe)} else {}
+    overrides = {"img_size": size} if "img_size" in model_overrides(model_name) else {}
     model = create_model(model_name, num_classes=num_classes, head=head,
                          dtype=DTYPES[dtype], **overrides)
     schedule = optim.learning_rate_schedule(config, total_steps=1_000_000,
@@ -223,6 +218,7 @@ def build_variants(config, model_name: str, head: str, modes: Sequence[str], bat
                     "label": rng.integers(0, num_classes, (batch,)).astype(np.int32),
                     "mask": np.ones((batch,), np.bool_)}
     on_devices = jax.device_put(batch_arrays, data_sharding)
+    train_batch = {k: on_devices[k] for k in ("image", "label")}
     describe = dict(model=model_name, head=head, batch=batch, devices=num_devices, dtype=dtype,
                     image_size=size, depthwise=layers.depthwise_formulation())
 
@@ -237,11 +233,10 @@ def build_variants(config, model_name: str, head: str, modes: Sequence[str], bat
             step = jax.jit(minimal_train_step(model, tx, config),
                            in_shardings=(state_sharding, data_sharding),
                            out_shardings=state_sharding, donate_argnums=0)
-        train_batch = {k: on_devices[k] for k in ("image", "label")}
         compiled, seconds = _compile(step, state, train_batch)
         holder = {"state": state}
 
-        def run(compiled=compiled, holder=holder, train_batch=train_batch, mode=mode):
+        def run(compiled=compiled, holder=holder, mode=mode):
             out = compiled(holder["state"], train_batch)
             holder["state"] = out[0] if mode == "train" else out
             return holder["state"]["params"]
