@@ -15,6 +15,8 @@ step over the repeats and the ratio POCA / grouped. Shapes (B = --batch, K = 100
 
   resnet50        L=49 (7x7), C=2048, r=1/8
   deit_tiny       L=196 (14x14), C=192, r=1/2
+  deit_small      L=196, C=384, r=1/2
+  mixer_s16       L=196, C=512, r=1/2
   resnet50_dense  resnet50 with head_split=False (one dense projection, the ablation)
 """
 
@@ -34,11 +36,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from noah_jax.heads import GroupedProjection, NOAHHead  # noqa: E402
+from noah_jax.heads import GroupedProjection, NOAHHead, _KeepMask  # noqa: E402
 
 SHAPES = {  # name: (L, C, key_ratio, head_split)
     "resnet50": (49, 2048, 1 / 8, True),
     "deit_tiny": (196, 192, 1 / 2, True),
+    "deit_small": (196, 384, 1 / 2, True),
+    "mixer_s16": (196, 512, 1 / 2, True),
     "resnet50_dense": (49, 2048, 1 / 8, False),
 }
 
@@ -64,7 +68,9 @@ class GroupedNOAHHead(NOAHHead):
         v = projection("value")(values).reshape(batch, length, n, k)
         a = jax.nn.softmax(q.astype(jnp.float32), axis=1)
         self.sow("intermediates", "attention", jnp.transpose(a, (0, 2, 3, 1)))
-        v = nn.Dropout(self.dropout, deterministic=not train)(v)
+        if train and self.dropout > 0:  # NOAHHead's mask: [N, B, L, K], same key
+            keep = _KeepMask(self.dropout, name="Dropout_0")((n, batch, length, k))
+            v = jnp.where(jnp.transpose(keep, (1, 2, 0, 3)), v / (1.0 - self.dropout), 0.0)
         per_head = jnp.einsum("blnk,blnk->bnk", a, v.astype(jnp.float32))
         return per_head.sum(axis=1)
 

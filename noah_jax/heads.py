@@ -9,8 +9,8 @@ block; the N blocks' class logits are merged:
   each part --split--> N contiguous channel groups, group h -> POCA block h
   POCA block:  q, v = 1x1 projections (with bias) of its keys, values to K classes  [B, L, K]
                a = softmax(q) over the positions L   (float32, no scaling)
-               v = dropout(v)                         (training only)
-               logit[b, k] = sum_l a * v
+               v = dropout(v)                         (training only; `keep_mask`)
+               logit[b, k] = sum_l a * v              (`attention_pool`: one pass each way)
   logits = merge (sum, mean or max) over the N blocks
 
 Parameter layout. The head stores its blocks' projections together, as the reference's
@@ -119,28 +119,79 @@ class POCA(nn.Module):
                                      param_dtype=self.param_dtype, kernel_init=self.kernel_init,
                                      bias_init=self.bias_init, name=name)
 
-        q = projection("query")(keys)    # [B, L, K]
+        q = projection("query")(keys).astype(jnp.float32)    # [B, L, K]
         v = projection("value")(values)
-        a = jax.nn.softmax(q.astype(jnp.float32), axis=1)  # over positions
-        self.sow("intermediates", "attention", jnp.swapaxes(a, 1, 2))
-        if keep is not None and train and self.dropout > 0:
+        # (Computed only when the caller asks for the intermediates.)
+        self.sow("intermediates", "attention", jnp.swapaxes(jax.nn.softmax(q, axis=1), 1, 2))
+        if train and self.dropout > 0:
+            if keep is None:
+                keep = _KeepMask(self.dropout, name="Dropout_0")(v.shape)
             v = jax.lax.select(keep, v / (1.0 - self.dropout), jnp.zeros_like(v))
-        else:
-            v = nn.Dropout(self.dropout, deterministic=not train)(v)
         v = v.astype(jnp.float32)
         self.sow("intermediates", "values", jnp.swapaxes(v, 1, 2))
-        return jnp.einsum("blk,blk->bk", a, v)
+        return attention_pool(q, v)
+
+
+@jax.custom_vjp
+def attention_pool(logits: Array, values: Array) -> Array:
+    """sum_l softmax(logits, over l)[b, l, k] * values[b, l, k] -> [B, K], for float32
+    [B, L, K] inputs: POCA's attention-weighted sum over positions.
+
+    Equal to `jnp.einsum('blk,blk->bk', jax.nn.softmax(logits, axis=1), values)` up to
+    float rounding, with a hand-written gradient that keeps the pass over [B, L, K] (N
+    blocks of K classes at every position, the largest arrays of the head) to one in each
+    direction: forward exp(logits - max) once, and its sum and value-weighted sum
+    together; backward, with a = the softmax recomputed from the saved maximum and sum and
+    o the output, d/dvalues = g a and d/dlogits = g a (values - o). Autodiff of the
+    einsum form stores the softmax and makes a further pass for sum_l a g values.
+    """
+    return _attention_pool_forward(logits, values)[0]
+
+
+def _attention_pool_forward(logits, values):
+    peak = jax.lax.stop_gradient(logits.max(axis=1, keepdims=True))
+    weights = jnp.exp(logits - peak)
+    total = weights.sum(axis=1)
+    out = (weights * values).sum(axis=1) / total
+    return out, (logits, values, peak, total, out)
+
+
+def _attention_pool_backward(saved, g):
+    logits, values, peak, total, out = saved
+    g_values = jnp.exp(logits - peak) * (g / total)[:, None]   # = g a
+    return g_values * (values - out[:, None]), g_values
+
+
+attention_pool.defvjp(_attention_pool_forward, _attention_pool_backward)
+
+_KEEP_BITS = 16  # random bits per dropout decision
+
+
+def keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Array:
+    """A boolean dropout mask of `shape`, each entry True with probability 1 - rate.
+
+    Each decision compares 16 random bits with round((1 - rate) * 2**16), so the keep
+    probability is exact to 2**-17, and two decisions share one 32-bit word of
+    jax.random.bits: half the random numbers of jax.random.bernoulli, which spends a
+    32-bit word on each. The head's value mask has B*L*N*K entries (12.5M for DeiT-S at
+    batch 16), and on CPU drawing them was the largest part of the head's step time.
+    """
+    *outer, last = shape
+    words = jax.random.bits(key, (*outer, -(-last // 2)), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16)   # [..., ceil(last/2), 2]
+    halves = halves.reshape(*outer, -1)[..., :last].astype(jnp.uint32)
+    return halves < jnp.uint32(round((1.0 - rate) * 2**_KEEP_BITS))
 
 
 class _KeepMask(nn.Module):
-    """The keep mask nn.Dropout would draw for an input of `shape` (same key, same
-    draw), for a caller that applies it elsewhere."""
+    """Draws `keep_mask` of `shape` from the 'dropout' stream, for a caller that applies
+    it (NOAHHead draws one mask for all its blocks)."""
 
     rate: float
 
     @nn.compact
     def __call__(self, shape: tuple[int, ...]) -> Array:
-        return jax.random.bernoulli(self.make_rng("dropout"), p=1.0 - self.rate, shape=shape)
+        return keep_mask(self.make_rng("dropout"), self.rate, shape)
 
 
 # The name of the head axis of NOAHHead's vmap over its POCA blocks, by which an
@@ -281,14 +332,13 @@ class NOAHHead(nn.Module):
         # the blocks their slices of the stored tensors, stacked (head_view), and stores
         # what init creates in the stored layout. The params key is not split: the
         # initialisers draw each stored tensor once (_one_head_initializer).
-        # Dropout: one mask for all blocks, [B, L, N, K], drawn as the head always drew
-        # it (a submodule named like the nn.Dropout it replaces, so the same key and the
-        # same draw: training runs repeat bit for bit); block h applies slice h.
+        # Dropout: one mask for all blocks, [N, B, L, K] (`keep_mask`, from the key of the
+        # nn.Dropout this submodule's name once belonged to); block h applies slice h.
         keep = None
         if train and self.dropout > 0:
-            keep = _KeepMask(self.dropout, name="Dropout_0")((batch, length, n, k))
+            keep = _KeepMask(self.dropout, name="Dropout_0")((n, batch, length, k))
         vmapped = nn.vmap(POCA, in_axes=(head_axis, head_axis, None,
-                                         2 if keep is not None else None), out_axes=1,
+                                         0 if keep is not None else None), out_axes=1,
                           variable_axes={"params": 0, "intermediates": 1},
                           split_rngs={"params": False, "dropout": True}, axis_size=n,
                           axis_name=_HEAD_AXIS)

@@ -9,7 +9,8 @@ import pytest
 from absl.testing import parameterized
 from flax.traverse_util import flatten_dict
 
-from noah_jax.heads import POCA, LinearHead, NOAHHead, noah_lecun_kernel_init
+from noah_jax.heads import (POCA, LinearHead, NOAHHead, attention_pool, keep_mask,
+                            noah_lecun_kernel_init)
 
 
 def torch_layout_params(rng, channels, num_classes, num_heads, key_ratio, head_split, kv_split):
@@ -449,9 +450,10 @@ def test_linear_head_pools_then_projects():
 
 @pytest.mark.parametrize("switches", [{}, {"head_split": False}, {"kv_split": False}])
 def test_training_with_dropout_repeats_the_grouped_head_draw_for_draw(switches):
-    """The POCA composition draws the value dropout mask exactly as the grouped head
-    did (one [B, L, N, K] draw from the same key), so training sees the same masks as
-    before; only the float rounding of the einsums may differ."""
+    """The POCA composition (vmapped blocks, `attention_pool`) trains exactly as the
+    grouped head (all blocks at once, autodiff of softmax and einsum) with the same
+    value dropout mask (one [N, B, L, K] `keep_mask` from the same key); only the float
+    rounding may differ."""
     from benchmarks.noah_head import GroupedNOAHHead
     x = jax.random.normal(jax.random.key(3), (2, 7, 64))
     head = NOAHHead(10, 4, 0.5, 0.3, **switches)
@@ -463,3 +465,63 @@ def test_training_with_dropout_repeats_the_grouped_head_draw_for_draw(switches):
         chex.assert_trees_all_close(head.apply(variables, x, train=True, rngs=rngs),
                                     grouped.apply(variables, x, train=True, rngs=rngs),
                                     atol=1e-6, rtol=1e-6)
+
+
+def _softmax_weighted_sum(logits, values):
+    return jnp.einsum("blk,blk->bk", jax.nn.softmax(logits, axis=1), values)
+
+
+def test_attention_pool_and_its_gradient_equal_autodiff_of_softmax_and_sum():
+    # Logits spread over +-30 (a peaked softmax) and values of both signs.
+    q = 10.0 * jax.random.normal(jax.random.key(0), (3, 37, 11))
+    v = jax.random.normal(jax.random.key(1), (3, 37, 11))
+    g = jax.random.normal(jax.random.key(2), (3, 11))
+    out, pullback = jax.vjp(attention_pool, q, v)
+    expected, expected_pullback = jax.vjp(_softmax_weighted_sum, q, v)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(pullback(g), expected_pullback(g)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    # float64 numpy: d/dv = g a, d/dq = g a (v - out).
+    q64, v64, g64 = (np.asarray(t, np.float64) for t in (q, v, g))
+    a = np.exp(q64 - q64.max(1, keepdims=True))
+    a /= a.sum(1, keepdims=True)
+    o = (a * v64).sum(1)
+    np.testing.assert_allclose(out, o, rtol=1e-5, atol=1e-6)
+    g_q, g_v = pullback(g)
+    np.testing.assert_allclose(g_v, g64[:, None] * a, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g_q, g64[:, None] * a * (v64 - o[:, None]), rtol=1e-4, atol=1e-6)
+
+
+def test_attention_pool_is_stable_for_huge_logits_and_batches_under_vmap_and_jit():
+    q = jnp.zeros((1, 5, 2)).at[0, 3, 0].set(1e4).at[0, :, 1].set(-1e4)
+    v = jnp.arange(10.0).reshape(1, 5, 2)
+    out = attention_pool(q, v)
+    # Class 0 attends to position 3 only; class 1 has equal logits: the mean value.
+    np.testing.assert_array_equal(out, [[6.0, 5.0]])
+    grads = jax.grad(lambda q, v: attention_pool(q, v).sum(), argnums=(0, 1))(q, v)
+    assert all(np.all(np.isfinite(t)) for t in grads)
+    stacked_q = jax.random.normal(jax.random.key(3), (4, 2, 6, 3))
+    stacked_v = jax.random.normal(jax.random.key(4), (4, 2, 6, 3))
+    mapped = jax.jit(jax.vmap(attention_pool))(stacked_q, stacked_v)
+    for h in range(4):
+        np.testing.assert_allclose(mapped[h], _softmax_weighted_sum(stacked_q[h], stacked_v[h]),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_keep_mask_keeps_one_minus_rate_independently(rate):
+    shape = (4, 50, 1001)  # an odd last axis: the last word's second half is unused
+    mask = np.asarray(keep_mask(jax.random.key(0), rate, shape))
+    assert mask.shape == shape and mask.dtype == np.bool_
+    n = mask.size
+    np.testing.assert_allclose(mask.mean(), 1 - rate, atol=5 * np.sqrt(rate * (1 - rate) / n))
+    # The two decisions that share a 32-bit word, and neighbours across words, are
+    # uncorrelated.
+    flat = mask[..., :1000].reshape(-1, 2).astype(np.float64)
+    assert abs(np.corrcoef(flat[:, 0], flat[:, 1])[0, 1]) < 5 / np.sqrt(len(flat))
+    pairs = mask[..., 1:1001].reshape(-1, 2).astype(np.float64)
+    assert abs(np.corrcoef(pairs[:, 0], pairs[:, 1])[0, 1]) < 5 / np.sqrt(len(pairs))
+    # Same key, same mask; another key, another mask.
+    np.testing.assert_array_equal(mask, keep_mask(jax.random.key(0), rate, shape))
+    other = np.asarray(keep_mask(jax.random.key(1), rate, shape))
+    assert 0.3 < (other != mask).mean() / (2 * rate * (1 - rate)) < 1.5
