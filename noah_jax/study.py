@@ -43,9 +43,11 @@ Written after each completed seed (every head of it finished), and at the end:
                   from the lowest to the highest seed (the NOAH paper's Figure 3).
 All numbers are the ones the runs logged: read back from their metrics.jsonl.
 
-Time: runs take as long as main.py's; on CPU each also spends about 15 s compiling.
-The digits demo (configs/vit_noah.py:demo) at 15 epochs takes about 1.5 minutes a run
-on 2 CPU cores, so 2 heads x 5 seeds about 15 minutes.
+Time: a run takes as long as main.py's; on CPU each begins with 15-25 s of compiling,
+less from the second seed of a head on (the compilation cache). The digits demo
+(configs/vit_noah.py:demo) at 15 epochs took 1m44s-2m28s a run on 2 CPU cores shared
+with other jobs (load average about 5): 8 minutes for 2 heads x 2 seeds, so about 20
+minutes for 2 heads x 5 seeds there, and less on idle cores.
 
 Exit status: 0 when the study is complete; 2 for a mistake on the command line (one
 line saying what is wrong); 1 when a run stops on an error of the config, the data or
@@ -70,6 +72,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from noah_jax import cli, run_log
+from noah_jax.errors import UserError
 
 PROG = "python -m noah_jax.study"
 RESULT_FILE = "result.json"
@@ -83,7 +86,7 @@ DPI = 100
 PANEL_SIZE = (380, 400)  # (width, height) in pixels, with the figure's title band
 
 
-class StudyError(cli.UsageError):
+class StudyError(UserError):
     """A study that cannot go on as asked; the message says what to do."""
 
 
@@ -180,7 +183,8 @@ def saved_config(workdir: str) -> Optional[dict]:
 
 
 def check_same_config(out: str, config: dict) -> None:
-    """Refuses an OUT whose runs used another config (seed and head aside)."""
+    """Refuses (cli.UsageError) an OUT whose runs used another config (seed and head
+    aside)."""
     runs = os.path.join(out, RUNS_FOLDER)
     if not os.path.isdir(runs):
         return
@@ -193,7 +197,7 @@ def check_same_config(out: str, config: dict) -> None:
         if differences:
             shown = "; ".join(differences[:3]) + (
                 f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
-            raise StudyError(f"--out={out} holds runs of another config ({RUNS_FOLDER}/{name}: "
+            raise cli.UsageError(f"--out={out} holds runs of another config ({RUNS_FOLDER}/{name}: "
                              f"{shown}): give the config they ran to resume the study, or "
                              "another --out for a new one")
 
@@ -239,7 +243,7 @@ def train_run(config, workdir: str) -> dict:
     step, logged = final_metrics(workdir)
     # The trainer logs every metric of its last evaluation but the example counts.
     returned = {k: float(v) for k, v in results.items() if not k.endswith("count")}
-    if returned != logged:  # a bug of the trainer or of metrics.jsonl, not the user's
+    if not _same_values(returned, logged):  # a bug of the trainer or of metrics.jsonl
         raise RuntimeError(f"{workdir}: the last evaluation returned {returned} but "
                            f"metrics.jsonl holds {logged} at step {step}")
     record = {"head": config.model.head, "seed": config.seed, "final_step": step,
@@ -250,6 +254,12 @@ def train_run(config, workdir: str) -> dict:
         json.dump(record, f, indent=1)
     os.replace(os.path.join(workdir, RESULT_FILE + ".tmp"), os.path.join(workdir, RESULT_FILE))
     return record
+
+
+def _same_values(a: dict[str, float], b: dict[str, float]) -> bool:
+    """Equal dicts of floats, a NaN equal to a NaN."""
+    return a.keys() == b.keys() and all(
+        a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
 
 
 # ----------------------------------------------------------------------------------
@@ -387,6 +397,7 @@ def draw_curves(path: str, study: dict, series: dict[str, dict[str, list[dict]]]
             if len(runs) > 1:
                 axes.fill_between(x, values.min(0), values.max(0), color=colours[head],
                                   alpha=0.2, linewidth=0)
+        axes.set_xlim(left=0)
         axes.set_xlabel("epoch" if _steps_per_epoch(series[study["heads"][0]]) != 1
                         else "step")
         axes.set_ylabel(label)
@@ -433,6 +444,8 @@ def parse_seeds(text: str) -> list[int]:
     """'N' -> [0, ..., N-1]; '0,3,7' -> [0, 3, 7]; '3,' -> [3]."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
+        if not values:
+            raise ValueError(text)
     except ValueError:
         raise cli.UsageError(f"--seeds={text}: give a number of seeds (5 for seeds 0-4) or "
                              "comma-separated seeds (0,3,7)") from None
@@ -489,9 +502,11 @@ def _usage_error(message: str) -> None:
 def compilation_cache(path: Optional[str]) -> Iterator[Optional[str]]:
     """JAX's persistent compilation cache in `path` while the study runs; yields the
     folder in use. A cache the user set (JAX_COMPILATION_CACHE_DIR) is left as it is;
-    None: no cache. On CPU the second run of a head reads its initialisation and
-    evaluation programs from the cache (the train step differs per seed: the seed is
-    a constant in it), and a rerun of the study reads every program."""
+    None: no cache. From the second seed of a head on, its initialisation and
+    evaluation programs come from the cache, and so does the linear head's train step;
+    NOAH's train step is compiled for each seed, which is a constant in it (NOAH's
+    heads split the dropout key, so the seed is not dead code there). A resumed or
+    repeated study reads every program from the cache."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cache
 
@@ -558,7 +573,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "fields": comparable_config(config_dict)}}
     with console_logging(values.trainer_logs), \
             compilation_cache(None if cache == "off" else cache):
-        return run_study(config, out, heads, seeds, description)
+        try:
+            return run_study(config, out, heads, seeds, description)
+        except StudyError as e:  # runs that cannot be read back
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
 
 
 def run_study(config, out: str, heads: list[str], seeds: list[int], description: dict) -> int:
@@ -589,9 +608,8 @@ def run_study(config, out: str, heads: list[str], seeds: list[int], description:
         run_config.model.head, run_config.seed = head, seed
         try:
             result = train_run(run_config, workdir)
-        except errors.Stopped as e:
-            print(f"{prefix}: {e}; the finished runs are kept: run the same command to "
-                  "go on", file=sys.stderr, flush=True)
+        except errors.Stopped as e:  # its message says how to resume
+            print(f"{prefix}: {e} (the finished runs are kept)", file=sys.stderr, flush=True)
             return e.exit_code
         except errors.UserError as e:
             run_log.append(workdir, f"{type(e).__name__}: {e}")

@@ -153,6 +153,7 @@ MISTAKES = [
     (["--heads=noah,noah"], "--heads=noah,noah: a head is repeated"),
     (["--seeds=0"], "--seeds=0: give at least one seed"),
     (["--seeds=2,2"], "--seeds=2,2: a seed is repeated"),
+    (["--seeds=,"], "--seeds=,: give a number of seeds (5 for seeds 0-4) or comma-separated"),
     (["--config.seed=4"], "--config.seed: the study sets seed for each run; give --seeds"),
     (["--config.batchsize=4"], "config has no field 'batchsize' (did you mean 'batch_size'?)"),
 ]
