@@ -21,13 +21,14 @@ class UsageError(Exception):
     """A mistake on the command line; the message says what to write instead."""
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing; on any error prints `error: ...` (one line) and exits 2."""
+def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None) -> list[str]:
+    """absl's flag parsing (of `flag_values`, by default absl's global FLAGS); on any
+    error prints `error: ...` (one line) and exits 2."""
     try:
-        spec = _config_spec(argv)
+        spec = config_spec(argv)
         if spec is not None:  # config_flags would defer this error to the first use
             _check_config_path(spec)
-        return flags.FLAGS(argv)
+        return (flags.FLAGS if flag_values is None else flag_values)(argv)
     except Exception as e:
         # Whatever failed while parsing (flags, the config file, an override), the
         # message below names it; the traceback would only show ml_collections' insides.
@@ -36,7 +37,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
-def _config_spec(argv: list[str], flag: str = "config") -> str | None:
+def config_spec(argv: list[str], flag: str = "config") -> str | None:
+    """The value of `--config=...` (or `--config ...`) in argv, or None."""
     for i, arg in enumerate(argv):
         if arg.startswith(f"--{flag}="):
             return arg.split("=", 1)[1]
@@ -45,7 +47,7 @@ def _config_spec(argv: list[str], flag: str = "config") -> str | None:
     return None
 
 
-def _overridden_paths(argv: list[str], flag: str = "config") -> list[tuple[str, str]]:
+def overridden_paths(argv: list[str], flag: str = "config") -> list[tuple[str, str]]:
     """(argument, 'a.b.c') for each `--config.a.b.c[=value]` / `--noconfig.a.b`."""
     paths = []
     for arg in argv:
@@ -101,7 +103,7 @@ def _last_line(error: BaseException) -> str:
 
 def explain(argv: list[str], error: BaseException) -> str:
     """One line saying what on the command line caused `error`."""
-    spec = _config_spec(argv)
+    spec = config_spec(argv)
     config = None
     if spec is not None:
         try:
@@ -111,7 +113,7 @@ def explain(argv: list[str], error: BaseException) -> str:
         except Exception as e:
             return f"--config={spec}: {_last_line(e)}"
     if config is not None:
-        for arg, path in _overridden_paths(argv):
+        for arg, path in overridden_paths(argv):
             why = _missing_field(config, path)
             if why is not None:
                 return f"{arg}: {why}"

@@ -1,12 +1,14 @@
-"""What a run tells the user: the console, workdir/log.txt and TensorBoard.
+"""What a run tells the user: the console, workdir/log.txt, TensorBoard and metrics.jsonl.
 
 Process 0 logs readable lines (absl, to the console) and copies them into the
-workdir's `log.txt`; the metrics also go to TensorBoard event files. Library notices
+workdir's `log.txt`; the metrics also go to TensorBoard event files and, as JSON
+lines that any script can read (`read_metrics`), to `metrics.jsonl`. Library notices
 that would read like errors or bury the run's own lines are dropped.
 """
 
 from __future__ import annotations
 
+import json
 import logging as logging_lib
 import os
 import sys
@@ -112,12 +114,51 @@ def append(workdir: str, line: str, level: str = "ERROR") -> None:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {level} {line}\n")
 
 
+# The run's scalars as JSON lines: one object per `write_scalars` call of the trainer,
+# the step and every scalar of that call, e.g.
+#   {"step": 100, "train/loss": 0.51, "train/accuracy": 0.87, ...}
+#   {"step": 110, "eval/loss": 0.32, "eval/top1": 0.95, ...}
+# A resumed run appends, repeating the steps after the checkpoint it resumed from, so
+# readers keep the last value of each (step, key) (`read_metrics`).
+METRICS_FILE = "metrics.jsonl"
+
+
 def metric_writer(workdir: str):
-    """TensorBoard event files on process 0; the readable lines are logged separately."""
+    """TensorBoard event files and WORKDIR/metrics.jsonl on process 0 (nothing on the
+    others); the readable lines are logged separately."""
+    # Imported here: CLU's writers import TensorFlow (about 3 s), which the other users
+    # of this module (prediction, figures) do not need.
     from clu import metric_writers
+
+    from noah_jax import jsonl_writer
     if jax.process_index() > 0:
         return metric_writers.MultiWriter([])
-    return metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
+    return metric_writers.AsyncMultiWriter([
+        metric_writers.SummaryWriter(workdir),
+        jsonl_writer.JsonLinesWriter(os.path.join(workdir, METRICS_FILE))])
+
+
+def read_metrics(workdir: str) -> dict[str, list[tuple[int, float]]]:
+    """WORKDIR/metrics.jsonl as {key: [(step, value), ...] in increasing step order},
+    keeping the last value written for each (step, key) (a resumed run rewrites the
+    steps after its checkpoint). {} when the file does not exist."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return {}
+    latest: dict[str, dict[int, float]] = {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                step = int(record.pop("step"))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{number} is not a metrics record "
+                                 f"({type(e).__name__}: {e}): {line[:100]!r}") from None
+            for key, value in record.items():
+                latest.setdefault(key, {})[step] = float(value)
+    return {key: sorted(values.items()) for key, values in latest.items()}
 
 
 class StepTrace:

@@ -382,7 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if lock.took_over:
             logging.warning("took over the workdir's lock %s: %s", lock.path, lock.took_over)
         writer = run_log.metric_writer(workdir)
-        on_exit.callback(writer.flush)
+        on_exit.callback(writer.close)  # flushes, and closes metrics.jsonl
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
@@ -546,6 +546,7 @@ class _Progress:
         seconds = max(time.time() - self.chrono - self.interval_eval_seconds, 1e-9)
         summary["train/steps_per_sec"] = len(pending) / seconds
         summary["train/images_per_sec"] = len(pending) * self.batch_size / seconds
+        summary["train/epoch"] = step / self.per_epoch  # the x axis of study curves
         elapsed = time.time() - self.loop_start
         logging.info(
             "step %d/%d (epoch %.1f): loss %.4f, accuracy %.4f, lr %.3g, grad_norm %.3g;"

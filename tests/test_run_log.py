@@ -1,7 +1,13 @@
-"""What a run tells the user: library notices dropped, workdir/log.txt, line formats."""
+"""What a run tells the user: library notices dropped, workdir/log.txt, metrics.jsonl,
+line formats."""
 
+import json
 import logging
+import math
 
+import jax.numpy as jnp
+import numpy as np
+import pytest
 from absl import logging as absl_logging
 
 from noah_jax import run_log
@@ -75,3 +81,35 @@ def test_line_formats():
         "eval/top1 0.9889, eval/count 360")
     assert run_log.format_duration(75.4) == "1m15s"
     assert run_log.format_duration(2 * 3600 + 5 * 60 + 59) == "2h05m"
+
+
+def test_metrics_jsonl_is_appended_by_a_resumed_run_and_read_back_last_values(tmp_path):
+    writer = run_log.metric_writer(str(tmp_path))
+    writer.write_scalars(1, {"train/loss": np.float32(2.5), "train/accuracy": 0.25})
+    writer.write_scalars(2, {"train/loss": 2.0})
+    writer.write_scalars(2, {"eval/top1": jnp.asarray(0.5), "eval/loss": float("nan")})
+    writer.write_images(2, {"picture": np.zeros((1, 2, 2, 3))})  # TensorBoard's only
+    writer.close()
+    assert list(tmp_path.glob("events.out.tfevents.*"))  # beside the TensorBoard files
+    path = tmp_path / run_log.METRICS_FILE
+    assert [json.loads(line) for line in path.read_text().splitlines()][:2] == [
+        {"step": 1, "train/loss": 2.5, "train/accuracy": 0.25}, {"step": 2, "train/loss": 2.0}]
+
+    with open(path, "a") as f:
+        f.write('{"step": 3, "train/lo')  # a run killed in mid-write
+    writer = run_log.metric_writer(str(tmp_path))  # the resumed run: the torn line goes
+    writer.write_scalars(2, {"train/loss": 1.75})  # it repeats the steps after its checkpoint
+    writer.write_scalars(3, {"train/loss": 1.5})
+    writer.close()
+    metrics = run_log.read_metrics(str(tmp_path))
+    [(step, loss)] = metrics.pop("eval/loss")
+    assert step == 2 and math.isnan(loss)  # written as JSON's NaN, read back
+    assert metrics == {"train/loss": [(1, 2.5), (2, 1.75), (3, 1.5)],
+                       "train/accuracy": [(1, 0.25)], "eval/top1": [(2, 0.5)]}
+    assert run_log.read_metrics(str(tmp_path / "no_run")) == {}
+
+
+def test_a_malformed_metrics_line_is_named_by_file_and_line(tmp_path):
+    (tmp_path / run_log.METRICS_FILE).write_text('{"step": 1, "a": 2.0}\n{"a": 3.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not a metrics record"):
+        run_log.read_metrics(str(tmp_path))
