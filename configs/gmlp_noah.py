@@ -17,10 +17,14 @@ VARIANTS = ("ti16", "ti16_075", "ti16_050", "s16", "b16")
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, variant="ti16", head="noah", demo=False)
+    a = common.parse_arg(arg, variant="ti16", head="noah", demo=False, multilabel=False)
+    dataset = common.demo_dataset(a.demo, a.multilabel)
     if a.variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {a.variant!r}")
     c = common.mlp_recipe(f"gmlp_{a.variant}_224", a.head)
     if a.demo:
-        common.apply_demo(c, patch_size=8, num_blocks=4, drop_rate=0.0, drop_path_rate=0.0)
+        # The multi-label canvases are 64 px: 16 px patches keep the 4x4 tokens of 32 px.
+        size = common.MULTILABEL_DEMO_IMAGE_SIZE if a.multilabel else 32
+        common.apply_demo(c, size, dataset, patch_size=size // 4, num_blocks=4,
+                          drop_rate=0.0, drop_path_rate=0.0)
     return common.declare_model_overrides(c)

@@ -15,7 +15,8 @@ WIDTHS = ("035", "050", "075", "100")
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, width="100", head="noah")
+    a = common.parse_arg(arg, width="100", head="noah", demo=False, multilabel=False)
+    dataset = common.demo_dataset(a.demo, a.multilabel)
     if a.width not in WIDTHS:
         raise ValueError(f"width must be one of {WIDTHS}, got {a.width!r}")
     c = common.imagenet_config(f"mobilenetv2_{a.width}", a.head)
@@ -24,4 +25,11 @@ def get_config(arg=None):
     c.optimizer.weight_decay = 4e-5
     c.schedule.name = "cosine"
     c.schedule.base_lr = 0.05
+
+    if a.demo:
+        # 64 px: the 32x downsampling leaves the head a 2x2 map (at 32 px it would see
+        # one position); the multi-label canvases are 64 px too. As MobileNetV3's demo,
+        # 15 epochs.
+        common.apply_demo(c, image_size=64, dataset=dataset)
+        c.num_epochs = 15.0
     return common.declare_model_overrides(c)

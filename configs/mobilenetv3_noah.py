@@ -24,7 +24,8 @@ VARIANTS = ("small", "large")
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, variant="small", head="noah", demo=False)
+    a = common.parse_arg(arg, variant="small", head="noah", demo=False, multilabel=False)
+    dataset = common.demo_dataset(a.demo, a.multilabel)
     if a.variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {a.variant!r}")
     c = common.imagenet_config(f"mobilenetv3_{a.variant}", a.head)
@@ -37,8 +38,10 @@ def get_config(arg=None):
 
     if a.demo:
         # 64 px: the head attends over a 2x2 map (at 32 px it would see one position).
-        common.apply_demo(c, image_size=64)
+        # The multi-label canvases are 64 px too.
+        common.apply_demo(c, image_size=64, dataset=dataset)
         # At 64 px a step costs several times a 32 px patch model's; it nears its best
-        # test accuracy in well under the other demos' 40 epochs.
+        # test accuracy in well under the other demos' 40 epochs (the canvases' demo
+        # trains 15 of its longer epochs anyway).
         c.num_epochs = 15.0
     return common.declare_model_overrides(c)

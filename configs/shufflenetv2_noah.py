@@ -25,7 +25,8 @@ WIDTHS = ("050", "100", "150", "200")
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, width=None, head="noah", demo=False)
+    a = common.parse_arg(arg, width=None, head="noah", demo=False, multilabel=False)
+    dataset = common.demo_dataset(a.demo, a.multilabel)
     width = a.width or ("050" if a.demo else "100")  # the demo's default is the smallest
     if width not in WIDTHS:
         raise ValueError(f"width must be one of {WIDTHS}, got {width!r}")
@@ -40,6 +41,7 @@ def get_config(arg=None):
     c.schedule.base_batch_size = 1024
 
     if a.demo:
-        # 64 px keeps a 2x2 map for the head (at 32 px it would see one position).
-        common.apply_demo(c, image_size=64)
+        # 64 px keeps a 2x2 map for the head (at 32 px it would see one position); the
+        # multi-label canvases are 64 px too.
+        common.apply_demo(c, image_size=64, dataset=dataset)
     return common.declare_model_overrides(c)
