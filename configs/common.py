@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- Data.
     c.dataset = ml_collections.ConfigDict()
-    c.dataset.name = "imagenet2012"  # digits (embedded demo) | synthetic | TFDS names
+    c.dataset.name = "imagenet2012"  # digits | digits_multilabel (demos) | synthetic | TFDS
     c.dataset.data_dir = ""           # TFDS data_dir ('' = the TFDS default)
     c.dataset.image_size = 224
     c.dataset.num_classes = 1000      # used by synthetic; checked against real datasets

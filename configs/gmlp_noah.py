@@ -8,7 +8,11 @@ dropout 0.0233, drop path 0.1, gradient clipping at norm 1.0, EMA 0.99992; evalu
 crop ratio 0.9. Head: N=4, r=1/2, dropout 0.1. Expected ImageNet top-1 (paper,
 baseline -> NOAH): Ti/16 72.05 -> 73.39, Ti/16 x0.75 65.95 -> 67.71, Ti/16 x0.5
 54.99 -> 56.89, S/16 79.65 -> 79.95.
-Arguments: variant=ti16|ti16_075|ti16_050|s16|b16, head=noah|linear, demo.
+Arguments: variant=ti16|ti16_075|ti16_050|s16|b16, head=noah|linear, demo, multilabel.
+
+`demo`: 4 blocks, 8 px patches, on the embedded digits at 32 px. `demo,multilabel`:
+the same on the 64 px canvases of 1 to 4 digits (noah_jax/data/digits_multilabel.py)
+with 16 px patches (the same 4x4 tokens), sigmoid loss, mAP and CF1/OF1.
 """
 
 from configs import common

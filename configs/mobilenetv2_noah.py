@@ -6,7 +6,16 @@
 more than one dimension), cosine schedule; RandomResizedCrop 224 and flips. Head: N=8,
 r=1/4, dropout 0.2. Expected ImageNet top-1 (paper, baseline -> NOAH): x1.0 72.02 ->
 73.35, x0.75 69.65 -> 71.44, x0.5 64.30 -> 67.44, x0.35 59.62 -> 63.40.
-Arguments: width=035|050|075|100, head=noah|linear.
+Arguments: width=035|050|075|100, head=noah|linear, demo, multilabel.
+
+  python main.py --config=configs/mobilenetv2_noah.py:demo,width=035 --workdir=runs/mbv2_demo
+  python main.py --config=configs/mobilenetv2_noah.py:demo,multilabel,width=035 \
+      --workdir=runs/mbv2_ml_demo
+
+The demo: MobileNetV2 at the given width, unchanged, with NOAH on the embedded digits
+at 64 px, where its 32x downsampling leaves the head a 2x2 map, for 15 epochs like
+MobileNetV3's demo; with `multilabel` on the 64 px canvases of 1 to 4 digits
+(noah_jax/data/digits_multilabel.py), sigmoid loss, mAP and CF1/OF1. Not yet timed.
 """
 
 from configs import common

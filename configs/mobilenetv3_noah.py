@@ -7,7 +7,7 @@ decay 4e-5 on weights with more than one dimension, none on BatchNorm and biases
 cosine schedule; RandomResizedCrop 224 and flips. Head: N=8, r=1/4, dropout 0.2.
 Expected ImageNet top-1 (paper, baseline -> NOAH): Small 67.11 -> 68.92. Large is
 defined by the reference's code only; the paper reports no number for it.
-Arguments: variant=small|large, head=noah|linear, demo.
+Arguments: variant=small|large, head=noah|linear, demo, multilabel.
 
   python main.py --config=configs/mobilenetv3_noah.py:demo --workdir=runs/mbv3_demo
 
@@ -15,7 +15,9 @@ The demo: MobileNetV3-Small, unchanged, with NOAH on the embedded digits at 64 p
 rather than the other demos' 32, because the network downsamples 32 times: its head
 then attends over a 2x2 map (at 32 px it would see a single position, where NOAH's
 softmax over positions is a constant 1), and for 15 epochs instead of 40. Measured:
-99.2% test top-1 in 12m50s on 2 CPU cores shared with other jobs.
+99.2% test top-1 in 12m50s on 2 CPU cores shared with other jobs. `demo,multilabel`
+trains the same network on the 64 px canvases of 1 to 4 digits
+(noah_jax/data/digits_multilabel.py): sigmoid loss, mAP and CF1/OF1.
 """
 
 from configs import common
