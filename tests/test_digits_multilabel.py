@@ -78,7 +78,7 @@ def test_canvases_hold_exactly_their_layouts_and_labels(source, split):
     assert counts[0] == 0 and counts[1:].min() > n / 4 * 0.85  # 1..4, about uniform
 
 
-def test_examples_are_the_canvases_normalised_by_the_training_pixels_statistics(source):
+def test_examples_are_the_canvases_normalised_by_the_training_pixel_statistics(source):
     indices = np.arange(0, 1000, 9)
     images = source.eval_examples(indices)["image"]
     assert images.shape == (len(indices), S, S, 3) and images.dtype == np.float32
@@ -120,10 +120,12 @@ def test_canvases_are_fixed_whatever_the_seed_and_each_is_computed_on_its_own(so
             np.testing.assert_array_equal(a[key], b[key])
     assert source.layout("train", 0) == [(93, 1, 17, 24, 20), (532, 6, 40, 37, 18),
                                          (104, 6, 24, 5, 17)]  # golden
+    assert source.train_labels[0].tolist() == [0, 1, 0, 0, 0, 0, 1, 0, 0, 0]  # two 6s: one 1
     # The seed drives the training order and shifts.
     first = [next(s.train_batches(start_step=0, local_batch_size=32, process_index=0,
                                   process_count=1)) for s in (source, other)]
     assert not np.array_equal(first[0]["label"], first[1]["label"])
+    assert not np.array_equal(source.shifts(np.arange(32)), other.shifts(np.arange(32)))
 
 
 def test_training_shift_moves_every_digit_whole(source):
@@ -188,8 +190,12 @@ def test_mistakes_are_one_line_errors():
         get_source(dataset, seed=0)
     with pytest.raises(ValueError, match="needs image_size >= 32"):
         DigitsMultilabelSource(seed=0, image_size=24)
+    small = DigitsMultilabelSource(seed=0, image_size=32)  # 8..12 px digits, 2 px margin
+    assert (small.min_size, small.max_size, small.margin) == (8, 12, 2)
     with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
-        DigitsMultilabelSource(seed=0, image_size=32).layout("eval", 0)
+        small.layout("eval", 0)
+    with pytest.raises(ValueError, match="more than the margin, 2 px, would cut digits off"):
+        small.render("train", [0], (np.array([3]), np.array([0])))
     with pytest.raises(ValueError, match="dataset is one of"):
         common.apply_demo(common.base_config(), dataset="digit_canvases")
     with pytest.raises(prepare.PrepareError, match="needs no preparation"):
