@@ -43,7 +43,7 @@ def get_config(arg=None):
         # The multi-label canvases are 64 px too.
         common.apply_demo(c, image_size=64, dataset=dataset)
         # At 64 px a step costs several times a 32 px patch model's; it nears its best
-        # test accuracy in well under the other demos' 40 epochs (the canvases' demo
-        # trains 15 of its longer epochs anyway).
+        # test accuracy in well under the other demos' 40 epochs (15 is also what the
+        # multi-label demo trains).
         c.num_epochs = 15.0
     return common.declare_model_overrides(c)
