@@ -37,6 +37,13 @@ one, what the checkpoint's meta records):
       round(255 * level / 16) comes back exactly, and a photo of a digit gets what the
       model knows. The digits are light strokes on a dark background (level 0); dark
       ink on white paper needs inverting first.
+  digits_multilabel (the multi-label demo)  every image becomes a canvas: made grey
+      the same way, squashed to S x S (area averaging where it shrinks, bilinear where
+      it grows; an S x S file is taken as it is), p / 255 on [0, 1], then
+      `DigitsMultilabelSource.images_from_grey` (the training canvases' mean and std).
+      A canvas written as a PNG of round(255 * grey) comes back to within half a grey
+      level. As in training, digits should be light on dark, each about S/4 to 3S/8
+      of the picture's side.
 
 Mistakes raise `UserError`s whose message is one line: no checkpoint at the path (and
 what is expected), a checkpoint of a model this code does not know, one without its
@@ -266,6 +273,36 @@ def digits_transform(image_size: int) -> Callable[[Sequence[str]], np.ndarray]:
     return transform
 
 
+def canvas_grey(rgb: np.ndarray, image_size: int) -> np.ndarray:
+    """An image uint8 [H, W, 3] -> a grey S x S canvas on [0, 1] (float64): luma, each
+    axis area-averaged when it shrinks and bilinearly resized when it grows."""
+    from noah_jax.data import digits
+
+    def resize(in_size: int) -> np.ndarray:
+        return (digits.area_resize_matrix(in_size, image_size) if in_size >= image_size
+                else digits.linear_resize_matrix(in_size, image_size))
+
+    grey = np.asarray(rgb, np.float64) @ _LUMA / 255.0
+    return resize(grey.shape[0]) @ grey @ resize(grey.shape[1]).T
+
+
+def digits_multilabel_transform(image_size: int) -> Callable[[Sequence[str]], np.ndarray]:
+    """paths -> float32 [n, S, S, 3] as the multi-label demo's canvases (module docstring)."""
+    from noah_jax.data.digits_multilabel import DigitsMultilabelSource
+    from noah_jax.data.preprocess import MAX_IMAGE_PIXELS
+
+    source = DigitsMultilabelSource(seed=0, image_size=image_size, augment=False)
+    read, decode = _checked_bytes(MAX_IMAGE_PIXELS), _decoder()
+
+    def transform(paths: Sequence[str]) -> np.ndarray:
+        grey = np.zeros((len(paths), image_size, image_size))
+        for i, path in enumerate(paths):
+            grey[i] = canvas_grey(decode(path, read(path)), image_size)
+        return source.images_from_grey(grey)
+
+    return transform
+
+
 # ----------------------------------------------------------------------------------
 # Loading.
 # ----------------------------------------------------------------------------------
@@ -338,6 +375,8 @@ def _preprocessing(meta: dict, config: Optional[ml_collections.ConfigDict],
     dataset = config.dataset.name if config is not None else meta.get("dataset")
     if dataset == "digits":
         return digits_transform(image_size)
+    if dataset == "digits_multilabel":
+        return digits_multilabel_transform(image_size)
     if config is None:
         return eval_transform(Preprocess(image_size=image_size))
     try:

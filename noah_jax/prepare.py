@@ -109,10 +109,10 @@ def prepare(name: str, data_dir: str, manual_dir: str, *, skip_disk_check: bool 
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core.download import download_manager
 
-    if name in ("digits", "synthetic", "folder"):
+    if name in ("digits", "digits_multilabel", "synthetic", "folder"):
         raise PrepareError(f"{name!r} is not a TFDS dataset and needs no preparation (the "
-                           "digits ship with scikit-learn, synthetic images are generated, "
-                           "a folder is read as it is)")
+                           "digits and their canvases come from scikit-learn, synthetic "
+                           "images are generated, a folder is read as it is)")
     try:
         spec = tfds_source.spec_for(name, data_dir)
     except ValueError as e:

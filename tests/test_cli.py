@@ -25,7 +25,9 @@ RECIPE_ARGS = [
     ("vit_noah", "variant=base_384"), ("mobilenetv3_noah", "variant=large,head=linear"),
     ("mobilenetv3_noah", "demo"), ("shufflenetv2_noah", "width=200"),
     ("shufflenetv2_noah", "demo"), ("pvt_noah", "variant=medium,head=linear"),
-    ("pvt_noah", "demo"),
+    ("pvt_noah", "demo"), ("vit_noah", "demo,multilabel"), ("mixer_noah", "demo,multilabel"),
+    ("pvt_noah", "demo,multilabel"), ("mobilenetv2_noah", "demo,width=035"),
+    ("mobilenetv2_noah", "demo,multilabel,width=035"),
 ]
 
 

@@ -327,7 +327,8 @@ def test_get_source_dispatch_and_config_checks():
     with pytest.raises(ValueError, match="augment=config.augment"):
         get_source(config, seed=0)
     config.name = "imagenet2021"
-    with pytest.raises(ValueError, match="available: .*imagenet2012.*digits, synthetic, folder"):
+    with pytest.raises(ValueError, match="available: .*imagenet2012.*digits, "
+                                         "digits_multilabel, synthetic, folder"):
         get_source(config, seed=0, augment=base_config().augment)
     config.name = "folder"  # needs its root folder
     with pytest.raises(ValueError, match="set dataset.data_dir"):

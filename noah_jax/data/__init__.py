@@ -6,6 +6,9 @@ padded and masked `eval_batches`. Names:
 
   digits     scikit-learn's 8x8 handwritten digits, upsampled (noah_jax/data/digits.py);
              the CPU demo, no download.
+  digits_multilabel  canvases of 1 to 4 of those digits with multi-hot labels
+             (noah_jax/data/digits_multilabel.py); the multi-label CPU demo, scored
+             by mAP and F1 like COCO.
   synthetic  random labelled images of any size and class count
              (noah_jax/data/synthetic.py); benchmarks and smoke tests.
   folder     your own images, root/<split>/<class>/<image> under dataset.data_dir
@@ -69,6 +72,13 @@ def get_source(dataset_config: ml_collections.ConfigDict, *, seed: int,
             raise ConfigError(f"dataset 'digits' has {NUM_CLASSES} classes, but "
                               f"dataset.num_classes = {dataset_config.num_classes}")
         return DigitsSource(seed=seed, image_size=dataset_config.image_size)
+    if name == "digits_multilabel":
+        from noah_jax.data.digits_multilabel import NUM_CLASSES, DigitsMultilabelSource
+
+        if dataset_config.num_classes != NUM_CLASSES:
+            raise ConfigError(f"dataset 'digits_multilabel' has {NUM_CLASSES} classes, but "
+                              f"dataset.num_classes = {dataset_config.num_classes}")
+        return DigitsMultilabelSource(seed=seed, image_size=dataset_config.image_size)
     if name == "synthetic":
         from noah_jax.data import synthetic
 

@@ -87,9 +87,9 @@ def spec_for(name: str, data_dir: str = "") -> DatasetSpec:
         features = tfds.builder(name, data_dir=data_dir or None).info.features
     except tfds.core.registered.DatasetNotFoundError:
         raise DataError(f"unknown dataset {name!r}; available: "
-                        f"{', '.join(sorted(DATASETS))}, digits, synthetic, folder, or any "
-                        "TFDS image-classification dataset (an 'image' and a 'label' "
-                        "feature)") from None
+                        f"{', '.join(sorted(DATASETS))}, digits, digits_multilabel, synthetic, "
+                        "folder, or any TFDS image-classification dataset (an 'image' and a "
+                        "'label' feature)") from None
     names = list(features.keys())
     if not ("image" in names and isinstance(features["image"], tfds.features.Image)
             and "label" in names and isinstance(features["label"], tfds.features.ClassLabel)):
