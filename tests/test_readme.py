@@ -63,3 +63,18 @@ def test_readme_python_snippet_runs_from_another_directory(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "(8, 80) float32 (8, 4, 80, 196)"
+
+
+def test_every_readme_study_command_parses():
+    """The README's `noah_jax.study` commands name existing configs, arguments, fields,
+    heads and seeds (parsed as the command parses them, nothing trained)."""
+    from noah_jax import study
+    commands = readme_commands("python -m noah_jax.study")
+    assert len(commands) >= 4
+    for args in commands:
+        argv = ["study", *args]
+        values = study.define_flags(argv)
+        study.cli.parse_flags(argv, values)
+        assert study.parse_heads(values.heads) == ["noah", "linear"], args
+        assert study.parse_seeds(values.seeds) == [0, 1, 2, 3, 4], args
+        assert values.out and values.config.dataset.name in ("digits", "digits_multilabel")
