@@ -43,11 +43,13 @@ Written after each completed seed (every head of it finished), and at the end:
                   from the lowest to the highest seed (the NOAH paper's Figure 3).
 All numbers are the ones the runs logged: read back from their metrics.jsonl.
 
-Time: a run takes as long as main.py's; on CPU each begins with 15-25 s of compiling,
-less from the second seed of a head on (the compilation cache). The digits demo
-(configs/vit_noah.py:demo) at 15 epochs took 1m44s-2m28s a run on 2 CPU cores shared
-with other jobs (load average about 5): 8 minutes for 2 heads x 2 seeds, so about 20
-minutes for 2 heads x 5 seeds there, and less on idle cores.
+Time: a run takes as long as main.py's; on CPU each begins with 15-60 s of compiling,
+less from the second seed of a head on (the compilation cache; NOAH's train step is
+compiled again for each seed, which it holds as a constant). On the 2-core CPU machine
+with nothing else running (2026-11-26), 2 heads x 5 seeds took 8m24s for the ViT demo
+on the digits at 15 epochs (about 50 s a run), 9m57s for it on the multi-label canvases
+at 6 epochs, and 16-17 minutes for MobileNetV2 x0.35 at 64 px (15 epochs of digits, 5
+of canvases); README.md has the results.
 
 Exit status: 0 when the study is complete; 2 for a mistake on the command line (one
 line saying what is wrong); 1 when a run stops on an error of the config, the data or
