@@ -155,18 +155,11 @@ def comparable_config(config: dict) -> dict:
     return config
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        flat = {}
-        for key, value in tree.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: tree}
-
-
 def config_differences(here: dict, there: dict) -> list[str]:
     """'field: A here, B there' for each field whose values differ (dotted names)."""
-    a, b = _flatten(here), _flatten(there)
+    from flax.traverse_util import flatten_dict
+
+    a, b = flatten_dict(here, sep="."), flatten_dict(there, sep=".")
     missing = object()
     return [f"{key}: {a.get(key, 'absent')!r} here, {b.get(key, 'absent')!r} there"
             for key in sorted(set(a) | set(b)) if a.get(key, missing) != b.get(key, missing)]
@@ -629,8 +622,9 @@ def run_study(config, out: str, heads: list[str], seeds: list[int], description:
         primary = primary_metric(result["metrics"])
         print(f"{prefix}: {_metric_text(primary, result)} in "
               f"{run_log.format_duration(result['seconds'])}{eta}", flush=True)
-        if all(load_result(os.path.join(out, RUNS_FOLDER, run_name(h, seed))) is not None
-               for h in heads):
+        if i < len(plan) and all(  # (the last one is written once, below)
+                load_result(os.path.join(out, RUNS_FOLDER, run_name(h, seed))) is not None
+                for h in heads):
             write_summary(out, summarize(out, heads, seeds, description, time.time() - start))
     text = write_summary(out, summarize(out, heads, seeds, description, time.time() - start))
     print("\n" + text + f"\nwritten: {os.path.join(out, 'study.json')}, study.md, curves.png",

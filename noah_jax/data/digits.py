@@ -68,6 +68,18 @@ def area_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     return overlap / scale
 
 
+def training_shifts(seed: int, positions: np.ndarray,
+                    max_shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """The translation (dy, dx), int64 [b] each on [-max_shift, max_shift], of the
+    training examples at these stream positions: a hash of (seed, position), so the same
+    whatever the process split or the step a run resumed at. Both digit sources use it."""
+    span = np.uint64(2 * max_shift + 1)
+    bits = base.hash_u64(seed, _AUGMENT_TAG, np.asarray(positions))
+    dy = (bits % span).astype(np.int64) - max_shift
+    dx = ((bits >> np.uint64(32)) % span).astype(np.int64) - max_shift
+    return dy, dx
+
+
 def split_indices() -> tuple[np.ndarray, np.ndarray]:
     """(train, test) indices into load_digits(), disjoint, each in increasing order."""
     keys = base.hash_u64(DIGITS_SPLIT_KEY, np.arange(NUM_EXAMPLES, dtype=np.uint64))
@@ -143,12 +155,10 @@ class DigitsSource(base.IndexedSource):
     def _shifted(self, indices: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Training images `indices`, each translated by a hash of (seed, position)."""
         h, w, _ = self.image_shape
-        span = np.uint64(2 * self.max_shift + 1)
-        bits = base.hash_u64(self.seed, _AUGMENT_TAG, positions)
-        dy = (bits % span).astype(np.int64)
-        dx = ((bits >> np.uint64(32)) % span).astype(np.int64)
-        rows = dy[:, None, None] + np.arange(h)[None, :, None]   # [b, H, 1]
-        cols = dx[:, None, None] + np.arange(w)[None, None, :]   # [b, 1, W]
+        dy, dx = training_shifts(self.seed, positions, self.max_shift)
+        # The crop of the padded copy at offset (max_shift + dy, max_shift + dx).
+        rows = (self.max_shift + dy)[:, None, None] + np.arange(h)[None, :, None]  # [b, H, 1]
+        cols = (self.max_shift + dx)[:, None, None] + np.arange(w)[None, None, :]  # [b, 1, W]
         return self._padded_train[indices[:, None, None], rows, cols]  # [b, H, W, 3]
 
     def train_examples(self, indices: np.ndarray, positions: np.ndarray) -> base.Batch:

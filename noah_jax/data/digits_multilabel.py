@@ -65,7 +65,6 @@ SPLITS = {"train": 0, "test": 1}     # the split's key in the hashes
 CANDIDATES_PER_ROUND = 64
 MAX_ROUNDS = 100  # a safety stop; at 64 px no canvas needs more than 6
 _COUNT_TAG, _SOURCE_TAG, _BOX_TAG = 0x434F_554E_54, 0x5352_43, 0x424F_58  # COUNT, SRC, BOX
-_AUGMENT_TAG = 0x5348_4946_54  # "SHIFT"
 
 
 def digit_sizes(image_size: int) -> tuple[int, int]:
@@ -262,12 +261,9 @@ class DigitsMultilabelSource(base.IndexedSource):
 
     def shifts(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The training translation (dy, dx), int64 [b] each on [-margin, margin], of
-        the examples at these stream positions: a hash of (seed, position)."""
-        span = np.uint64(2 * self.max_shift + 1)
-        bits = base.hash_u64(self.seed, _AUGMENT_TAG, np.asarray(positions))
-        dy = (bits % span).astype(np.int64) - self.max_shift
-        dx = ((bits >> np.uint64(32)) % span).astype(np.int64) - self.max_shift
-        return dy, dx
+        the examples at these stream positions: a hash of (seed, position), as for
+        DigitsSource (`digits.training_shifts`)."""
+        return digits.training_shifts(self.seed, positions, self.max_shift)
 
     def train_examples(self, indices: np.ndarray, positions: np.ndarray) -> base.Batch:
         shifts = self.shifts(positions) if self.augment else None
