@@ -71,9 +71,9 @@ class GroupedNOAHHead(NOAHHead):
         v = projection("value")(values).reshape(batch, length, n, k)
         a = jax.nn.softmax(q.astype(jnp.float32), axis=1)
         self.sow("intermediates", "attention", jnp.transpose(a, (0, 2, 3, 1)))
-        if train and self.dropout > 0:  # NOAHHead's mask: [N, B, L, K], same key
-            keep = _KeepMask(self.dropout, name="Dropout_0")((n, batch, length, k))
-            v = jnp.where(jnp.transpose(keep, (1, 2, 0, 3)), v / (1.0 - self.dropout), 0.0)
+        if train and self.dropout > 0:  # NOAHHead's mask: [N, K, B, L], same key
+            keep = _KeepMask(self.dropout, name="Dropout_0")((n, k, batch, length))
+            v = jnp.where(jnp.transpose(keep, (2, 3, 0, 1)), v / (1.0 - self.dropout), 0.0)
         per_head = jnp.einsum("blnk,blnk->bnk", a, v.astype(jnp.float32))
         return per_head.sum(axis=1)
 

@@ -7,7 +7,7 @@ block; the N blocks' class logits are merged:
 
   x [B, L, C] --split--> keys x[..., :Ck], values x[..., Ck:]      (Ck = int(C * r))
   each part --split--> N contiguous channel groups, group h -> POCA block h
-  POCA block:  q, v = 1x1 projections (with bias) of its keys, values to K classes  [B, L, K]
+  POCA block:  q, v = 1x1 projections (with bias) of its keys, values to K classes  [K, B, L]
                a = softmax(q) over the positions L   (float32, no scaling)
                v = dropout(v)                         (training only; `keep_mask`)
                logit[b, k] = sum_l a * v              (`attention_pool`: one pass each way)
@@ -54,10 +54,16 @@ def _flatten_positions(x: Array) -> Array:
 
 
 class GroupedProjection(nn.Module):
-    """A 1x1 convolution with `groups` contiguous channel groups, over [B, L, Cin]."""
+    """A 1x1 convolution with `groups` contiguous channel groups, over [B, L, Cin].
+
+    Returns [B, L, features], or with `classes_first` [features, B, L]: the layout in
+    which POCA's softmax and sum over positions read contiguous memory and, on CPU, the
+    matrix products of both directions need no transposed copy of their large operand.
+    """
 
     features: int
     groups: int = 1
+    classes_first: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = noah_kernel_init
@@ -72,8 +78,39 @@ class GroupedProjection(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         x = x.reshape(*x.shape[:-1], g, in_features // g)
+        if self.classes_first:
+            y = _classes_first_projection(kernel, x)
+            return y.reshape(self.features, *y.shape[2:]) + bias[:, None, None]
         y = jnp.einsum("blgc,gco->blgo", x, kernel)
         return y.reshape(*y.shape[:-2], self.features) + bias
+
+
+@jax.custom_vjp
+def _classes_first_projection(kernel: Array, x: Array) -> Array:
+    """kernel [G, c, O], x [B, L, G, c] -> [G, O, B, L], the per-group products.
+
+    Its gradient is written out so that each of the three matrix products has the
+    [G, O, B*L] array as a plain (untransposed) operand: autodiff asks for dx in x's
+    layout, and XLA on CPU then copies the large array into [G, B*L, O] first.
+    """
+    return jax.lax.dot_general(kernel, x, (((1,), (3,)), ((0,), (2,))))
+
+
+def _classes_first_projection_forward(kernel, x):
+    return _classes_first_projection(kernel, x), (kernel, x)
+
+
+def _classes_first_projection_backward(saved, g):
+    kernel, x = saved
+    # d kernel [G, O, c] = g [G, O, (B, L)] . x [(B, L), G, c]
+    g_kernel = jax.lax.dot_general(g, x, (((2, 3), (0, 1)), ((0,), (2,))))
+    # d x [G, c, B, L] = kernel [G, c, O] . g [G, O, B, L]
+    g_x = jax.lax.dot_general(kernel, g, (((2,), (1,)), ((0,), (0,))))
+    return jnp.swapaxes(g_kernel, 1, 2), jnp.transpose(g_x, (2, 3, 0, 1))
+
+
+_classes_first_projection.defvjp(_classes_first_projection_forward,
+                                 _classes_first_projection_backward)
 
 
 class POCA(nn.Module):
@@ -112,33 +149,36 @@ class POCA(nn.Module):
     @nn.compact
     def __call__(self, keys: Array, values: Array, train: bool = False,
                  keep: Optional[Array] = None) -> Array:
-        """`keep`: a boolean dropout mask [B, L, K] drawn by the caller (NOAHHead draws
+        """`keep`: a boolean dropout mask [K, B, L] drawn by the caller (NOAHHead draws
         one for all its blocks at once); without it the block draws its own."""
         def projection(name):
-            return GroupedProjection(self.num_classes, 1, dtype=self.dtype,
+            return GroupedProjection(self.num_classes, 1, classes_first=True, dtype=self.dtype,
                                      param_dtype=self.param_dtype, kernel_init=self.kernel_init,
                                      bias_init=self.bias_init, name=name)
 
-        q = projection("query")(keys).astype(jnp.float32)    # [B, L, K]
+        # The block works in [K, B, L], classes first and positions last (the layout of the
+        # projections' matrix product), so that no [K, B, L]-sized array is transposed in
+        # either direction; only the sown maps and the [K, B] logits are.
+        q = projection("query")(keys).astype(jnp.float32)    # [K, B, L]
         v = projection("value")(values)
         # (Computed only when the caller asks for the intermediates.)
-        self.sow("intermediates", "attention", jnp.swapaxes(jax.nn.softmax(q, axis=1), 1, 2))
+        self.sow("intermediates", "attention", jnp.swapaxes(jax.nn.softmax(q, axis=-1), 0, 1))
         if train and self.dropout > 0:
             if keep is None:
                 keep = _KeepMask(self.dropout, name="Dropout_0")(v.shape)
             v = jax.lax.select(keep, v / (1.0 - self.dropout), jnp.zeros_like(v))
         v = v.astype(jnp.float32)
-        self.sow("intermediates", "values", jnp.swapaxes(v, 1, 2))
-        return attention_pool(q, v)
+        self.sow("intermediates", "values", jnp.swapaxes(v, 0, 1))
+        return attention_pool(q, v).T
 
 
 @jax.custom_vjp
 def attention_pool(logits: Array, values: Array) -> Array:
-    """sum_l softmax(logits, over l)[b, l, k] * values[b, l, k] -> [B, K], for float32
-    [B, L, K] inputs: POCA's attention-weighted sum over positions.
+    """sum_l softmax(logits, over l)[..., l] * values[..., l] -> [...], for float32 inputs
+    [..., L] (positions last): POCA's attention-weighted sum over positions.
 
-    Equal to `jnp.einsum('blk,blk->bk', jax.nn.softmax(logits, axis=1), values)` up to
-    float rounding, with a hand-written gradient that keeps the pass over [B, L, K] (N
+    Equal to `jnp.einsum('...l,...l->...', jax.nn.softmax(logits, axis=-1), values)` up to
+    float rounding, with a hand-written gradient that keeps the pass over [K, B, L] (N
     blocks of K classes at every position, the largest arrays of the head) to one in each
     direction: forward exp(logits - max) once, and its sum and value-weighted sum
     together; backward, with a = the softmax recomputed from the saved maximum and sum and
@@ -149,17 +189,17 @@ def attention_pool(logits: Array, values: Array) -> Array:
 
 
 def _attention_pool_forward(logits, values):
-    peak = jax.lax.stop_gradient(logits.max(axis=1, keepdims=True))
+    peak = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
     weights = jnp.exp(logits - peak)
-    total = weights.sum(axis=1)
-    out = (weights * values).sum(axis=1) / total
+    total = weights.sum(axis=-1)
+    out = (weights * values).sum(axis=-1) / total
     return out, (logits, values, peak, total, out)
 
 
 def _attention_pool_backward(saved, g):
     logits, values, peak, total, out = saved
-    g_values = jnp.exp(logits - peak) * (g / total)[:, None]   # = g a
-    return g_values * (values - out[:, None]), g_values
+    g_values = jnp.exp(logits - peak) * (g / total)[..., None]   # = g a
+    return g_values * (values - out[..., None]), g_values
 
 
 attention_pool.defvjp(_attention_pool_forward, _attention_pool_backward)
@@ -167,17 +207,54 @@ attention_pool.defvjp(_attention_pool_forward, _attention_pool_backward)
 _KEEP_BITS = 16  # random bits per dropout decision
 
 
+def _mix32(x: Array) -> Array:
+    """A bijective 32-bit integer hash with full avalanche: C. Wellons' 'triple32'
+    (hash-prospector), three rounds of xor-shift and multiply on uint32."""
+    for shift, factor in ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB)):
+        x = (x ^ (x >> shift)) * jnp.uint32(factor)
+    return x ^ (x >> 14)
+
+
+def hashed_bits(key: Array, shape: tuple[int, ...]) -> Array:
+    """uint32 random words of `shape`: a keyed hash of each word's (row, column) index.
+
+    The word at column c of row r (r the flattened index over all axes but the last) is
+    mix(mix(r + s0) + mix(c + s1)), with `_mix32` as mix and the seeds s0, s1 two words
+    drawn from `key` by jax.random. Each mix is a bijection, so a row's (a column's) words
+    all differ, and two words collide only as two random 32-bit numbers would. A word
+    depends on nothing but its index and the key, so the result is the same however the
+    array is sharded (each device hashes only its own indices) and on any backend.
+
+    This is for dropout masks, where jax.random.bits, a 20-round threefry per pair of
+    words, dominated the NOAH head's time on CPU; it is not for anything that needs a
+    cryptographically strong generator.
+    """
+    *outer, last = shape
+    rows = 1
+    for size in outer:
+        rows *= size
+    if rows >= 2**32 or last >= 2**32:
+        raise ValueError(f"hashed_bits indexes rows and columns with 32 bits; shape {shape} "
+                         f"has {rows} rows of {last}")
+    seeds = jax.random.bits(key, (2,), jnp.uint32)
+    row = jnp.zeros(shape, jnp.uint32)
+    for axis, size in enumerate(outer):      # row-major flat index over the outer axes
+        row = row * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+    col = jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
+    return _mix32(_mix32(row + seeds[0]) + _mix32(col + seeds[1]))
+
+
 def keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Array:
     """A boolean dropout mask of `shape`, each entry True with probability 1 - rate.
 
     Each decision compares 16 random bits with round((1 - rate) * 2**16), so the keep
     probability is exact to 2**-17, and two decisions share one 32-bit word of
-    jax.random.bits: half the random numbers of jax.random.bernoulli, which spends a
-    32-bit word on each. The head's value mask has B*L*N*K entries (12.5M for DeiT-S at
-    batch 16), and on CPU drawing them was the largest part of the head's step time.
+    `hashed_bits`. The head's value mask has B*L*N*K entries (12.5M for DeiT-S at batch
+    16); drawn with jax.random (a threefry word per pair of decisions) it took about a
+    quarter of the head's training step on CPU, hashed it takes about 2%.
     """
     *outer, last = shape
-    words = jax.random.bits(key, (*outer, -(-last // 2)), jnp.uint32)
+    words = hashed_bits(key, (*outer, -(-last // 2)))
     halves = jax.lax.bitcast_convert_type(words, jnp.uint16)   # [..., ceil(last/2), 2]
     halves = halves.reshape(*outer, -1)[..., :last].astype(jnp.uint32)
     return halves < jnp.uint32(round((1.0 - rate) * 2**_KEEP_BITS))
@@ -332,11 +409,11 @@ class NOAHHead(nn.Module):
         # the blocks their slices of the stored tensors, stacked (head_view), and stores
         # what init creates in the stored layout. The params key is not split: the
         # initialisers draw each stored tensor once (_one_head_initializer).
-        # Dropout: one mask for all blocks, [N, B, L, K] (`keep_mask`, from the key of the
+        # Dropout: one mask for all blocks, [N, K, B, L] (`keep_mask`, from the key of the
         # nn.Dropout this submodule's name once belonged to); block h applies slice h.
         keep = None
         if train and self.dropout > 0:
-            keep = _KeepMask(self.dropout, name="Dropout_0")((n, batch, length, k))
+            keep = _KeepMask(self.dropout, name="Dropout_0")((n, k, batch, length))
         vmapped = nn.vmap(POCA, in_axes=(head_axis, head_axis, None,
                                          0 if keep is not None else None), out_axes=1,
                           variable_axes={"params": 0, "intermediates": 1},

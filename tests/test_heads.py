@@ -1,6 +1,8 @@
 """NOAHHead, its POCA blocks and LinearHead against independent numpy references written from
 the spec."""
 
+from functools import partial
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import pytest
 from absl.testing import parameterized
 from flax.traverse_util import flatten_dict
 
-from noah_jax.heads import (POCA, LinearHead, NOAHHead, attention_pool, keep_mask,
+from noah_jax.heads import (POCA, LinearHead, NOAHHead, attention_pool, hashed_bits, keep_mask,
                             noah_lecun_kernel_init)
 
 
@@ -450,31 +452,42 @@ def test_linear_head_pools_then_projects():
 
 @pytest.mark.parametrize("switches", [{}, {"head_split": False}, {"kv_split": False}])
 def test_training_with_dropout_repeats_the_grouped_head_draw_for_draw(switches):
-    """The POCA composition (vmapped blocks, `attention_pool`) trains exactly as the
-    grouped head (all blocks at once, autodiff of softmax and einsum) with the same
-    value dropout mask (one [N, B, L, K] `keep_mask` from the same key); only the float
-    rounding may differ."""
+    """The POCA composition (vmapped blocks, projections and `attention_pool` with their
+    hand-written gradients) trains exactly as the grouped head (all blocks at once,
+    autodiff of einsum, softmax and sum) with the same value dropout mask (one
+    [N, K, B, L] `keep_mask` from the same key): logits and the gradients with respect to
+    every parameter and the features; only the float rounding may differ."""
     from benchmarks.noah_head import GroupedNOAHHead
     x = jax.random.normal(jax.random.key(3), (2, 7, 64))
     head = NOAHHead(10, 4, 0.5, 0.3, **switches)
     grouped = GroupedNOAHHead(10, 4, 0.5, 0.3, **switches)
     variables = head.init(jax.random.key(0), x)
     chex.assert_trees_all_equal(variables, grouped.init(jax.random.key(0), x))
+    variables = {"params": random_params(variables, seed=5)}
+    weights = jax.random.normal(jax.random.key(6), (2, 10))
+
+    def loss(module, params, x, key):
+        logits = module.apply({"params": params}, x, train=True, rngs={"dropout": key})
+        return jnp.sum(weights * logits), logits
+
     for key in range(3):
-        rngs = {"dropout": jax.random.key(key)}
-        chex.assert_trees_all_close(head.apply(variables, x, train=True, rngs=rngs),
-                                    grouped.apply(variables, x, train=True, rngs=rngs),
-                                    atol=1e-6, rtol=1e-6)
+        args = (variables["params"], x, jax.random.key(key))
+        (_, logits), grads = jax.value_and_grad(partial(loss, head), (0, 1), has_aux=True)(*args)
+        (_, want), want_grads = jax.value_and_grad(partial(loss, grouped), (0, 1),
+                                                   has_aux=True)(*args)
+        chex.assert_trees_all_close(logits, want, atol=1e-5, rtol=1e-5)
+        chex.assert_trees_all_close(grads, want_grads, atol=1e-5, rtol=1e-5)
 
 
 def _softmax_weighted_sum(logits, values):
-    return jnp.einsum("blk,blk->bk", jax.nn.softmax(logits, axis=1), values)
+    return jnp.einsum("...l,...l->...", jax.nn.softmax(logits, axis=-1), values)
 
 
 def test_attention_pool_and_its_gradient_equal_autodiff_of_softmax_and_sum():
-    # Logits spread over +-30 (a peaked softmax) and values of both signs.
-    q = 10.0 * jax.random.normal(jax.random.key(0), (3, 37, 11))
-    v = jax.random.normal(jax.random.key(1), (3, 37, 11))
+    # [B, K, L] = [3, 11, 37]: logits spread over +-30 (a peaked softmax) and values of
+    # both signs.
+    q = 10.0 * jax.random.normal(jax.random.key(0), (3, 11, 37))
+    v = jax.random.normal(jax.random.key(1), (3, 11, 37))
     g = jax.random.normal(jax.random.key(2), (3, 11))
     out, pullback = jax.vjp(attention_pool, q, v)
     expected, expected_pullback = jax.vjp(_softmax_weighted_sum, q, v)
@@ -483,25 +496,26 @@ def test_attention_pool_and_its_gradient_equal_autodiff_of_softmax_and_sum():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     # float64 numpy: d/dv = g a, d/dq = g a (v - out).
     q64, v64, g64 = (np.asarray(t, np.float64) for t in (q, v, g))
-    a = np.exp(q64 - q64.max(1, keepdims=True))
-    a /= a.sum(1, keepdims=True)
-    o = (a * v64).sum(1)
+    a = np.exp(q64 - q64.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    o = (a * v64).sum(-1)
     np.testing.assert_allclose(out, o, rtol=1e-5, atol=1e-6)
     g_q, g_v = pullback(g)
-    np.testing.assert_allclose(g_v, g64[:, None] * a, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(g_q, g64[:, None] * a * (v64 - o[:, None]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(g_v, g64[..., None] * a, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g_q, g64[..., None] * a * (v64 - o[..., None]),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_attention_pool_is_stable_for_huge_logits_and_batches_under_vmap_and_jit():
-    q = jnp.zeros((1, 5, 2)).at[0, 3, 0].set(1e4).at[0, :, 1].set(-1e4)
-    v = jnp.arange(10.0).reshape(1, 5, 2)
+    q = jnp.zeros((1, 2, 5)).at[0, 0, 3].set(1e4).at[0, 1, :].set(-1e4)
+    v = jnp.arange(10.0).reshape(1, 2, 5)
     out = attention_pool(q, v)
     # Class 0 attends to position 3 only; class 1 has equal logits: the mean value.
-    np.testing.assert_array_equal(out, [[6.0, 5.0]])
+    np.testing.assert_array_equal(out, [[3.0, 7.0]])
     grads = jax.grad(lambda q, v: attention_pool(q, v).sum(), argnums=(0, 1))(q, v)
     assert all(np.all(np.isfinite(t)) for t in grads)
-    stacked_q = jax.random.normal(jax.random.key(3), (4, 2, 6, 3))
-    stacked_v = jax.random.normal(jax.random.key(4), (4, 2, 6, 3))
+    stacked_q = jax.random.normal(jax.random.key(3), (4, 2, 3, 6))
+    stacked_v = jax.random.normal(jax.random.key(4), (4, 2, 3, 6))
     mapped = jax.jit(jax.vmap(attention_pool))(stacked_q, stacked_v)
     for h in range(4):
         np.testing.assert_allclose(mapped[h], _softmax_weighted_sum(stacked_q[h], stacked_v[h]),
@@ -525,3 +539,55 @@ def test_keep_mask_keeps_one_minus_rate_independently(rate):
     np.testing.assert_array_equal(mask, keep_mask(jax.random.key(0), rate, shape))
     other = np.asarray(keep_mask(jax.random.key(1), rate, shape))
     assert 0.3 < (other != mask).mean() / (2 * rate * (1 - rate)) < 1.5
+
+
+def _mix32_numpy(x):
+    """C. Wellons' 'triple32' integer hash, written again in numpy uint32."""
+    x = x.astype(np.uint32)
+    for shift, factor in ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB)):
+        x = (x ^ (x >> np.uint32(shift))) * np.uint32(factor)
+    return x ^ (x >> np.uint32(14))
+
+
+def test_hashed_bits_hash_each_index_with_the_keys_seeds_however_sharded():
+    shape = (3, 16, 5, 7)
+    key = jax.random.key(11)
+    bits = np.asarray(hashed_bits(key, shape))
+    assert bits.dtype == np.uint32
+    # Word (row, column) = mix(mix(row + s0) + mix(column + s1)), row the flat index over
+    # the leading axes, with the key's two seed words.
+    s0, s1 = np.asarray(jax.random.bits(key, (2,), jnp.uint32))
+    rows = np.arange(3 * 16 * 5, dtype=np.uint32).reshape(3, 16, 5, 1)
+    cols = np.arange(7, dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        want = _mix32_numpy(_mix32_numpy(rows + s0) + _mix32_numpy(cols + s1))
+    np.testing.assert_array_equal(bits, want)
+    # Computed shard by shard on 8 devices (the batch axis split, as the trainer shards
+    # the head's mask), the words are the same.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    sharded = jax.jit(hashed_bits, static_argnums=1, out_shardings=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, "data")))(key, shape)
+    assert len(sharded.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(sharded), bits)
+    # Another key, other words.
+    assert (np.asarray(hashed_bits(jax.random.key(12), shape)) != bits).mean() > 0.99
+    with pytest.raises(ValueError, match="32 bits"):
+        jax.eval_shape(lambda k: hashed_bits(k, (2**16, 2**16, 3)), key)
+
+
+def test_hashed_bits_look_uniform_and_independent():
+    bits = np.asarray(hashed_bits(jax.random.key(0), (4, 256, 512)))   # 524,288 words
+    n = bits.size
+    # Every bit is set half of the time.
+    ones = ((bits[..., None] >> np.arange(32, dtype=np.uint32)) & 1).mean(axis=(0, 1, 2))
+    assert np.abs(ones - 0.5).max() < 5 * 0.5 / np.sqrt(n)
+    # Each 16-bit half (a dropout decision) is uniform: chi-square over its top 8 bits.
+    for half in (bits & 0xFFFF, bits >> 16):
+        counts = np.bincount((half >> 8).ravel(), minlength=256)
+        chi2 = ((counts - n / 256) ** 2 / (n / 256)).sum()
+        assert chi2 < 255 + 6 * np.sqrt(2 * 255), chi2
+    # Neighbours along a row, along a column, and across the leading axis are uncorrelated.
+    u = bits.astype(np.float64) / 2**32
+    limit = 5 / np.sqrt(n / 2)
+    for a, b in ((u[..., :-1], u[..., 1:]), (u[:, :-1], u[:, 1:]), (u[:-1], u[1:])):
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < limit
