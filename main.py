@@ -68,4 +68,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from noah_jax import host_memory
+    host_memory.use_huge_pages()  # may start this command again, before anything is allocated
     app.run(main, flags_parser=cli.parse_flags)

@@ -638,5 +638,7 @@ def _metric_text(primary: str, result: dict) -> str:
 
 
 if __name__ == "__main__":
+    from noah_jax import host_memory
+    host_memory.use_huge_pages()  # may start this command again (noah_jax/host_memory.py)
     flags.FLAGS.mark_as_parsed()  # absl's console handler: no "before flag parsing" notice
     sys.exit(main())
