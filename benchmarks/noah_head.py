@@ -3,13 +3,15 @@
     .venv/bin/python benchmarks/noah_head.py [--repeats 11] [--iters 5] [--batch 32] \
         [--shapes resnet50,deit_tiny,resnet50_dense]
 
-`NOAHHead` composes N POCA blocks (one vmapped module, the weighted sum by
-`heads.attention_pool` with its hand-written gradient); it replaced a head that computed
-all blocks at once with two grouped projections and autodiff of softmax and einsum. That
-head is kept here, as `GroupedNOAHHead`, with the same dropout mask (`heads.keep_mask`):
-both heads take the same parameters and give the same logits and gradients (checked
-before timing). Measured 2026-11-26 on the 2-core CPU machine, --batch 16, POCA / grouped:
-deit_small 0.737 (429 -> 316 ms), mixer_s16 0.688 (458 -> 315 ms), resnet50 0.871.
+`NOAHHead` composes N POCA blocks (one vmapped module working in a classes-first
+[K, B, L] layout, its projections and the weighted sum by `heads.attention_pool` with
+hand-written gradients); it replaced a head that computed all blocks at once with two
+grouped projections and autodiff of softmax and einsum. That head is kept here, as
+`GroupedNOAHHead`, with the same dropout mask (`heads.keep_mask`): both heads take the
+same parameters and give the same logits and gradients (checked before timing, and in
+tests/test_heads.py). Measured 2026-11-26 on the 2-core CPU machine, --batch 16, POCA /
+grouped: deit_small 0.455 (321 -> 146 ms), mixer_s16 0.480 (337 -> 161 ms), resnet50
+0.770 (120 -> 92 ms).
 
 Timed: one jitted forward and backward pass (gradients with respect to the parameters and
 the features, as in training), with dropout 0.1 in training mode. Each repeat runs both

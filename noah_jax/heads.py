@@ -22,6 +22,7 @@ slice of these tensors (`NOAHHead.head_view`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, ClassVar, Optional
 
 import flax.linen as nn
@@ -163,13 +164,14 @@ class POCA(nn.Module):
         v = projection("value")(values)
         # (Computed only when the caller asks for the intermediates.)
         self.sow("intermediates", "attention", jnp.swapaxes(jax.nn.softmax(q, axis=-1), 0, 1))
-        if train and self.dropout > 0:
-            if keep is None:
-                keep = _KeepMask(self.dropout, name="Dropout_0")(v.shape)
-            v = jax.lax.select(keep, v / (1.0 - self.dropout), jnp.zeros_like(v))
         v = v.astype(jnp.float32)
-        self.sow("intermediates", "values", jnp.swapaxes(v, 0, 1))
-        return attention_pool(q, v).T
+        if not (train and self.dropout > 0):
+            self.sow("intermediates", "values", jnp.swapaxes(v, 0, 1))
+            return attention_pool(q, v).T
+        if keep is None:
+            keep = _KeepMask(self.dropout, name="Dropout_0")(v.shape)
+        self.sow("intermediates", "values", jnp.swapaxes(_dropped(v, keep, self.dropout), 0, 1))
+        return dropout_attention_pool(q, v, keep, self.dropout).T
 
 
 @jax.custom_vjp
@@ -203,6 +205,34 @@ def _attention_pool_backward(saved, g):
 
 
 attention_pool.defvjp(_attention_pool_forward, _attention_pool_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def dropout_attention_pool(logits: Array, values: Array, keep: Array, rate: float) -> Array:
+    """`attention_pool(logits, dropout(values))` with inverted dropout by the boolean mask
+    `keep` (kept values divided by 1 - rate, the others 0), without writing the dropped
+    values out: the mask is applied inside the sum over positions and again in the
+    gradient (where XLA recomputes a hashed `keep_mask` rather than storing it)."""
+    return _dropout_attention_pool_forward(logits, values, keep, rate)[0]
+
+
+def _dropped(values, keep, rate):
+    return jax.lax.select(keep, values / (1.0 - rate), jnp.zeros_like(values))
+
+
+def _dropout_attention_pool_forward(logits, values, keep, rate):
+    out, (_, _, peak, total, _) = _attention_pool_forward(logits, _dropped(values, keep, rate))
+    return out, (logits, values, keep, peak, total, out)
+
+
+def _dropout_attention_pool_backward(rate, saved, g):
+    logits, values, keep, peak, total, out = saved
+    g_dropped = jnp.exp(logits - peak) * (g / total)[..., None]   # = g a
+    g_logits = g_dropped * (_dropped(values, keep, rate) - out[..., None])
+    return g_logits, _dropped(g_dropped, keep, rate), None
+
+
+dropout_attention_pool.defvjp(_dropout_attention_pool_forward, _dropout_attention_pool_backward)
 
 _KEEP_BITS = 16  # random bits per dropout decision
 

@@ -11,8 +11,8 @@ import pytest
 from absl.testing import parameterized
 from flax.traverse_util import flatten_dict
 
-from noah_jax.heads import (POCA, LinearHead, NOAHHead, attention_pool, hashed_bits, keep_mask,
-                            noah_lecun_kernel_init)
+from noah_jax.heads import (POCA, LinearHead, NOAHHead, attention_pool, dropout_attention_pool,
+                            hashed_bits, keep_mask, noah_lecun_kernel_init)
 
 
 def torch_layout_params(rng, channels, num_classes, num_heads, key_ratio, head_split, kv_split):
@@ -504,6 +504,29 @@ def test_attention_pool_and_its_gradient_equal_autodiff_of_softmax_and_sum():
     np.testing.assert_allclose(g_v, g64[..., None] * a, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(g_q, g64[..., None] * a * (v64 - o[..., None]),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_attention_pool_is_the_pool_of_dropped_values_with_its_gradient():
+    q = 5.0 * jax.random.normal(jax.random.key(0), (2, 6, 29))
+    v = jax.random.normal(jax.random.key(1), (2, 6, 29))
+    g = jax.random.normal(jax.random.key(2), (2, 6))
+    keep = keep_mask(jax.random.key(3), 0.3, (2, 6, 29))
+
+    def reference(q, v):   # autodiff of softmax, inverted dropout and the weighted sum
+        return _softmax_weighted_sum(q, jnp.where(keep, v / 0.7, 0.0))
+
+    out, pullback = jax.vjp(lambda q, v: dropout_attention_pool(q, v, keep, 0.3), q, v)
+    expected, expected_pullback = jax.vjp(reference, q, v)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(pullback(g), expected_pullback(g)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    g_v = pullback(g)[1]
+    assert np.all(np.asarray(g_v)[~np.asarray(keep)] == 0.0)  # dropped values get none
+    # Under jit and vmap (NOAH's blocks) as well.
+    mapped = jax.jit(jax.vmap(jax.grad(lambda q, v, k: dropout_attention_pool(q, v, k, 0.3).sum(),
+                                       argnums=1)))(q, v, keep)
+    np.testing.assert_allclose(mapped, jax.grad(lambda v: reference(q, v).sum())(v),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_attention_pool_is_stable_for_huge_logits_and_batches_under_vmap_and_jit():
