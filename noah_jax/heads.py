@@ -10,7 +10,8 @@ block; the N blocks' class logits are merged:
   POCA block:  q, v = 1x1 projections (with bias) of its keys, values to K classes  [K, B, L]
                a = softmax(q) over the positions L   (float32, no scaling)
                v = dropout(v)                         (training only; `keep_mask`)
-               logit[b, k] = sum_l a * v              (`attention_pool`: one pass each way)
+               logit[b, k] = sum_l a * v              (`attention_pool`: one pass each way;
+                                                       `dropout_attention_pool` in training)
   logits = merge (sum, mean or max) over the N blocks
 
 Parameter layout. The head stores its blocks' projections together, as the reference's
