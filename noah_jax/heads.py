@@ -228,8 +228,8 @@ def _dropout_attention_pool_forward(logits, values, keep, rate):
 
 def _dropout_attention_pool_backward(rate, saved, g):
     logits, values, keep, peak, total, out = saved
-    g_dropped = jnp.exp(logits - peak) * (g / total)[..., None]   # = g a
-    g_logits = g_dropped * (_dropped(values, keep, rate) - out[..., None])
+    g_logits, g_dropped = _attention_pool_backward(
+        (logits, _dropped(values, keep, rate), peak, total, out), g)
     return g_logits, _dropped(g_dropped, keep, rate), None
 
 

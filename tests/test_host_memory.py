@@ -2,6 +2,7 @@
 the restart keeps the command, its arguments and the process."""
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -47,7 +48,7 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
 
 def test_glibc_version_is_this_interpreters():
     version = host_memory.glibc_version()
-    libc, number = __import__("platform").libc_ver()
+    libc, number = platform.libc_ver()
     if libc == "glibc":
         assert version == tuple(int(p) for p in number.split(".")[:2])
     else:
