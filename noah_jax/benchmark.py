@@ -15,6 +15,11 @@ Every variant (model x head x mode x batch size x device count) is compiled firs
 (compile time = trace, lower and compile); then the variants are timed in rounds, each
 round running every variant for `--steps` steps in a rotated order, so that a slow
 minute of the machine hits all variants alike. The step time is the median over rounds.
+Before its timed steps in a round, a variant runs `--settle` untimed steps (default 1):
+on CPU, the first step of a program that follows another program is slower (measured:
+a Mixer-S NOAH step after a linear-head step, 2.52-2.59 s against 2.36-2.38 s, with
+three times the kernel time), a cost that a training run, repeating one program, does
+not pay.
 
   --minimal   also times a bare step of the same model, loss and optimiser (no NaN
               guard, no metrics, no schedule read), for the trainer's own cost.
@@ -255,14 +260,18 @@ def build_variants(config, model_name: str, head: str, modes: Sequence[str], bat
     return variants
 
 
-def time_variants(variants: Sequence[Variant], *, steps: int, rounds: int, warmup: int) -> None:
-    """Fills each variant's `times` (seconds per step, one entry per round)."""
+def time_variants(variants: Sequence[Variant], *, steps: int, rounds: int, warmup: int,
+                  settle: int = 0) -> None:
+    """Fills each variant's `times` (seconds per step, one entry per round): in every
+    round each variant runs `settle` untimed steps, then `steps` timed ones."""
     for v in variants:
         for _ in range(warmup):
             jax.block_until_ready(v.run())
     for r in range(rounds):
         order = list(variants[r % len(variants):]) + list(variants[:r % len(variants)])
         for v in order:
+            for _ in range(settle):
+                jax.block_until_ready(v.run())
             start = time.perf_counter()
             for _ in range(steps):
                 out = v.run()
@@ -279,7 +288,10 @@ _VARIANT_FIELDS = ("model", "head", "mode", "batch", "devices", "depthwise")
 
 def ratios(records: Sequence[dict]) -> list[dict[str, Any]]:
     """Step-time ratios of variants that differ in one field only: NOAH's cost (noah /
-    linear), the trainer's cost (train / minimal), the depthwise formulations."""
+    linear), the trainer's cost (train / minimal), the depthwise formulations.
+
+    `value` is the ratio of the two median step times; `per_round` the ratio within
+    each round, with its median, minimum and maximum."""
     out = []
     for name, field, top, bottom in RATIOS:
         others = [f for f in _VARIANT_FIELDS if f != field]
@@ -287,8 +299,16 @@ def ratios(records: Sequence[dict]) -> list[dict[str, Any]]:
         for r in records:
             match = below.get(tuple(r[f] for f in others))
             if r[field] == top and match is not None:
+                # Rounds interleave the variants, so the two steps of one round ran
+                # seconds apart: their ratio is free of the machine's slower drifts, and
+                # the spread over rounds says how far a single ratio can be trusted.
+                per_round = [a / b for a, b in zip(r["step_s_all"], match["step_s_all"])]
                 out.append({"ratio": name, **{f: r[f] for f in others},
-                            "value": r["step_s"] / match["step_s"]})
+                            "value": r["step_s"] / match["step_s"],
+                            "per_round": per_round,
+                            "per_round_median": statistics.median(per_round),
+                            "per_round_min": min(per_round),
+                            "per_round_max": max(per_round)})
     return out
 
 
@@ -309,12 +329,15 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {num(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} "
             f"| {num(r['temp_bytes'] and r['temp_bytes'] / 2**20, '.0f')} |")
     if result["ratios"]:
-        lines += ["", "| ratio | model | head | mode | batch | devices | depthwise | value |",
-                  "|---|---|---|---|---:|---:|---|---:|"]
+        lines += ["", "| ratio | model | head | mode | batch | devices | depthwise | value "
+                      "| per round: median (min-max) |",
+                  "|---|---|---|---|---:|---:|---|---:|---:|"]
         for q in result["ratios"]:
             lines.append(f"| {q['ratio']} | {q['model']} | {q.get('head', '')} "
                          f"| {q.get('mode', '')} | {q['batch']} | {q['devices']} "
-                         f"| {q.get('depthwise', '')} | {q['value']:.3f} |")
+                         f"| {q.get('depthwise', '')} | {q['value']:.3f} "
+                         f"| {q['per_round_median']:.3f} ({q['per_round_min']:.3f}-"
+                         f"{q['per_round_max']:.3f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -365,6 +388,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="steps per variant per round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds (the median is taken)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    parser.add_argument("--settle", type=int, default=1,
+                        help="untimed steps before each variant's timed steps in every round")
     parser.add_argument("--config", default=DEFAULT_CONFIG,
                         help="recipe whose optimiser, loss and settings the train step uses "
                              "(path[:args], as main.py's --config)")
@@ -395,7 +420,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     print(f"timing {len(variants)} variants: {args.rounds} rounds of {args.steps} steps",
           file=sys.stderr, flush=True)
-    time_variants(variants, steps=args.steps, rounds=args.rounds, warmup=args.warmup)
+    time_variants(variants, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
+                  settle=args.settle)
 
     device = jax.devices()[0]
     peak = peak_tflops(device.device_kind, args.dtype)
@@ -407,6 +433,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "cpu_count": os.cpu_count(), "peak_tflops": peak},
         "jax": jax.__version__, "dtype": args.dtype, "config": args.config,
         "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+        "settle": args.settle,
         "process_peak_bytes": process_peak_bytes(),
         "results": records, "ratios": ratios(records),
     }

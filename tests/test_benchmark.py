@@ -3,6 +3,10 @@ against an analytic one, its ratios, and its errors."""
 
 import json
 import math
+import os
+import statistics
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -90,6 +94,17 @@ def test_the_benchmark_writes_every_field_for_every_variant(toy_family, tmp_path
     assert ratios["noah/linear", "train", None] == pytest.approx(
         by["noah", "train"]["step_s"] / by["linear", "train"]["step_s"])
     assert all(math.isfinite(v) and v > 0 for v in ratios.values())
+    # Each round's ratio pairs the two variants' step times of that round.
+    records_by = {(r["head"], r["mode"], r["devices"]): r for r in records}
+    for q in result["ratios"]:
+        if q["ratio"] != "noah/linear":
+            continue
+        top, below = (records_by[h, q["mode"], q["devices"]] for h in ("noah", "linear"))
+        assert q["per_round"] == pytest.approx(
+            [a / b for a, b in zip(top["step_s_all"], below["step_s_all"])])
+        assert q["per_round_median"] == pytest.approx(statistics.median(q["per_round"]))
+        assert q["per_round_min"] == min(q["per_round"])
+        assert q["per_round_max"] == max(q["per_round"])
     table = (tmp_path / "benchmark.md").read_text()
     assert table in capsys.readouterr().out
     assert table.count("| toynet_4 |") == 12 + len(result["ratios"])
@@ -109,6 +124,29 @@ def test_depthwise_formulations_are_compared_in_one_run(toy_family, tmp_path):
     assert layers.DEPTHWISE_FORMULATION == "auto"  # restored after the run
 
 
+
+def test_each_round_settles_a_variant_before_timing_it(monkeypatch):
+    """warmup untimed steps per variant, then per round and variant (in rotated order)
+    `settle` untimed steps directly before the `steps` timed ones."""
+    log = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: float(next(clock)))
+
+    def variant(name):
+        def run():
+            log.append(name)
+            next(clock)   # each step takes one tick: timed steps show up in `times`
+            return jnp.zeros(())
+        return benchmark.Variant(model="m", head=name, mode="train", batch=1, devices=1,
+                                 dtype="float32", image_size=8, depthwise="grouped", run=run)
+
+    a, b = variant("a"), variant("b")
+    benchmark.time_variants([a, b], steps=2, rounds=3, warmup=1, settle=1)
+    assert "".join(log) == "ab" + "aaabbb" + "bbbaaa" + "aaabbb"
+    # Timed: two steps of one tick each, plus the tick of reading the clock at the start.
+    assert a.times == b.times == [1.5, 1.5, 1.5]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--models", "resnet17"], "unknown model ['resnet17']"),
     (["--mode", "eval"], "unknown mode ['eval']; valid: train, infer"),
@@ -126,3 +164,24 @@ def test_more_devices_than_there_are_is_refused(toy_family, capsys):
         benchmark.main(["--models", "toynet_4", "--devices", str(jax.device_count() + 1)])
     assert exit_info.value.code == 1
     assert f"only {jax.device_count()} devices here" in capsys.readouterr().err
+
+
+def test_the_benchmark_runs_without_tensorflow(tmp_path):
+    """Accelerator images often have JAX but no TensorFlow (this project's GPU machine
+    has none): the benchmark's synthetic data and the trainer's step must not need it."""
+    blocker = ("import sys\n"
+               "for name in ('tensorflow', 'tensorflow_datasets', 'clu', 'tensorboard'):\n"
+               "    sys.modules[name] = None  # an import of it raises ImportError\n"
+               "from noah_jax import benchmark\n"
+               "sys.exit(benchmark.main(sys.argv[1:]))\n")
+    env = dict(os.environ, NOAH_JAX_HUGE_PAGES="0")
+    done = subprocess.run(
+        [sys.executable, "-c", blocker, "--models", "resnet18", "--heads", "noah",
+         "--mode", "train,infer", "--batch", "2", "--devices", "1", "--image-size", "32",
+         "--steps", "1", "--rounds", "1", "--warmup", "0", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [(r["model"], r["mode"]) for r in result["results"]] == [
+        ("resnet18", "train"), ("resnet18", "infer")]
