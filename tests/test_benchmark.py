@@ -151,6 +151,9 @@ def test_each_round_settles_a_variant_before_timing_it(monkeypatch):
     (["--models", "resnet17"], "unknown model ['resnet17']"),
     (["--mode", "eval"], "unknown mode ['eval']; valid: train, infer"),
     (["--batch-sizes", "0,4"], "expected positive integers"),
+    (["--steps", "0"], "--steps: expected an integer >= 1, got '0'"),
+    (["--rounds", "two"], "--rounds: expected an integer >= 1, got 'two'"),
+    (["--settle", "-1"], "--settle: expected an integer >= 0, got '-1'"),
 ])
 def test_wrong_arguments_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
