@@ -68,11 +68,14 @@ from noah_jax.models import create_model, layers, list_models, model_overrides
 
 # Peak dense TFLOP/s per device: (bfloat16, float32). float32 is None where matrix units
 # have no float32 rate of their own (TPUs run float32 matmuls as bfloat16 passes).
-# Sources: NVIDIA's H100/H200/A100 datasheets (SXM, dense, no sparsity; float32 without
-# TF32), Google Cloud's TPU system architecture pages.
+# Sources: NVIDIA's H100/H200/A100 datasheets (dense, i.e. half the "with sparsity"
+# figures; float32 without TF32), Google Cloud's TPU system architecture pages. The
+# longest name contained in the device kind wins ("H100 PCIe" before "H100").
 PEAK_TFLOPS: dict[str, tuple[float, Optional[float]]] = {
     "H200": (989.4, 66.9),
-    "H100": (989.4, 66.9),
+    "H100": (989.4, 66.9),          # SXM ("NVIDIA H100 80GB HBM3")
+    "H100 PCIe": (756.5, 51.0),
+    "H100 NVL": (835.5, 60.0),
     "A100": (312.0, 19.5),
     "TPU v4": (275.0, None),
     "TPU v5 lite": (197.0, None),   # v5e

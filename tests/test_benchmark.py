@@ -48,6 +48,8 @@ def test_flops_of_a_dense_layer_equal_the_analytic_count():
 def test_peaks_of_known_devices():
     assert benchmark.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
     assert benchmark.peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 66.9
+    assert benchmark.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.5
+    assert benchmark.peak_tflops("NVIDIA H100 NVL", "float32") == 60.0
     assert benchmark.peak_tflops("TPU v5 lite", "bfloat16") == 197.0  # v5e, not v5p
     assert benchmark.peak_tflops("TPU v5", "bfloat16") == 459.0
     assert benchmark.peak_tflops("cpu", "float32") is None
