@@ -354,18 +354,6 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-    return parse
-
-
 def _choices(valid: Sequence[str], what: str) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         values = [v for v in text.split(",") if v]
@@ -386,13 +374,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         default=["noah", "linear"])
     parser.add_argument("--mode", type=_choices(MODES, "mode"), default=["train"],
                         help="train, infer or both (train,infer)")
-    parser.add_argument("--batch", type=_at_least(1), default=32, help="global batch size")
+    parser.add_argument("--batch", type=cli.int_at_least(1), default=32,
+                        help="global batch size")
     parser.add_argument("--batch-sizes", type=_int_list, default=None,
                         help="several global batch sizes (overrides --batch)")
     parser.add_argument("--devices", type=_int_list, default=None,
                         help="device counts to run on (default: all devices)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    parser.add_argument("--image-size", type=_at_least(1), default=None,
+    parser.add_argument("--image-size", type=cli.int_at_least(1), default=None,
                         help="input side (default: the model's own, 224 for CNNs)")
     parser.add_argument("--depthwise", type=_choices(("auto", "grouped", "shifted"),
                                                      "depthwise formulation"),
@@ -400,11 +389,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                "both (grouped,shifted); auto: the backend's")
     parser.add_argument("--minimal", action="store_true",
                         help="also time a bare train step (the trainer's own cost)")
-    parser.add_argument("--steps", type=_at_least(1), default=5, help="steps per variant per round")
-    parser.add_argument("--rounds", type=_at_least(1), default=5,
+    parser.add_argument("--steps", type=cli.int_at_least(1), default=5,
+                        help="steps per variant per round")
+    parser.add_argument("--rounds", type=cli.int_at_least(1), default=5,
                         help="rounds (the median is taken)")
-    parser.add_argument("--warmup", type=_at_least(0), default=2, help="untimed steps per variant")
-    parser.add_argument("--settle", type=_at_least(0), default=1,
+    parser.add_argument("--warmup", type=cli.int_at_least(0), default=2,
+                        help="untimed steps per variant")
+    parser.add_argument("--settle", type=cli.int_at_least(0), default=1,
                         help="untimed steps before each variant's timed steps in every round")
     parser.add_argument("--config", default=DEFAULT_CONFIG,
                         help="recipe whose optimiser, loss and settings the train step uses "

@@ -4,10 +4,12 @@ ml_collections reports a mistyped config field (`--config.batchsize=16`) or an
 unknown recipe argument (`configs/resnet18_noah.py:dept=18`) as a traceback with the
 useful part at its end. `parse_flags` turns any flag or config mistake into one line
 that names the valid fields, for `app.run(main, flags_parser=cli.parse_flags)`.
+`int_at_least` is an argparse type for the other commands' counts and sizes.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib.util
 import os
@@ -15,6 +17,21 @@ import re
 import sys
 
 from absl import flags
+
+
+def int_at_least(minimum: int):
+    """An argparse `type`: an integer no smaller than `minimum`, else one line saying so."""
+    wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+    return parse
 
 
 class UsageError(Exception):

@@ -35,6 +35,8 @@ from typing import Optional, Sequence, TextIO
 
 import numpy as np
 
+from noah_jax import cli
+
 FORMATS = ("table", "json", "csv")
 PROG = "python -m noah_jax.predict"
 
@@ -141,16 +143,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -168,16 +160,16 @@ def parser() -> argparse.ArgumentParser:
                    help="a training workdir, its checkpoints/ folder, or a converted checkpoint")
     p.add_argument("images", metavar="IMAGES_OR_FOLDERS", nargs="+",
                    help="image files and folders of images (searched recursively)")
-    p.add_argument("--top-k", type=_positive, default=5,
+    p.add_argument("--top-k", type=cli.int_at_least(1), default=5,
                    help="classes shown per image (single-label models; default 5)")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format")
-    p.add_argument("--batch-size", type=_positive, default=64,
+    p.add_argument("--batch-size", type=cli.int_at_least(1), default=64,
                    help="images per forward pass (default 64)")
     p.add_argument("--no-ema", action="store_true",
                    help="use the raw parameters of a run that kept an EMA of them")
     p.add_argument("--threshold", type=_fraction, default=0.5,
                    help="multi-label models: show classes scoring at least this (default 0.5)")
-    p.add_argument("--image-size", type=_positive, default=None,
+    p.add_argument("--image-size", type=cli.int_at_least(1), default=None,
                    help="input size for a converted checkpoint of a CNN (default 224)")
     return p
 

@@ -126,7 +126,6 @@ def test_depthwise_formulations_are_compared_in_one_run(toy_family, tmp_path):
     assert layers.DEPTHWISE_FORMULATION == "auto"  # restored after the run
 
 
-
 def test_each_round_settles_a_variant_before_timing_it(monkeypatch):
     """warmup untimed steps per variant, then per round and variant (in rotated order)
     `settle` untimed steps directly before the `steps` timed ones."""
@@ -153,8 +152,8 @@ def test_each_round_settles_a_variant_before_timing_it(monkeypatch):
     (["--models", "resnet17"], "unknown model ['resnet17']"),
     (["--mode", "eval"], "unknown mode ['eval']; valid: train, infer"),
     (["--batch-sizes", "0,4"], "expected positive integers"),
-    (["--steps", "0"], "--steps: expected an integer >= 1, got '0'"),
-    (["--rounds", "two"], "--rounds: expected an integer >= 1, got 'two'"),
+    (["--steps", "0"], "--steps: expected a positive integer, got '0'"),
+    (["--rounds", "two"], "--rounds: expected a positive integer, got 'two'"),
     (["--settle", "-1"], "--settle: expected an integer >= 0, got '-1'"),
 ])
 def test_wrong_arguments_are_one_line(argv, message, capsys):
