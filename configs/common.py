@@ -75,7 +75,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.num_classes = 1000      # used by synthetic; checked against real datasets
     c.dataset.num_train_examples = 0  # synthetic only (0 = one epoch of 1024 images)
     c.dataset.num_eval_examples = 0   # synthetic only
-    c.dataset.eval_crop_ratio = preprocess.Preprocess.eval_crop_ratio  # 0.875
+    # The model family's input (noah_jax/models/input_preprocessing.py), None = the
+    # family's, resolved when training starts: mean and std per RGB channel on [0, 1]
+    # pixels, and the evaluation resize ('bilinear' | 'bicubic') of the shorter side to
+    # image_size / eval_crop_ratio before the centre crop. E.g. ResNet: ImageNet's,
+    # bilinear, 0.875; DeiT/PVT: ImageNet's, bicubic, 0.875; Mixer/gMLP: 0.5, bicubic, 0.9.
+    c.dataset.update(preprocess.family_fields_config())
     c.dataset.train_split = ""        # '' = the dataset's own (TFDS split / folder name)
     c.dataset.eval_split = ""
     c.dataset.shuffle_buffer = 50_000  # encoded images per process (ImageNet: ~5.5 GB)
@@ -108,7 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999            # adamw
     c.optimizer.eps = 1e-8            # adamw
     c.optimizer.weight_decay = 1e-4
-    c.optimizer.decay_only_matrices = True  # no decay on biases / norm parameters
+    # Which parameters are decayed, by the reference's parameter names (noah_jax/optim.py):
+    # 'all' (main.py without --nowd-bn), 'nowd_bn' (utils/misc.py get_parameters) or
+    # 'timm' (timm's optimiser factory: no vectors, biases or model.no_weight_decay()).
+    c.optimizer.decay_rule = "all"
     c.grad_clip_norm = 0.0            # 0 = off
 
     c.schedule = ml_collections.ConfigDict()
@@ -119,10 +127,17 @@ def base_config() -> ml_collections.ConfigDict:
     # each, 0 / () the other (noah_jax/durations.py converts them).
     c.schedule.warmup_epochs = 0.0
     c.schedule.warmup_steps = 0
+    c.schedule.warmup_start_lr = 0.0  # the warm-up's first lr (timm's warmup_lr_init)
     c.schedule.end_lr = 0.0           # cosine / linear floor
     c.schedule.decay_epochs = (30.0, 60.0, 90.0)  # step schedule boundaries
     c.schedule.decay_steps = ()
     c.schedule.decay_factor = 0.1     # step schedule multiplier at each boundary
+    # The reference sets the lr once per epoch (main.py adjust_learning_rate, timm's
+    # epoch schedulers); False follows the same curve at every step.
+    c.schedule.per_epoch = True
+    # Epoch e trains at the curve's value for e - epoch_lag (>= 0): 1 for DeiT/PVT,
+    # whose loop calls timm's scheduler.step(epoch) after each epoch.
+    c.schedule.epoch_lag = 0
 
     # --- Loss: softmax_xent (single-label) | sigmoid_xent | asl (multi-label).
     c.loss = "softmax_xent"
@@ -212,7 +227,10 @@ def apply_demo(c: ml_collections.ConfigDict, image_size: int = 32, dataset: str 
     c.schedule.base_lr = 1e-3
     c.schedule.base_batch_size = 64
     c.schedule.warmup_epochs = 2.0
+    c.schedule.warmup_start_lr = 0.0
     c.schedule.end_lr = 1e-5
+    c.schedule.per_epoch = True       # as every recipe; the family's decay rule stays
+    c.schedule.epoch_lag = 0
     c.loss = "sigmoid_xent" if multilabel else "softmax_xent"
     c.label_smoothing = 0.0 if multilabel else 0.1
     c.ema_decay = 0.0
@@ -235,11 +253,25 @@ def imagenet_config(model: str, head: str) -> ml_collections.ConfigDict:
     return c
 
 
+# The reference trains with DistributedDataParallel on 8 GPUs without SyncBN: each
+# BatchNorm normalises one GPU's share of the global batch (main.py:132 divides
+# --train-batch by the world size): 256 / 8 = 32 images (ShuffleNetV2: 1024 / 8 = 128).
+REFERENCE_GPUS = 8
+
+
+def cnn_recipe(model: str, head: str) -> ml_collections.ConfigDict:
+    """The base config on ImageNet with BatchNorm over the reference's per-GPU batch."""
+    c = imagenet_config(model, head)
+    c.model.overrides.bn_group_size = c.batch_size // REFERENCE_GPUS
+    return c
+
+
 def resnet_recipe(model: str, head: str) -> ml_collections.ConfigDict:
     """The reference's ResNet recipe: 100 epochs of SGD (momentum 0.9, weight decay
-    1e-4, lr 0.1 at batch 256, x0.1 at epochs 30/60/90), Inception crop and flips. These
-    are the base config's own values, so nothing is restated here."""
-    return imagenet_config(model, head)
+    1e-4 on every parameter, lr 0.1 at batch 256, x0.1 at epochs 30/60/90), Inception
+    crop and flips, BatchNorm over 32 images. These are the base config's own values
+    (cnn_recipe adds the BatchNorm groups), so nothing is restated here."""
+    return cnn_recipe(model, head)
 
 
 def deit_recipe(model: str, head: str) -> ml_collections.ConfigDict:
@@ -258,12 +290,18 @@ def deit_recipe(model: str, head: str) -> ml_collections.ConfigDict:
     c.schedule.base_lr = 5e-4
     c.schedule.base_batch_size = 512
     c.schedule.warmup_epochs = 5.0
+    c.schedule.warmup_start_lr = 1e-6
     c.schedule.end_lr = 1e-5
+    c.schedule.epoch_lag = 1          # vit/deit/main.py: lr_scheduler.step(epoch) after it
+    c.optimizer.decay_rule = "timm"   # timm create_optimizer (vit/deit/main.py)
     c.label_smoothing = 0.1
-    # RandAugment rand-m9-mstd0.5-inc1 (magnitude, std and increasing are the base
-    # config's), random erasing 0.25 (pixel mode), mixup 0.8 / cutmix 1.0 (switch 0.5, the
-    # base's), repeated augmentation x3. DeiT also sets colour jitter 0.4 (PVT 0.3), which
-    # timm ignores when RandAugment is on: left off.
+    # Bicubic crops (the reference's vit/deit/main.py:100 and vit/pvt/classification/
+    # main.py:100, --train-interpolation bicubic), RandAugment rand-m9-mstd0.5-inc1
+    # (magnitude, std and increasing are the base config's), random erasing 0.25 (pixel
+    # mode), mixup 0.8 / cutmix 1.0 (switch 0.5, the base's), repeated augmentation x3.
+    # DeiT also sets colour jitter 0.4 (PVT 0.3), which timm ignores when RandAugment is
+    # on: left off.
+    c.augment.train_interpolation = "bicubic"
     c.augment.rand_augment_layers = 2
     c.augment.random_erasing = 0.25
     c.augment.mixup_alpha = 0.8
@@ -274,11 +312,11 @@ def deit_recipe(model: str, head: str) -> ml_collections.ConfigDict:
 
 
 def mlp_recipe(model: str, head: str) -> ml_collections.ConfigDict:
-    """The reference's Mixer / gMLP recipe (the DeiT-style recipe of the MLP papers)."""
+    """The reference's Mixer / gMLP recipe (the DeiT-style recipe of the MLP papers, its
+    mlp/configs/default_noah.yaml run by timm's train.py)."""
     c = imagenet_config(model, head)
     c.model.overrides.drop_rate = 0.0233
     c.model.overrides.drop_path_rate = 0.1
-    c.dataset.eval_crop_ratio = 0.9
     c.batch_size = 1536
     c.eval_batch_size = 1536
     c.num_epochs = 300.0
@@ -289,17 +327,23 @@ def mlp_recipe(model: str, head: str) -> ml_collections.ConfigDict:
     c.schedule.base_lr = 7e-4
     c.schedule.base_batch_size = 1536
     c.schedule.warmup_epochs = 20.0
+    c.schedule.warmup_start_lr = 1e-6  # mlp/configs/default_noah.yaml warmup_lr
     c.schedule.end_lr = 1e-5
+    c.optimizer.decay_rule = "timm"    # timm create_optimizer_v2 (train.py)
     c.grad_clip_norm = 1.0
     c.label_smoothing = 0.1
     c.ema_decay = 0.99992
-    # RandAugment rand-m6-n3-mstd1.0 (increasing=False), mixup 0.5 / cutmix 1.0. The
-    # reference also sets colour jitter 0.4, which timm ignores when RandAugment is on,
-    # and no random erasing.
+    # mlp/configs/default_noah.yaml: crops of aspect ratio (0.67, 1.5) (lines 66-68)
+    # resized bilinear or bicubic at random (train_interpolation: random, line 86),
+    # RandAugment rand-m6-n3-mstd1.0-inc1 (line 1: the increasing variants, the base
+    # config's), mixup 0.5 / cutmix 1.0. The yaml also sets colour jitter 0.4, which timm
+    # ignores when RandAugment is on, and no random erasing. Mean/std 0.5 and the
+    # evaluation's bicubic resize at crop ratio 0.9 are the family's (dataset fields).
+    c.augment.crop_ratio = (0.67, 1.5)
+    c.augment.train_interpolation = "random"
     c.augment.rand_augment_layers = 3
     c.augment.rand_augment_magnitude = 6.0
     c.augment.rand_augment_std = 1.0
-    c.augment.rand_augment_increasing = False
     c.augment.mixup_alpha = 0.5
     c.augment.cutmix_alpha = 1.0
     c.checkpoint_every_steps = 2000
@@ -339,6 +383,7 @@ def multilabel_config(model: str, head: str, dataset: str, init: str
     c.eval_batch_size = 128
     c.num_epochs = 40.0
     c.optimizer.name = "adamw"          # weight decay 1e-4, the base config's
+    c.optimizer.decay_rule = "timm"     # none on vectors and biases
     c.schedule.name = "cosine"
     c.schedule.base_lr = 1e-4
     c.schedule.base_batch_size = 128

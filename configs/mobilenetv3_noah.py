@@ -2,9 +2,10 @@
 
   python main.py --config=configs/mobilenetv3_noah.py:variant=small --workdir=runs/mbv3_small_noah
 
-The MobileNetV2 recipe: 150 epochs, SGD (momentum 0.9, lr 0.05 at batch 256, weight
-decay 4e-5 on weights with more than one dimension, none on BatchNorm and biases),
-cosine schedule; RandomResizedCrop 224 and flips. Head: N=8, r=1/4, dropout 0.2.
+The MobileNetV2 recipe with --nowd-bn: 150 epochs, SGD (momentum 0.9, lr 0.05 at
+batch 256, weight decay 4e-5 on weights with more than one dimension, none on BatchNorm
+and biases: utils/misc.py get_parameters), cosine schedule set once per epoch;
+RandomResizedCrop 224 and flips; BatchNorm over 32 images. Head: N=8, r=1/4, dropout 0.2.
 Expected ImageNet top-1 (paper, baseline -> NOAH): Small 67.11 -> 68.92. Large is
 defined by the reference's code only; the paper reports no number for it.
 Arguments: variant=small|large, head=noah|linear, demo, multilabel.
@@ -30,9 +31,9 @@ def get_config(arg=None):
     dataset = common.demo_dataset(a.demo, a.multilabel)
     if a.variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {a.variant!r}")
-    c = common.imagenet_config(f"mobilenetv3_{a.variant}", a.head)
-    # SGD with momentum 0.9 at batch 256 and no decay on vectors, as the base config;
-    # these differ from it.
+    c = common.cnn_recipe(f"mobilenetv3_{a.variant}", a.head)
+    # SGD with momentum 0.9 at batch 256, as the base config; these differ from it.
+    c.optimizer.decay_rule = "nowd_bn"
     c.num_epochs = 150.0
     c.optimizer.weight_decay = 4e-5
     c.schedule.name = "cosine"

@@ -3,8 +3,8 @@
   python main.py --config=configs/resnet50_noah.py --workdir=runs/resnet50_noah
   python main.py --config=configs/resnet50_noah.py:depth=101 --workdir=runs/resnet101_noah
 
-100 epochs, SGD (momentum 0.9, lr 0.1 at batch 256, weight decay 1e-4 on weights with
-more than one dimension), lr x0.1 at epochs 30, 60 and 90. Head: N=4, r=1/8, dropout
+100 epochs, SGD (momentum 0.9, lr 0.1 at batch 256, weight decay 1e-4 on every
+parameter), lr x0.1 at epochs 30, 60 and 90; BatchNorm over 32 images. Head: N=4, r=1/8, dropout
 0.1. Expected ImageNet top-1 (paper, baseline -> NOAH): ResNet-50 76.23 -> 77.25,
 ResNet-101 77.41 -> 78.22, ResNet-152 78.16 -> 78.57.
 Arguments: head=noah|linear, depth=50|101|152.

@@ -3,8 +3,9 @@
   python main.py --config=configs/shufflenetv2_noah.py:width=100 --workdir=runs/shufflenet_noah
 
 240 epochs, SGD (momentum 0.9, lr 0.5 at the global batch of 1024, weight decay 4e-5
-on weights with more than one dimension, none on BatchNorm and biases), the learning
-rate decaying linearly to 0; RandomResizedCrop 224 and flips. Head: N=8, r=1/4, no
+on weights with more than one dimension, none on BatchNorm and biases: --nowd-bn), the
+learning rate decaying linearly to 0, set once per epoch; RandomResizedCrop 224 and
+flips; BatchNorm over 128 images (1024 on 8 GPUs). Head: N=8, r=1/4, no
 dropout. Expected ImageNet top-1 (paper, baseline -> NOAH): x1.0 69.43 -> 70.72. The
 reference defines x0.5, x1.5 and x2.0 in its code only; the paper reports no result
 for them.
@@ -33,9 +34,11 @@ def get_config(arg=None):
     width = a.width or ("050" if a.demo else "100")  # the demo's default is the smallest
     if width not in WIDTHS:
         raise ValueError(f"width must be one of {WIDTHS}, got {width!r}")
-    c = common.imagenet_config(f"shufflenetv2_{width}", a.head)
-    # SGD with momentum 0.9 and no decay on BatchNorm and biases, as the base config.
+    c = common.cnn_recipe(f"shufflenetv2_{width}", a.head)
+    # SGD with momentum 0.9, as the base config; these differ from it.
+    c.optimizer.decay_rule = "nowd_bn"
     c.batch_size = 1024
+    c.model.overrides.bn_group_size = c.batch_size // common.REFERENCE_GPUS
     c.eval_batch_size = 1024
     c.num_epochs = 240.0
     c.optimizer.weight_decay = 4e-5

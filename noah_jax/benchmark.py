@@ -213,7 +213,7 @@ def build_variants(config, model_name: str, head: str, modes: Sequence[str], bat
                          dtype=DTYPES[dtype], **overrides)
     schedule = optim.learning_rate_schedule(config, total_steps=1_000_000,
                                             steps_per_epoch=1000)
-    tx = optim.make_optimizer(config, schedule)
+    tx = optim.make_optimizer(config, schedule, model)
     image_shape = (size, size, 3)
     init = lambda rng: train.init_train_state(model, tx, image_shape, rng,  # noqa: E731
                                               ema=config.ema_decay > 0)

@@ -48,6 +48,9 @@ Values are cast to float32, the dtype of our parameters.
 Class names. The checkpoint's meta records them for predictions (`noah_jax.predict`):
 `--class-names FILE` (one per line, as many as the head has classes), else, for a
 1000-class head, ImageNet-1k's (`catalog.imagenet_class_names`, WordNet synset ids).
+The meta also records the evaluation input the reference fed the model (image_size,
+eval_crop, eval_crop_ratio, eval_interpolation, mean, std: its family's values,
+`noah_jax.models.input_preprocessing.reference_eval`), which `noah_jax.inference` uses.
 
 Files (`load_state_dict`): `.pth`/`.pt`/`.pth.tar` through `torch.load(...,
 weights_only=True)` (torch is optional and only needed for these), `.safetensors` (read
@@ -84,7 +87,7 @@ from noah_jax import checkpoint
 from noah_jax.data import catalog
 from noah_jax.errors import UserError
 from noah_jax.heads import NOAHHead
-from noah_jax.models import create_model, model_overrides
+from noah_jax.models import create_model, input_preprocessing, model_overrides
 from noah_jax.models.torch_names import GENERIC, TorchNames
 
 HEAD_ONLY = "noah_head"  # torch_to_flax's model name for a NOAH head on its own
@@ -465,6 +468,21 @@ def flax_to_torch(variables: Mapping[str, Any], model_name: str, *,
     return state_dict
 
 
+def torch_parameter_keys(params: Mapping[str, Any], model: Optional[nn.Module] = None
+                         ) -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:
+    """{Flax path of each parameter: (the reference's state_dict key, its torch shape)}.
+
+    `params` may be concrete or abstract; `model` gives the family's names (its
+    TorchNames and head); without it, the generic rule alone (for a module that needs
+    no renames). The optimiser's weight-decay rules are stated on these names, as the
+    reference states them on `named_parameters()`.
+    """
+    renames = ({} if model is None
+               else _torch_names(model).module_renames(model.head_wants_positions))
+    return {e.path: (e.torch_key, e.torch_shape)
+            for e in _layout({"params": params}, renames)}
+
+
 # ---------------------------------------------------------------------------------------
 # Files.
 # ---------------------------------------------------------------------------------------
@@ -754,9 +772,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.exit(1, f"{parser.prog}: error: {message}\n")
     except (ValueError, TypeError, ImportError) as e:  # the messages say it all
         parser.exit(1, f"{parser.prog}: error: {e}\n")
+    # The reference's evaluation input for this model (its family's mean/std, resize
+    # and crop ratio at the size it is built for), which inference feeds it.
+    model = create_model(args.model, num_classes=1, head=args.head, **overrides)
     meta = {"model": args.model, "head": args.head, "num_classes": num_classes,
             "overrides": overrides, "source": os.path.abspath(args.input),
-            "dropped_head": args.drop_head}
+            "dropped_head": args.drop_head,
+            **input_preprocessing.reference_eval(model).eval_record()}
     if class_names is not None:
         meta["class_names"] = class_names
     try:

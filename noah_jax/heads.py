@@ -545,6 +545,12 @@ class Classifier(nn.Module):
             raise ValueError(f"head must be one of {HEAD_KINDS}, got {self.head!r}")
         return HEADS[self.head].wants_positions
 
+    def no_weight_decay(self) -> frozenset[str]:
+        """The reference model's `no_weight_decay()`: the state_dict keys that timm's
+        optimiser factory leaves undecayed besides vectors and biases (the 'timm'
+        decay rule of noah_jax.optim). None here; DeiT and PVT name theirs."""
+        return frozenset()
+
     def classify(self, features: Array, *, train: bool, pool: str, linear_init: Initializer,
                  noah_init: Optional[Initializer] = None) -> Array:
         """Builds the head 'head' on `features` ([B, h, w, C] or [B, L, C]; for a head

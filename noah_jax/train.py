@@ -36,7 +36,8 @@ from noah_jax import (checkpoint, data, durations, evaluators, losses, optim, pr
                       run_log, sharding, workdir_lock)
 from noah_jax.errors import (CheckpointError, CheckpointMismatchError, ConfigError,
                              NonFiniteError, Stopped)
-from noah_jax.models import create_model
+from noah_jax.data.preprocess import Preprocess
+from noah_jax.models import create_model, input_preprocessing
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LOSSES = ("softmax_xent", "sigmoid_xent", "asl")
@@ -344,6 +345,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data_sharding = sharding.batch_sharding(mesh)
 
     # ----------------------------------------------------------------- Input
+    # The model family's mean/std and evaluation resize wherever the config leaves them
+    # None; config.json and every checkpoint's meta record what was resolved.
+    config = input_preprocessing.resolve(config)
     source = data.get_source(config.dataset, seed=config.seed, augment=config.augment,
                              label_smoothing=config.label_smoothing)
     check_source(config, source)
@@ -359,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          head=config.model.head, dtype=DTYPES[config.dtype], **overrides)
     schedule = optim.learning_rate_schedule(config, total_steps=total_steps,
                                             steps_per_epoch=steps_per_epoch)
-    tx = optim.make_optimizer(config, schedule)
+    tx = optim.make_optimizer(config, schedule, model)
     init_state = functools.partial(init_train_state, model, tx, source.image_shape,
                                    ema=config.ema_decay > 0)
 
@@ -388,12 +392,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 f.write(config.to_json_best_effort(indent=2))
         _log_run_description(config, workdir, mesh, source, abstract_state, overrides)
         # What describes the model to whoever loads the checkpoint without the config
-        # (noah_jax.inference): the classes by name, how its scores are read, its inputs.
+        # (noah_jax.inference): the classes by name, how its scores are read, its inputs
+        # (image_size, eval_crop, eval_crop_ratio, eval_interpolation, mean, std).
         meta = {"model": config.model.name, "head": config.model.head,
                 "num_classes": source.num_classes, "overrides": overrides,
                 "dataset": config.dataset.name, "class_names": list(source.class_names),
                 "multilabel": source.multilabel, "loss": config.loss,
-                "image_size": config.dataset.image_size}
+                **Preprocess.from_config(config.dataset, config.augment).eval_record()}
 
         # ------------------------------------------------------------- Update step
         train_step = jit_train_step(model, tx, config, schedule, mesh, state_sharding,

@@ -3,7 +3,8 @@ CNNs), and timm's Linear, MLP and patch-embedding init (DeiT and PVT).
 
 `conv` pads as PyTorch does ((k-1)//2 on each side, where XLA's 'SAME' would pad an
 even input (0, 1)) and starts from the reference's Kaiming-normal (fan_out) init;
-`batch_norm` has PyTorch's BatchNorm2d eps and momentum.
+`batch_norm` is PyTorch's BatchNorm2d (eps, momentum, the unbiased running variance)
+with the statistics of groups of the reference's per-GPU batch (`BatchNorm`).
 
 Depthwise convolutions (one filter per channel: MobileNets, ShuffleNetV2) are a
 `DepthwiseConv`, with nn.Conv's parameters. On CPU it computes the convolution as
@@ -20,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from noah_jax.errors import ConfigError
+
 # Kaiming-normal, fan_out, ReLU gain: the reference CNNs' init of every conv.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # PyTorch's default Conv2d / Linear weight init, kaiming_uniform with a=sqrt(5), is
@@ -28,10 +31,74 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-    # PyTorch's BatchNorm2d defaults: eps 1e-5, momentum 0.1 (Flax's 0.9).
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=dtype, name=name)
+class BatchNorm(nn.Module):
+    """PyTorch's BatchNorm2d over channels-last maps, with the statistics of groups.
+
+    Parameters and statistics are nn.BatchNorm's (`scale`, `bias`; batch_stats `mean`,
+    `var`), so checkpoints and the conversion tables are unchanged. Two things differ
+    from nn.BatchNorm, both so that training matches the reference:
+
+    - `group_size`: in training, the batch is cut into consecutive groups of this many
+      examples and each group is normalised by its own mean and variance, as the
+      reference's DistributedDataParallel training without SyncBN normalises each GPU's
+      share of the batch (32 images for most recipes). 0, or a batch no larger than it,
+      uses the whole batch. Consecutive examples sit on one device (the batch is split
+      over the mesh's data axis in order), so a group never spans devices when the
+      per-device batch is a multiple of it.
+    - The running variance moves by the unbiased batch variance (n / (n - 1), n the
+      values per channel of a group), as PyTorch's does; nn.BatchNorm uses the biased
+      one. With several groups, the running statistics move by the groups' mean (the
+      reference's are the first GPU's own, broadcast to the others by DDP: the mean is
+      the same estimate with less noise).
+
+    Statistics are computed in float32 in two passes, whatever the compute dtype.
+    """
+
+    use_running_average: bool
+    group_size: int = 0
+    momentum: float = 0.9   # Flax's convention: PyTorch's momentum 0.1
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+        if self.use_running_average:
+            # nn.BatchNorm's order of operations, so float32 logits are unchanged.
+            x, mean, mul, bias = nn.dtypes.promote_dtype(
+                x, ra_mean.value, jax.lax.rsqrt(ra_var.value + self.epsilon) * scale, bias,
+                dtype=self.dtype)
+            return (x - mean) * mul + bias
+
+        batch = x.shape[0]
+        group = self.group_size if 0 < self.group_size < batch else batch
+        if batch % group:
+            raise ConfigError(f"BatchNorm groups of {group} examples do not divide the "
+                              f"batch of {batch}: make the (per micro-batch) batch size a "
+                              f"multiple of the model's bn_group_size, or set it to 0")
+        xg = x.astype(jnp.float32).reshape(batch // group, group, *x.shape[1:])
+        axes = tuple(range(1, xg.ndim - 1))
+        mean = xg.mean(axes, keepdims=True)
+        var = jnp.square(xg - mean).mean(axes, keepdims=True)
+        y = (xg - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        if not self.is_initializing():
+            count = xg[0, ..., 0].size  # values per channel in one group
+            group_mean = mean.reshape(-1, channels).mean(0)
+            group_var = var.reshape(-1, channels).mean(0) * (count / max(count - 1, 1))
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * group_mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * group_var
+        return y.reshape(x.shape).astype(self.dtype)
+
+
+def batch_norm(train: bool, dtype: Any, name: str, group_size: int = 0) -> BatchNorm:
+    """PyTorch's BatchNorm2d defaults: eps 1e-5, momentum 0.1 (Flax's 0.9); in training,
+    statistics over groups of `group_size` examples (0 = the whole batch)."""
+    return BatchNorm(use_running_average=not train, group_size=group_size, dtype=dtype,
+                     name=name)
 
 
 def conv(features: int, kernel: int, stride: int, dtype: Any, name: str, groups: int = 1,

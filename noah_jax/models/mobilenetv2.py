@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from noah_jax.heads import Classifier
+from noah_jax.models.input_preprocessing import (IMAGENET_MEAN, IMAGENET_STD,
+                                               InputPreprocessing)
 from noah_jax.models.layers import batch_norm, conv
 from noah_jax.models.torch_names import TorchNames
 
@@ -40,10 +42,11 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     return rounded + divisor if rounded < 0.9 * value else rounded
 
 
-def conv_bn_relu6(x, features, kernel, stride, train, dtype, prefix, groups=1):
+def conv_bn_relu6(x, features, kernel, stride, train, dtype, prefix, groups=1,
+                  bn_group_size=0):
     """The reference's ConvBNReLU: conv `{prefix}_0`, BatchNorm `{prefix}_1`, ReLU6."""
     x = conv(features, kernel, stride, dtype, f"{prefix}_0", groups=groups)(x)
-    return nn.relu6(batch_norm(train, dtype, f"{prefix}_1")(x))
+    return nn.relu6(batch_norm(train, dtype, f"{prefix}_1", bn_group_size)(x))
 
 
 class InvertedResidual(nn.Module):
@@ -51,10 +54,12 @@ class InvertedResidual(nn.Module):
     stride: int
     expand_ratio: int
     dtype: Any = jnp.float32
+    bn_group_size: int = 0
 
     @nn.compact
     def __call__(self, x, train: bool):
-        layer = functools.partial(conv_bn_relu6, train=train, dtype=self.dtype)
+        layer = functools.partial(conv_bn_relu6, train=train, dtype=self.dtype,
+                                  bn_group_size=self.bn_group_size)
         in_features = x.shape[-1]
         hidden = int(round(in_features * self.expand_ratio))
         y, index = x, 0
@@ -62,7 +67,7 @@ class InvertedResidual(nn.Module):
             y, index = layer(y, hidden, 1, 1, prefix="conv_0"), 1
         y = layer(y, hidden, 3, self.stride, prefix=f"conv_{index}", groups=hidden)  # depthwise
         y = conv(self.features, 1, 1, self.dtype, f"conv_{index + 1}")(y)  # pointwise, linear
-        y = batch_norm(train, self.dtype, f"conv_{index + 2}")(y)
+        y = batch_norm(train, self.dtype, f"conv_{index + 2}", self.bn_group_size)(y)
         return x + y if self.stride == 1 and in_features == self.features else y
 
 
@@ -70,6 +75,14 @@ class MobileNetV2(Classifier):
     """MobileNetV2 backbone; `__call__(images [B, H, W, 3], train) -> logits [B, K]`."""
 
     width: float = 1.0
+    # BatchNorm statistics over groups of this many examples in training (0 = the whole
+    # batch): the reference's per-GPU batch (layers.BatchNorm). Training configs set it.
+    bn_group_size: int = 0
+
+    # The reference's main.py:175-193, shared by its CNNs: Normalize(ImageNet mean/std),
+    # Resize(256) + CenterCrop(224), torchvision's default (PIL bilinear) interpolation.
+    input_preprocessing: ClassVar[InputPreprocessing] = InputPreprocessing(
+        IMAGENET_MEAN, IMAGENET_STD, eval_interpolation="bilinear", eval_crop_ratio=0.875)
 
     # The reference's baseline head is Sequential(pool, flatten, linear); torchvision's
     # is Sequential(dropout, linear).
@@ -79,15 +92,18 @@ class MobileNetV2(Classifier):
     def __call__(self, x, train: bool = False):
         x = x.astype(self.dtype)
         channels = make_divisible(32 * self.width)
-        x = conv_bn_relu6(x, channels, 3, 2, train, self.dtype, "features_0")
+        x = conv_bn_relu6(x, channels, 3, 2, train, self.dtype, "features_0",
+                          bn_group_size=self.bn_group_size)
         index = 1
         for t, c, n, s in INVERTED_RESIDUAL_SETTING:
             for i in range(n):
                 x = InvertedResidual(make_divisible(c * self.width), s if i == 0 else 1, t,
-                                     self.dtype, name=f"features_{index}")(x, train)
+                                     self.dtype, self.bn_group_size,
+                                     name=f"features_{index}")(x, train)
                 index += 1
         last_channels = make_divisible(1280 * max(1.0, self.width))
-        x = conv_bn_relu6(x, last_channels, 1, 1, train, self.dtype, f"features_{index}")
+        x = conv_bn_relu6(x, last_channels, 1, 1, train, self.dtype, f"features_{index}",
+                          bn_group_size=self.bn_group_size)
         return self.classify(x, train=train, pool="avg",
                              linear_init=nn.initializers.normal(0.01))
 

@@ -34,6 +34,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from noah_jax.heads import Classifier
+from noah_jax.models.input_preprocessing import (IMAGENET_MEAN, IMAGENET_STD,
+                                               InputPreprocessing)
 from noah_jax.models.layers import batch_norm, conv
 from noah_jax.models.torch_names import TorchNames
 
@@ -128,20 +130,21 @@ class Bottleneck(nn.Module):
     activation: str
     stride: int
     dtype: Any = jnp.float32
+    bn_group_size: int = 0
 
     @nn.compact
     def __call__(self, x, train: bool):
         act = ACTIVATIONS[self.activation]
         y = conv(self.expanded, 1, 1, self.dtype, "conv_0")(x)
-        y = act(batch_norm(train, self.dtype, "conv_1")(y))
+        y = act(batch_norm(train, self.dtype, "conv_1", self.bn_group_size)(y))
         y = conv(self.expanded, self.kernel, self.stride, self.dtype, "conv_3",
                  groups=self.expanded)(y)
-        y = batch_norm(train, self.dtype, "conv_4")(y)
+        y = batch_norm(train, self.dtype, "conv_4", self.bn_group_size)(y)
         if self.squeeze_excite:  # before the activation, as the reference
             y = SqueezeExcitation(dtype=self.dtype, name="conv_5")(y)
         y = act(y)
         y = conv(self.features, 1, 1, self.dtype, "conv_7")(y)
-        y = batch_norm(train, self.dtype, "conv_8")(y)
+        y = batch_norm(train, self.dtype, "conv_8", self.bn_group_size)(y)
         if self.stride == 1 and x.shape[-1] == self.features:
             return x + y
         return y
@@ -154,6 +157,14 @@ class MobileNetV3(Classifier):
     """
 
     mode: str = "small"
+    # BatchNorm statistics over groups of this many examples in training (0 = the whole
+    # batch): the reference's per-GPU batch (layers.BatchNorm). Training configs set it.
+    bn_group_size: int = 0
+
+    # The reference's main.py:175-193, shared by its CNNs: Normalize(ImageNet mean/std),
+    # Resize(256) + CenterCrop(224), torchvision's default (PIL bilinear) interpolation.
+    input_preprocessing: ClassVar[InputPreprocessing] = InputPreprocessing(
+        IMAGENET_MEAN, IMAGENET_STD, eval_interpolation="bilinear", eval_crop_ratio=0.875)
 
     # The NOAH head is the reference's `classifier`; the baseline's is
     # Sequential(Flatten, Linear), so its Linear is `classifier.1`.
@@ -167,14 +178,15 @@ class MobileNetV3(Classifier):
         blocks, last_conv = SETTINGS[self.mode]
         x = x.astype(self.dtype)
         x = conv(STEM_WIDTH, 3, 2, self.dtype, "features_0_0")(x)
-        x = hard_swish(batch_norm(train, self.dtype, "features_0_1")(x))
+        x = hard_swish(batch_norm(train, self.dtype, "features_0_1", self.bn_group_size)(x))
         index = 1
         for kernel, expanded, out, se, act, stride in blocks:
             x = Bottleneck(kernel, round_up(expanded), round_up(out), se, act, stride,
-                           self.dtype, name=f"features_{index}")(x, train)
+                           self.dtype, self.bn_group_size,
+                           name=f"features_{index}")(x, train)
             index += 1
         x = conv(round_up(last_conv), 1, 1, self.dtype, f"features_{index}_0")(x)
-        x = hard_swish(batch_norm(train, self.dtype, f"features_{index}_1")(x))
+        x = hard_swish(batch_norm(train, self.dtype, f"features_{index}_1", self.bn_group_size)(x))
         index += 1
         if not self.head_wants_positions:
             # The baseline pools here (the reference's AdaptiveAvgPool2d takes this

@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from noah_jax.heads import Classifier
+from noah_jax.models.input_preprocessing import (IMAGENET_MEAN, IMAGENET_STD,
+                                               InputPreprocessing)
 from noah_jax.models.torch_names import TorchNames
 # The DeiT file's pieces that PVT shares unchanged: the timm-style initialisers (Linear,
 # pos_embed, cls_token: normal(0.02); convs: PyTorch's default, zero bias) and the MLP
@@ -158,9 +160,21 @@ class PyramidVisionTransformer(Classifier):
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
 
+    # PVT's classification/datasets.py:105-116 (v2 branch; the reference's
+    # vit/pvt/classification/main.py uses it): Resize(int(256 / 224 * S), bicubic),
+    # CenterCrop(S), Normalize(ImageNet mean/std). int(256 / 224 * S) == int(S / 0.875)
+    # at 224 and 384.
+    input_preprocessing: ClassVar[InputPreprocessing] = InputPreprocessing(
+        IMAGENET_MEAN, IMAGENET_STD, eval_interpolation="bicubic", eval_crop_ratio=0.875)
+
     # pos_embed1 [1, (img_size / patch_size)^2, D1] shows the checkpoint's image size; it
     # never holds the class token (only pos_embed4 of the baseline does).
     torch_names: ClassVar[TorchNames] = TorchNames(tokens=("pos_embed1", 1))
+
+    def no_weight_decay(self) -> frozenset[str]:
+        # vit/pvt/classification/noah_pvt.py:187 returns {} (the position embeddings are
+        # decayed); the baseline's pvt.py:187 {'cls_token'}.
+        return frozenset() if self.head_wants_positions else frozenset({"cls_token"})
 
     def stage_grids(self) -> list[int]:
         """The side of each stage's token map at `img_size`."""

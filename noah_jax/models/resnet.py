@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from noah_jax.heads import Classifier
+from noah_jax.models.input_preprocessing import (IMAGENET_MEAN, IMAGENET_STD,
+                                               InputPreprocessing)
 from noah_jax.models.layers import batch_norm, conv
 from noah_jax.models.torch_names import TorchNames
 
@@ -27,11 +29,12 @@ class BasicBlock(nn.Module):
     planes: int
     stride: int = 1
     dtype: Any = jnp.float32
+    bn_group_size: int = 0
     expansion = 1
 
     @nn.compact
     def __call__(self, x, train: bool):
-        bn = functools.partial(batch_norm, train, self.dtype)
+        bn = functools.partial(batch_norm, train, self.dtype, group_size=self.bn_group_size)
         y = nn.relu(bn("bn1")(conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)))
         y = bn("bn2")(conv(self.planes, 3, 1, self.dtype, "conv2")(y))
         return nn.relu(y + _shortcut(self, x, train))
@@ -41,11 +44,12 @@ class Bottleneck(nn.Module):
     planes: int
     stride: int = 1
     dtype: Any = jnp.float32
+    bn_group_size: int = 0
     expansion = 4
 
     @nn.compact
     def __call__(self, x, train: bool):
-        bn = functools.partial(batch_norm, train, self.dtype)
+        bn = functools.partial(batch_norm, train, self.dtype, group_size=self.bn_group_size)
         y = nn.relu(bn("bn1")(conv(self.planes, 1, 1, self.dtype, "conv1")(x)))
         y = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, self.dtype, "conv2")(y)))
         y = bn("bn3")(conv(self.planes * 4, 1, 1, self.dtype, "conv3")(y))
@@ -58,7 +62,7 @@ def _shortcut(block, x, train):
     if block.stride == 1 and x.shape[-1] == out:
         return x
     x = conv(out, 1, block.stride, block.dtype, "downsample_0")(x)
-    return batch_norm(train, block.dtype, "downsample_1")(x)
+    return batch_norm(train, block.dtype, "downsample_1", block.bn_group_size)(x)
 
 
 class ResNet(Classifier):
@@ -66,6 +70,14 @@ class ResNet(Classifier):
 
     block: str = "basic"  # 'basic' or 'bottleneck'
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    # BatchNorm statistics over groups of this many examples in training (0 = the whole
+    # batch): the reference's per-GPU batch (layers.BatchNorm). Training configs set it.
+    bn_group_size: int = 0
+
+    # The reference's main.py:175-193, shared by its CNNs: Normalize(ImageNet mean/std),
+    # Resize(256) + CenterCrop(224), torchvision's default (PIL bilinear) interpolation.
+    input_preprocessing: ClassVar[InputPreprocessing] = InputPreprocessing(
+        IMAGENET_MEAN, IMAGENET_STD, eval_interpolation="bilinear", eval_crop_ratio=0.875)
 
     # The reference's baseline head is Sequential(pool, flatten, linear); torchvision's `fc`.
     torch_names: ClassVar[TorchNames] = TorchNames(linear_head=("head.2", "fc"))
@@ -75,12 +87,13 @@ class ResNet(Classifier):
         block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
         x = x.astype(self.dtype)
         x = conv(64, 7, 2, self.dtype, "conv1")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
+        x = nn.relu(batch_norm(train, self.dtype, "bn1", self.bn_group_size)(x))
         x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 stride = 2 if i > 0 and j == 0 else 1
-                x = block_cls(64 * 2**i, stride, self.dtype, name=f"layer{i + 1}_{j}")(x, train)
+                x = block_cls(64 * 2**i, stride, self.dtype, self.bn_group_size,
+                              name=f"layer{i + 1}_{j}")(x, train)
         return self.classify(x, train=train, pool="avg",
                              linear_init=nn.initializers.normal(0.01))
 

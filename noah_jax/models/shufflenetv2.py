@@ -34,6 +34,8 @@ import jax.numpy as jnp
 
 from noah_jax.heads import Classifier
 from noah_jax.models import layers
+from noah_jax.models.input_preprocessing import (IMAGENET_MEAN, IMAGENET_STD,
+                                               InputPreprocessing)
 from noah_jax.models.layers import batch_norm, torch_default_init
 from noah_jax.models.torch_names import TorchNames
 
@@ -58,6 +60,7 @@ class ShuffleUnit(nn.Module):
     features: int
     stride: int
     dtype: Any = jnp.float32
+    bn_group_size: int = 0
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -72,17 +75,17 @@ class ShuffleUnit(nn.Module):
             # branch1: depthwise 3x3 (strided) + BN, then 1x1 + BN + ReLU.
             passed = conv(in_features, 3, self.stride, self.dtype, "branch1_0",
                           groups=in_features)(x)
-            passed = batch_norm(train, self.dtype, "branch1_1")(passed)
+            passed = batch_norm(train, self.dtype, "branch1_1", self.bn_group_size)(passed)
             passed = conv(branch, 1, 1, self.dtype, "branch1_2")(passed)
-            passed = nn.relu(batch_norm(train, self.dtype, "branch1_3")(passed))
+            passed = nn.relu(batch_norm(train, self.dtype, "branch1_3", self.bn_group_size)(passed))
         # branch2: 1x1 + BN + ReLU, depthwise 3x3 + BN, 1x1 + BN + ReLU (index 2 is the
         # first ReLU, which holds no parameters).
         y = conv(branch, 1, 1, self.dtype, "branch2_0")(x)
-        y = nn.relu(batch_norm(train, self.dtype, "branch2_1")(y))
+        y = nn.relu(batch_norm(train, self.dtype, "branch2_1", self.bn_group_size)(y))
         y = conv(branch, 3, self.stride, self.dtype, "branch2_3", groups=branch)(y)
-        y = batch_norm(train, self.dtype, "branch2_4")(y)
+        y = batch_norm(train, self.dtype, "branch2_4", self.bn_group_size)(y)
         y = conv(branch, 1, 1, self.dtype, "branch2_5")(y)
-        y = nn.relu(batch_norm(train, self.dtype, "branch2_6")(y))
+        y = nn.relu(batch_norm(train, self.dtype, "branch2_6", self.bn_group_size)(y))
         return channel_shuffle(jnp.concatenate([passed, y], axis=-1), 2)
 
 
@@ -92,6 +95,14 @@ class ShuffleNetV2(Classifier):
     stages_repeats: Sequence[int] = (4, 8, 4)
     # Stem, stage2, stage3, stage4, conv5.
     stages_out_channels: Sequence[int] = (24, 116, 232, 464, 1024)
+    # BatchNorm statistics over groups of this many examples in training (0 = the whole
+    # batch): the reference's per-GPU batch (layers.BatchNorm). Training configs set it.
+    bn_group_size: int = 0
+
+    # The reference's main.py:175-193, shared by its CNNs: Normalize(ImageNet mean/std),
+    # Resize(256) + CenterCrop(224), torchvision's default (PIL bilinear) interpolation.
+    input_preprocessing: ClassVar[InputPreprocessing] = InputPreprocessing(
+        IMAGENET_MEAN, IMAGENET_STD, eval_interpolation="bilinear", eval_crop_ratio=0.875)
 
     # The reference's baseline head is Sequential(pool, flatten, linear); torchvision's `fc`.
     torch_names: ClassVar[TorchNames] = TorchNames(linear_head=("head.2", "fc"))
@@ -104,14 +115,14 @@ class ShuffleNetV2(Classifier):
         stem, *stage_widths, last = self.stages_out_channels
         x = x.astype(self.dtype)
         x = conv(stem, 3, 2, self.dtype, "conv1_0")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "conv1_1")(x))
+        x = nn.relu(batch_norm(train, self.dtype, "conv1_1", self.bn_group_size)(x))
         x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         for stage, (repeats, width) in enumerate(zip(self.stages_repeats, stage_widths), 2):
             for i in range(repeats):
-                x = ShuffleUnit(width, 2 if i == 0 else 1, self.dtype,
+                x = ShuffleUnit(width, 2 if i == 0 else 1, self.dtype, self.bn_group_size,
                                 name=f"stage{stage}_{i}")(x, train)
         x = conv(last, 1, 1, self.dtype, "conv5_0")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "conv5_1")(x))
+        x = nn.relu(batch_norm(train, self.dtype, "conv5_1", self.bn_group_size)(x))
         return self.classify(x, train=train, pool="avg", linear_init=torch_default_init)
 
 

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from noah_jax.heads import Classifier
+from noah_jax.models.input_preprocessing import (IMAGENET_MEAN, IMAGENET_STD,
+                                               InputPreprocessing)
 from noah_jax.models.layers import Mlp, attend, dense, dense_init, drop_path, patch_embed_init
 from noah_jax.models.torch_names import TorchNames
 
@@ -101,10 +103,23 @@ class VisionTransformer(Classifier):
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
 
+    # DeiT's datasets.py:99-108 (build_transform, which the reference's vit/deit/main.py
+    # uses with --eval-crop-ratio 0.875, main.py:172): Resize(int(S / 0.875), bicubic),
+    # CenterCrop(S), Normalize(ImageNet mean/std).
+    input_preprocessing: ClassVar[InputPreprocessing] = InputPreprocessing(
+        IMAGENET_MEAN, IMAGENET_STD, eval_interpolation="bicubic", eval_crop_ratio=0.875)
+
     # pos_embed [1, L (+1 with a class token), D] shows the checkpoint's image size.
     torch_names: ClassVar[TorchNames] = TorchNames(
         renames={"patch_embed": "patch_embed.proj", "pre_logits": "pre_logits.fc"},
         tokens=("pos_embed", 1), class_token_in_tokens=True)
+
+    def no_weight_decay(self) -> frozenset[str]:
+        # vit/deit/noah_vision_transformer.py:207 {'pos_embed'}; the baseline's
+        # vit/deit/vision_transformer.py:262 {'pos_embed', 'cls_token'}.
+        if self.head_wants_positions:
+            return frozenset({"pos_embed"})
+        return frozenset({"pos_embed", "cls_token"})
 
     @nn.compact
     def __call__(self, x, train: bool = False):
