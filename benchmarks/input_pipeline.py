@@ -16,15 +16,18 @@ so the timing covers what a training run pays on the host: record shuffling, JPE
 decoding (only the crop window for the inception crop), augmentation, normalisation,
 batching, mixup/cutmix and the conversion of each batch to numpy. Recipes:
 
-  cnn    inception crop 224 + flip
-  deit   + RandAugment(2, 9, std 0.5, increasing), random erasing 0.25,
-         mixup 0.8 / cutmix 1.0 (smoothing 0.1), repeated augmentation x3
-  mixer  + RandAugment(3, 6, std 1.0, not increasing), mixup 0.5 / cutmix 1.0
-         (smoothing 0.1)
-  eval   resize + centre crop 224, crop ratio 0.875
+  cnn    inception crop 224 (bilinear) + flip
+  deit   inception crop (bicubic) + flip + RandAugment(2, 9, std 0.5, increasing),
+         random erasing 0.25, mixup 0.8 / cutmix 1.0 (smoothing 0.1), repeated
+         augmentation x3
+  mixer  inception crop (ratio 0.67 to 1.5, bilinear or bicubic at random) + flip +
+         RandAugment(3, 6, std 1.0, increasing), mixup 0.5 / cutmix 1.0 (smoothing 0.1)
+  eval   resize (bilinear) + centre crop 224, crop ratio 0.875 (ResNet's)
 
 Each recipe's settings are read from its config (configs/resnet18_noah.py,
-vit_noah.py, mixer_noah.py) through `Preprocess.from_config`, as training does.
+vit_noah.py, mixer_noah.py) through `Preprocess.from_config`, as training does (the
+model family's mean, std and evaluation resize filled in by
+`input_preprocessing.resolve`).
 
 Timing: `--warmup` batches are drawn first (tracing, autotuning, filling the prefetch
 buffers), then the time to draw `--batches` more is measured. Train datasets repeat
@@ -61,6 +64,7 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from noah_jax.data import pipeline  # noqa: E402
+from noah_jax.models import input_preprocessing  # noqa: E402
 
 NUM_CLASSES = 1000
 IMAGE_SIZE = 224
@@ -76,6 +80,7 @@ RECIPES = tuple(RECIPE_CONFIGS)
 def preprocess_for(recipe: str) -> pipeline.Preprocess:
     """`pipeline.Preprocess` of the recipe's config, exactly as `noah_jax.train` builds it."""
     config = importlib.import_module(f"configs.{RECIPE_CONFIGS[recipe]}").get_config()
+    config = input_preprocessing.resolve(config)  # the model family's mean, std, eval resize
     return pipeline.Preprocess.from_config(config.dataset, config.augment,
                                            config.label_smoothing)
 

@@ -3,11 +3,13 @@
   python main.py --config=configs/mixer_noah.py:variant=s16 --workdir=runs/mixer_s16_noah
 
 300 epochs, AdamW (eps 1e-6, lr 7e-4 at the reference's global batch 8 x 192 = 1536,
-weight decay 0.067), 20 warm-up epochs then cosine to 1e-5, label smoothing 0.1,
-dropout 0.0233, drop path 0.1, gradient clipping at norm 1.0, EMA 0.99992; evaluation
-crop ratio 0.9. Head: N=4, r=1/2, dropout 0.1. Expected ImageNet top-1 (paper,
-baseline -> NOAH): S/16 74.18 -> 75.09, S/16 x0.75 71.13 -> 72.32, S/16 x0.5
-65.22 -> 66.81, B/16 77.14 -> 77.49.
+weight decay 0.067), 20 warm-up epochs then cosine to 1e-5, label smoothing 0.1, dropout
+0.0233, drop path 0.1, gradient clipping at norm 1.0, EMA 0.99992; crops of aspect ratio
+0.67 to 1.5 resized bilinear or bicubic at random, RandAugment rand-m6-n3-mstd1.0-inc1;
+inputs normalised with mean = std = 0.5 and evaluated bicubic at crop ratio 0.9 (the
+family's, noah_jax/models/mixer.py). Head: N=4, r=1/2, dropout 0.1. Expected ImageNet
+top-1 (paper, baseline -> NOAH): S/16 74.18 -> 75.09, S/16 x0.75 71.13 -> 72.32, S/16
+x0.5 65.22 -> 66.81, B/16 77.14 -> 77.49.
 Arguments: variant=s16|s16_075|s16_050|b16, head=noah|linear, demo (the embedded digits),
 multilabel.
 

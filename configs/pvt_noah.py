@@ -5,7 +5,8 @@
 The reference trains PVT with DeiT's recipe (its `vit/pvt/classification/main.py` and
 `configs/pvt/*.py`): 300 epochs, AdamW (lr 5e-4 x batch/512, weight decay 0.05), 5
 warm-up epochs then cosine to 1e-5, label smoothing 0.1, drop path 0.1, DeiT's
-augmentation, global batch 1024 (128 per GPU on 8 GPUs). Unlike DeiT it keeps no EMA of
+augmentation (bicubic crops; evaluation bicubic at crop ratio 0.875), global batch 1024
+(128 per GPU on 8 GPUs). Unlike DeiT it keeps no EMA of
 the weights, and its configs turn gradient clipping off (clip_grad=None).
 Expected ImageNet top-1 (paper, baseline -> NOAH): tiny 75.10 -> 76.51, tiny_075
 71.81 -> 74.22, tiny_050 65.33 -> 68.50. Small, Medium and Large are defined by the

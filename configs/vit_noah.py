@@ -3,7 +3,8 @@
   python main.py --config=configs/vit_noah.py:variant=tiny --workdir=runs/deit_tiny_noah
 
 300 epochs, AdamW (lr 5e-4 x batch/512, weight decay 0.05), 5 warm-up epochs then
-cosine to 1e-5, label smoothing 0.1, drop path 0.1, EMA 0.99996, global batch 1024.
+cosine to 1e-5, label smoothing 0.1, drop path 0.1, EMA 0.99996, global batch 1024;
+bicubic crops, evaluation bicubic at crop ratio 0.875, ImageNet mean/std.
 Expected ImageNet top-1 (paper, baseline -> NOAH): tiny_050 51.36 -> 56.66,
 tiny_075 62.55 -> 66.64, tiny 72.16 -> 74.29, small 79.78 -> 80.56, base 81.85 -> 82.22.
 `head=linear` trains the class-token baseline with the same recipe.
@@ -12,7 +13,7 @@ tiny_075 62.55 -> 66.64, tiny 72.16 -> 74.29, small 79.78 -> 80.56, base 81.85 -
 
 DeiT-B/16 at 384 px (deit_base_patch16_384: 576 tokens, 86.86M parameters with the
 NOAH head, the count the reference README gives for DeiT-Base): the same recipe on
-384 px crops (eval: resize to 384/0.875, centre crop 384). The reference defines this
+384 px crops (eval: resize bicubic to 384/0.875, centre crop 384). The reference defines this
 model but trains none at 384 px, so the paper has no number for it.
 
   python main.py --config=configs/vit_noah.py:demo --workdir=runs/demo

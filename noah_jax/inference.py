@@ -13,21 +13,30 @@ CHECKPOINT is one of
   a training workdir      its newest checkpoint under checkpoints/, and the run's
                           config.json (the preprocessing below);
   a checkpoints/ folder   the same, with config.json from the folder above when there;
-  a converted checkpoint  `python -m noah_jax.convert --output DIR`: no config, so
-                          ImageNet's evaluation preprocessing (the base config's: shorter
-                          side to S / 0.875, centre crop S) at the model's image size
-                          (224, a ViT/Mixer's img_size, or `image_size`).
+  a converted checkpoint  `python -m noah_jax.convert --output DIR`: no config; the
+                          reference's evaluation preprocessing of the model's family, as
+                          its meta records it (e.g. Mixer/gMLP: mean = std = 0.5, shorter
+                          side bicubic to S / 0.9, centre crop S), at the model's image
+                          size (224, a ViT/Mixer's img_size, or `image_size`).
 The model is rebuilt from the checkpoint's meta (name, head, class count, overrides),
 its variables restored and checked key by key; with `ema=True` (the default) a run
 that kept an EMA of its parameters (ema_decay > 0) is loaded with those, as its
 `eval_ema` scores were computed.
 
 Preprocessing is exactly the evaluation's of the run (its config.json, or, without
-one, what the checkpoint's meta records):
+one, what the checkpoint's meta records: image_size, eval_crop, eval_crop_ratio,
+eval_interpolation, mean, std; `Loaded.preprocessing`):
   tf.data datasets (TFDS, folder, synthetic)  the evaluation pipeline itself,
       `noah_jax.data.pipeline.eval_dataset` (`eval_image` on every file) with
       `Preprocess.from_config(config.dataset, config.augment)`: decode, centre crop
-      or squash, normalise, bit for bit as evaluation did.
+      or squash (bilinear or bicubic), normalise with the model family's mean and std,
+      bit for bit as evaluation did.
+  checkpoints written before the meta recorded these  a run's config.json without
+      mean/std/eval_interpolation means ImageNet's and bilinear, what every run
+      trained with then; a converted checkpoint (no config.json) holds the reference's
+      weights, so it gets its family's values (`input_preprocessing.reference_eval`);
+      a run's checkpoints without their config.json, the base config's (ImageNet's,
+      bilinear, crop ratio 0.875).
   digits (the demo)  every image becomes one of the demo's own examples: 8x8 pixels of
       17 grey levels, then `DigitsSource.images_from_levels` (bilinear to S x S, the
       training split's mean and std). An image file is decoded (any colour: made grey
@@ -66,12 +75,13 @@ import numpy as np
 
 from noah_jax import checkpoint
 from noah_jax.data import catalog
-from noah_jax.data.preprocess import Preprocess
+from noah_jax.data.preprocess import EVAL_RECORD_FIELDS, Preprocess
 from noah_jax.errors import (CheckpointError, CheckpointNotFoundError, ConfigError,
                              ImageFileError, UserError)
-from noah_jax.models import create_model
+from noah_jax.models import create_model, input_preprocessing
 
-DEFAULT_IMAGE_SIZE = 224  # the ImageNet models' size; converted ViTs record their own
+# The ImageNet models' size; converted checkpoints record the model's own.
+DEFAULT_IMAGE_SIZE = input_preprocessing.REFERENCE_IMAGE_SIZE
 MULTILABEL_LOSSES = ("sigmoid_xent", "asl")
 # ITU-R BT.601 luma, what Pillow's convert('L') uses; a grey pixel keeps its value.
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -88,7 +98,8 @@ class Loaded:
     (ConfigDict) from config.json, or None. image_size: S, the side of the model's input.
     multilabel: scores are per-class sigmoids (COCO/VOC, sigmoid or asymmetric loss),
     else a softmax. checkpoint, step: what was read. transform: paths -> images, what
-    `preprocess` applies.
+    `preprocess` applies. preprocessing: the `Preprocess` it applies (the evaluation's
+    mean, std, resize and crop), or None for the demo datasets, which have their own.
     """
 
     model: Any
@@ -102,6 +113,7 @@ class Loaded:
     checkpoint: str
     step: int
     transform: Callable[[Sequence[str]], np.ndarray] = dataclasses.field(repr=False)
+    preprocessing: Optional[Preprocess] = None
 
     def preprocess(self, paths: Sequence[str]) -> np.ndarray:
         """Image files -> float32 [n, S, S, 3], the evaluation preprocessing of the run.
@@ -370,21 +382,38 @@ def _is_multilabel(meta: dict, config: Optional[ml_collections.ConfigDict]) -> b
     return loss in MULTILABEL_LOSSES or bool(spec and spec.multilabel)
 
 
-def _preprocessing(meta: dict, config: Optional[ml_collections.ConfigDict],
-                   image_size: int) -> Callable[[Sequence[str]], np.ndarray]:
+def eval_preprocess(meta: dict, config: Optional[ml_collections.ConfigDict], model,
+                    image_size: int) -> Preprocess:
+    """The evaluation preprocessing of a checkpoint (module docstring): its run's
+    config.json; else what its meta records; else, written before the meta recorded
+    it, the reference's for a converted checkpoint (its meta names a `source`) and the
+    base config's for a run's."""
+    if config is not None:
+        try:
+            # A config.json with the family's fields left None (not resolved by training:
+            # written by hand) means the family's, as training would have resolved them.
+            config = input_preprocessing.resolve(config)
+            return Preprocess.from_config(config.dataset, config.augment)
+        except (AttributeError, KeyError) as e:
+            raise CheckpointError(f"the run's config.json lacks a preprocessing field: "
+                                  f"{_first_line(e)}") from None
+    if all(name in meta for name in EVAL_RECORD_FIELDS):
+        return Preprocess.from_eval_record(meta, image_size=image_size)
+    if "source" in meta:  # converted: the reference's weights
+        return input_preprocessing.reference_eval(model, image_size)
+    return Preprocess(image_size=image_size)
+
+
+def _preprocessing(meta: dict, config: Optional[ml_collections.ConfigDict], model,
+                   image_size: int) -> tuple[Callable[[Sequence[str]], np.ndarray],
+                                             Optional[Preprocess]]:
     dataset = config.dataset.name if config is not None else meta.get("dataset")
     if dataset == "digits":
-        return digits_transform(image_size)
+        return digits_transform(image_size), None
     if dataset == "digits_multilabel":
-        return digits_multilabel_transform(image_size)
-    if config is None:
-        return eval_transform(Preprocess(image_size=image_size))
-    try:
-        p = Preprocess.from_config(config.dataset, config.augment)
-    except (AttributeError, KeyError) as e:
-        raise CheckpointError(f"the run's config.json lacks a preprocessing field: "
-                              f"{_first_line(e)}") from None
-    return eval_transform(p)
+        return digits_multilabel_transform(image_size), None
+    p = eval_preprocess(meta, config, model, image_size)
+    return eval_transform(p), p
 
 
 def load(checkpoint_path: str | os.PathLike, *, ema: bool = True,
@@ -445,8 +474,9 @@ def load(checkpoint_path: str | os.PathLike, *, ema: bool = True,
     if ema_params is not None:
         variables = dict(variables, params=ema_params)
 
+    transform, preprocessing = _preprocessing(meta, config, model, size)
     return Loaded(model=model, variables=variables, meta=dict(meta),
                   class_names=_class_names(meta, num_classes), config=config,
                   image_size=size, multilabel=_is_multilabel(meta, config),
                   ema=ema_params is not None, checkpoint=directory, step=step,
-                  transform=_preprocessing(meta, config, size))
+                  transform=transform, preprocessing=preprocessing)

@@ -87,6 +87,55 @@ def test_random_resized_crop_dtype_shape_identity_and_seeds():
     np.testing.assert_array_equal(in_ds[0], out)
 
 
+def _smooth_image_with_an_edge(height, width):
+    y, x = np.mgrid[0:height, 0:width] / np.array([height, width])[:, None, None]
+    image = np.stack([128 + 100 * np.sin(2 * np.pi * (1.3 * x + 0.4 * y)),
+                      128 + 90 * np.cos(2 * np.pi * 0.7 * y), 60 + 150 * x * y], axis=-1)
+    image[(x > 0.55) & (y > 0.3)] = (240, 20, 30)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_random_resized_crop_resizes_as_pil(interpolation):
+    # torchvision's resized_crop on a PIL image: crop the box, resize it with the filter.
+    from PIL import Image
+
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation]
+    image = _smooth_image_with_an_edge(90, 120)
+    for i in range(8):  # boxes from 8% to all of the image: shrunk and enlarged to 48
+        top, left, h, w = augment.sample_crop_box(image.shape, _seed(i)).numpy()
+        expected = np.asarray(Image.fromarray(image).crop((left, top, left + w, top + h))
+                              .resize((48, 48), resample), np.float64)
+        out = augment.random_resized_crop(tf.constant(image), _seed(i), 48,
+                                          interpolation=interpolation).numpy()
+        assert np.abs(out - expected).max() <= 1  # TF vs PIL resampling: one grey level
+
+
+def test_random_interpolation_is_bilinear_or_bicubic_per_seed_and_deterministic():
+    # timm's RandomResizedCropAndInterpolation(interpolation='random'): per image, one of
+    # the two, equally likely; here drawn from the example's seed, the box unchanged.
+    image = _smooth_image_with_an_edge(60, 50)
+    count = 60
+    outs = _in_dataset(lambda im, s: augment.random_resized_crop(im, s, 24,
+                                                                 interpolation="random"),
+                       np.stack([image] * count), SEEDS[:count])
+    bicubic = []
+    for i, out in enumerate(outs):
+        by = {m: augment.random_resized_crop(tf.constant(image), _seed(i), 24,
+                                             interpolation=m).numpy()
+              for m in ("bilinear", "bicubic")}
+        assert not np.array_equal(by["bilinear"], by["bicubic"])
+        assert np.array_equal(out, by["bilinear"]) or np.array_equal(out, by["bicubic"]), i
+        bicubic.append(np.array_equal(out, by["bicubic"]))
+        if i < 5:  # eager == inside tf.data, and again the same
+            for _ in range(2):
+                np.testing.assert_array_equal(augment.random_resized_crop(
+                    tf.constant(image), _seed(i), 24, interpolation="random"), out)
+    assert 15 < sum(bicubic) < 45  # both, about half each (P(outside) < 1e-4)
+    with pytest.raises(ValueError, match="unknown interpolation 'nearest'"):
+        augment.random_resized_crop(tf.constant(image), _seed(0), 24, interpolation="nearest")
+
+
 def _jpeg(image, chroma_downsampling):
     return tf.io.encode_jpeg(image, quality=95, chroma_downsampling=chroma_downsampling)
 
@@ -152,6 +201,15 @@ def test_center_crop_eval_is_resize_then_centre_crop(shape, crop_ratio, resized)
     centre_c = (left + 15.5 + 0.5) * scale_c - 0.5
     assert abs(out.numpy()[..., 0].mean() - centre_r) < 1.0
     assert abs(out.numpy()[..., 1].mean() - centre_c) < 1.0
+
+
+def test_center_crop_eval_interpolates_as_asked():
+    image = _smooth_image_with_an_edge(64, 96)
+    for method in ("bilinear", "bicubic"):
+        out = augment.center_crop_eval(tf.constant(image), 32, 0.875, method)
+        full = tf.image.resize(image, (36, 54), method=method, antialias=True)
+        full = np.round(np.clip(full.numpy(), 0, 255)).astype(np.uint8)
+        np.testing.assert_array_equal(out, full[2:34, 11:43])  # offsets round(2), round(11)
 
 
 def test_center_crop_eval_encoded_and_in_dataset():

@@ -29,8 +29,9 @@ def test_benchmark_recipes_are_the_configs_augmentation():
     assert deit.mix_label_smoothing == pytest.approx(0.1)
     mixer = input_pipeline.preprocess_for("mixer")
     assert (mixer.rand_augment_layers, mixer.rand_augment_magnitude,
-            mixer.rand_augment_increasing, mixer.mixup_alpha) == (3, 6.0, False, 0.5)
-    assert mixer.eval_crop_ratio == pytest.approx(0.9)
+            mixer.rand_augment_increasing, mixer.mixup_alpha) == (3, 6.0, True, 0.5)
+    assert (mixer.eval_crop_ratio, mixer.mean, mixer.train_interpolation) == (
+        pytest.approx(0.9), (0.5, 0.5, 0.5), "random")
     cnn = input_pipeline.preprocess_for("cnn")
     assert not cnn.mixes and cnn.rand_augment_layers == 0 and cnn.image_size == 224
 

@@ -12,7 +12,7 @@ from ml_collections import config_flags
 
 from noah_jax import cli
 from noah_jax.data import preprocess
-from noah_jax.models import create_model, model_override_types
+from noah_jax.models import create_model, input_preprocessing, model_override_types
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,20 @@ def test_the_pixel_limit_is_set_from_a_flag_and_reaches_the_pipelines(monkeypatc
     assert c.dataset.max_image_pixels == preprocess.MAX_IMAGE_PIXELS == 89_478_485
     c = parse([f"--config={ROOT / 'configs' / 'resnet18_noah.py'}",
                "--config.dataset.max_image_pixels=250000"], monkeypatch)
+    c = input_preprocessing.resolve(c)
     assert preprocess.Preprocess.from_config(c.dataset, c.augment).max_image_pixels == 250_000
+
+
+def test_the_family_preprocessing_is_set_from_flags(monkeypatch):
+    c = parse([f"--config={ROOT / 'configs' / 'resnet18_noah.py'}",
+               "--config.dataset.mean=(0.5,0.5,0.5)", "--config.dataset.std=(0.5,0.5,0.5)",
+               "--config.dataset.eval_interpolation=bicubic",
+               "--config.dataset.eval_crop_ratio=0.9",
+               "--config.augment.train_interpolation=random"], monkeypatch)
+    c = input_preprocessing.resolve(c)
+    p = preprocess.Preprocess.from_config(c.dataset, c.augment)
+    assert (p.mean, p.std, p.eval_interpolation, p.eval_crop_ratio, p.train_interpolation) == (
+        (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.9, "random")
 
 
 MISTAKES = [

@@ -2,12 +2,14 @@
 config, and the augmentation defaults live in `Preprocess` alone."""
 
 import ast
+import importlib
 import pathlib
 
 import pytest
 
 from configs import common
 from noah_jax.data import preprocess
+from noah_jax.models import input_preprocessing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -66,5 +68,59 @@ def test_the_restating_check_sees_a_restated_value(tmp_path):
 def test_augmentation_defaults_have_one_home():
     c = common.base_config()
     assert set(c.augment) == set(preprocess.AUGMENT_FIELDS)
-    from_config = preprocess.Preprocess.from_config(c.dataset, c.augment)
+    # The family's fields are None until resolved; the base model's (ResNet-18) values
+    # are the Preprocess defaults.
+    assert all(c.dataset[name] is None for name in preprocess.FAMILY_FIELDS)
+    from_config = preprocess.Preprocess.from_config(input_preprocessing.resolve(c).dataset,
+                                                    c.augment)
     assert from_config == preprocess.Preprocess(image_size=c.dataset.image_size)
+
+
+def recipe(module, arg=None):
+    """A recipe's Preprocess as training builds it (the family's fields resolved)."""
+    c = input_preprocessing.resolve(importlib.import_module(f"configs.{module}").get_config(arg))
+    return preprocess.Preprocess.from_config(c.dataset, c.augment, c.label_smoothing)
+
+
+@pytest.mark.parametrize("module", ["mixer_noah", "gmlp_noah"])
+def test_the_mlp_recipes_are_the_references_yaml(module):
+    # mlp/configs/default_noah.yaml: aa rand-m6-n3-mstd1.0-inc1, ratio [0.67, 1.5],
+    # train_interpolation random, crop_pct 0.9; mean/std/interpolation from the model.
+    p = recipe(module)
+    assert (p.rand_augment_layers, p.rand_augment_magnitude, p.rand_augment_std,
+            p.rand_augment_increasing) == (3, 6.0, 1.0, True)
+    assert p.crop_ratio == (0.67, 1.5) and p.crop_scale == (0.08, 1.0)
+    assert p.train_interpolation == "random"
+    assert (p.mean, p.std, p.eval_interpolation, p.eval_crop_ratio) == (
+        (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.9)
+    assert p.rand_augment_fill == (128, 128, 128)  # timm: round(255 * 0.5)
+
+
+@pytest.mark.parametrize("module", ["vit_noah", "pvt_noah"])
+def test_the_deit_recipe_crops_and_evaluates_bicubic(module):
+    p = recipe(module)
+    assert (p.train_interpolation, p.eval_interpolation, p.eval_crop_ratio) == (
+        "bicubic", "bicubic", 0.875)
+    assert (p.mean, p.std) == (preprocess.IMAGENET_MEAN, preprocess.IMAGENET_STD)
+    assert p.crop_ratio == (3 / 4, 4 / 3) and p.rand_augment_fill == (124, 116, 104)
+
+
+@pytest.mark.parametrize("module", ["resnet18_noah", "resnet50_noah", "mobilenetv2_noah",
+                                    "mobilenetv3_noah", "shufflenetv2_noah"])
+def test_the_cnn_recipes_are_torchvisions(module):
+    p = recipe(module)
+    assert (p.train_interpolation, p.eval_interpolation, p.eval_crop_ratio) == (
+        "bilinear", "bilinear", 0.875)
+    assert (p.mean, p.std) == (preprocess.IMAGENET_MEAN, preprocess.IMAGENET_STD)
+
+
+def test_a_family_field_set_in_the_config_is_kept():
+    c = importlib.import_module("configs.mixer_noah").get_config()
+    c.dataset.eval_crop_ratio = 0.875
+    c.dataset.mean = (0.485, 0.456, 0.406)
+    resolved = input_preprocessing.resolve(c)
+    assert resolved.dataset.eval_crop_ratio == 0.875
+    assert tuple(resolved.dataset.mean) == (0.485, 0.456, 0.406)
+    assert resolved.dataset.std == (0.5, 0.5, 0.5) and resolved.dataset.eval_interpolation == (
+        "bicubic")
+    assert c.dataset.std is None  # the config itself is left as it was

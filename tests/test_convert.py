@@ -647,8 +647,12 @@ def test_command_line_writes_a_checkpoint_that_scores_like_the_reference(tmp_pat
     # The source path as given; compare resolved (../shared may be a symbolic link).
     assert os.path.realpath(stored_meta.pop("source")) == str(path.resolve())
     assert stored_meta.pop("class_names") == catalog.imagenet_class_names()
+    # The reference's evaluation input of a CNN: torchvision's ImageNet preprocessing.
     assert stored_meta == {"model": "resnet18", "head": "noah", "num_classes": 1000,
-                           "overrides": {}, "dropped_head": False}
+                           "overrides": {}, "dropped_head": False, "image_size": 224,
+                           "eval_crop": "center", "eval_crop_ratio": 0.875,
+                           "eval_interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
+                           "std": [0.229, 0.224, 0.225]}
     assert_parity(evaluate(model, variables, images), reference)
 
     with pytest.raises(SystemExit):  # never over an existing checkpoint

@@ -12,6 +12,7 @@ from configs.common import base_config
 from helpers import assert_follows_source_protocol
 from noah_jax.data import base, digits, get_source
 from noah_jax.data.synthetic import EVAL, TRAIN, SyntheticSource
+from noah_jax.models import input_preprocessing
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +317,8 @@ def test_synthetic_labels_are_learnable():
 # ----------------------------------------------------------------------------------
 
 def test_get_source_dispatch_and_config_checks():
-    config = base_config().dataset
+    # Resolved as training resolves it (the model family's normalisation).
+    config = input_preprocessing.resolve(base_config()).dataset
     config.name, config.image_size, config.num_classes = "synthetic", 16, 3
     source = get_source(config, seed=0)
     assert isinstance(source, SyntheticSource)

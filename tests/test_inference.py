@@ -1,7 +1,10 @@
 """The loader (noah_jax.inference): checkpoints of every kind, class names, and the
 evaluation preprocessing reproduced exactly on image files."""
 
+import importlib
+import json
 import re
+import shutil
 import struct
 import zlib
 
@@ -14,9 +17,9 @@ from helpers import demo_config
 from noah_jax import checkpoint, convert, data, inference, train
 from noah_jax.data import catalog, pipeline
 from noah_jax.data.digits import DigitsSource
-from noah_jax.data.preprocess import Preprocess
+from noah_jax.data.preprocess import EVAL_RECORD_FIELDS, Preprocess
 from noah_jax.errors import CheckpointError, ConfigError, ImageFileError
-from noah_jax.models import create_model
+from noah_jax.models import create_model, input_preprocessing
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
@@ -107,20 +110,37 @@ def test_a_folder_run_records_its_class_names_and_preprocesses_as_it_evaluated(t
                          dataset__num_classes=3, total_steps=1, eval_every_steps=1,
                          checkpoint_every_steps=1, log_every_steps=1)
     train.train_and_evaluate(config, str(tmp_path / "run"))
-    assert checkpoint.read_meta(tmp_path / "run" / "checkpoints", step=1)["class_names"] == classes
+    meta = checkpoint.read_meta(tmp_path / "run" / "checkpoints", step=1)
+    assert meta["class_names"] == classes
+    # The run's evaluation input (DeiT's: ImageNet mean/std, bicubic, crop ratio 0.875),
+    # in the meta and in config.json.
+    assert {k: meta[k] for k in EVAL_RECORD_FIELDS} == {
+        "image_size": 32, "eval_crop": "center", "mean": list(MEAN), "std": list(STD),
+        "eval_interpolation": "bicubic", "eval_crop_ratio": 0.875}
+    written = json.loads((tmp_path / "run" / "config.json").read_text())["dataset"]
+    assert (written["mean"], written["eval_interpolation"], written["eval_crop_ratio"]) == (
+        list(MEAN), "bicubic", 0.875)
 
     loaded = inference.load(tmp_path / "run")
     assert loaded.class_names == classes and not loaded.ema
+    assert loaded.preprocessing.eval_record() == {k: meta[k] for k in EVAL_RECORD_FIELDS}
     paths = inference.image_files([str(tmp_path / "images" / "val")])
     assert len(paths) == 6 and paths == sorted(paths)
-    source = data.get_source(config.dataset, seed=config.seed, augment=config.augment)
+    resolved = input_preprocessing.resolve(config)  # as training resolved it
+    source = data.get_source(resolved.dataset, seed=config.seed, augment=config.augment)
     (batch,) = source.eval_batches(local_batch_size=6, process_index=0, process_count=1)
     np.testing.assert_array_equal(loaded.preprocess(paths), batch["image"])
     assert [classes[k] for k in batch["label"]] == [p.split("/")[-2] for p in paths]
+    # The checkpoints alone (no config.json beside them): what their meta records.
+    shutil.copytree(tmp_path / "run" / "checkpoints", tmp_path / "moved" / "ckpts")
+    alone = inference.load(tmp_path / "moved" / "ckpts")
+    assert alone.config is None
+    assert alone.preprocessing == Preprocess.from_eval_record(meta)
+    np.testing.assert_array_equal(alone.preprocess(paths), batch["image"])
 
 
 # ----------------------------------------------------------------------------------
-# Converted checkpoints: ImageNet's evaluation preprocessing.
+# Converted checkpoints: the reference's evaluation preprocessing of the family.
 # ----------------------------------------------------------------------------------
 def convert_random(tmp_path, name, num_classes, *flags, **overrides):
     model = create_model(name, num_classes=num_classes, **overrides)
@@ -136,7 +156,7 @@ def convert_random(tmp_path, name, num_classes, *flags, **overrides):
     return out, variables
 
 
-def test_a_converted_checkpoint_uses_imagenet_evaluation_at_the_models_size(tmp_path):
+def test_a_converted_deit_uses_its_bicubic_imagenet_evaluation_at_the_models_size(tmp_path):
     out, variables = convert_random(tmp_path, "deit_tiny_050_patch16_224", 1000, img_size=32,
                                     depth=1)
     loaded = inference.load(out)
@@ -152,14 +172,100 @@ def test_a_converted_checkpoint_uses_imagenet_evaluation_at_the_models_size(tmp_
     assert images.shape == (2, 32, 32, 3)
     np.testing.assert_allclose(images[0], np.broadcast_to((200 / 255 - MEAN) / STD, (32, 32, 3)),
                                atol=1e-5)
-    # Shorter side to 32 / 0.875 = 36, centre crop 32: the base config's evaluation.
-    expected = pipeline.eval_image(tf.io.read_file(photo), Preprocess(image_size=32))
+    # Shorter side bicubic to 32 / 0.875 = 36, centre crop 32: DeiT's evaluation.
+    assert loaded.preprocessing == Preprocess(image_size=32, eval_interpolation="bicubic")
+    expected = pipeline.eval_image(tf.io.read_file(photo), loaded.preprocessing)
     np.testing.assert_array_equal(images[1], expected.numpy())
+    bilinear = pipeline.eval_image(tf.io.read_file(photo), Preprocess(image_size=32))
+    assert not np.array_equal(images[1], bilinear.numpy())
 
     with pytest.raises(ConfigError, match=r"takes 32 px images \(the model "
                                           r"\(deit_tiny_050_patch16_224\) says so\); image "
                                           r"size 64 does not fit it"):
         inference.load(out, image_size=64)
+
+
+MIXER = dict(img_size=32, num_blocks=1, embed_dim=32)
+# The reference's Mixer/gMLP evaluation at 32 px: mean = std = 0.5, shorter side bicubic
+# to floor(32 / 0.9) = 35, centre crop 32.
+MIXER_EVAL = Preprocess(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                        eval_interpolation="bicubic", eval_crop_ratio=0.9)
+
+
+def test_a_converted_mixer_is_fed_its_own_normalisation_and_bicubic_crop(tmp_path):
+    out, _ = convert_random(tmp_path, "mixer_s16_224", 1000, **MIXER)
+    meta = checkpoint.read_meta(out, step=0)
+    assert {k: meta[k] for k in EVAL_RECORD_FIELDS} == {
+        "image_size": 32, "eval_crop": "center", "mean": [0.5] * 3, "std": [0.5] * 3,
+        "eval_interpolation": "bicubic", "eval_crop_ratio": 0.9}
+    loaded = inference.load(out)
+    assert loaded.preprocessing == MIXER_EVAL and loaded.image_size == 32
+    photo = write_png(tmp_path / "photo.png",
+                      np.random.default_rng(3).integers(0, 256, (50, 70, 3)))
+    grey = write_png(tmp_path / "grey.png", np.full((40, 50, 3), 200))
+    images = loaded.preprocess([photo, grey])
+    np.testing.assert_array_equal(
+        images[0], pipeline.eval_image(tf.io.read_file(photo), MIXER_EVAL).numpy())
+    np.testing.assert_allclose(images[1], (200 / 255 - 0.5) / 0.5, atol=1e-5)
+
+
+def old_converter_meta(name, num_classes, overrides, source):
+    """The meta `python -m noah_jax.convert` wrote before it recorded preprocessing."""
+    return {"model": name, "head": "noah", "num_classes": num_classes,
+            "overrides": overrides, "source": str(source), "dropped_head": False}
+
+
+def test_an_old_converted_checkpoint_gets_its_familys_preprocessing(tmp_path):
+    out, variables = convert_random(tmp_path, "mixer_s16_224", 7, **MIXER)
+    old = tmp_path / "old_converted"
+    checkpoint.save_model(old, variables, old_converter_meta(
+        "mixer_s16_224", 7, {"img_size": 32, "num_blocks": 1, "embed_dim": 32},
+        tmp_path / "mixer_s16_224.npz"))
+    loaded = inference.load(old)
+    assert loaded.config is None and loaded.preprocessing == MIXER_EVAL
+    photo = write_png(tmp_path / "photo.png",
+                      np.random.default_rng(4).integers(0, 256, (61, 45, 3)))
+    np.testing.assert_array_equal(loaded.preprocess([photo]),
+                                  inference.load(out).preprocess([photo]))
+    # A CNN converted the old way: torchvision's (ImageNet, bilinear, 0.875) at 224.
+    cnn, cnn_variables = convert_random(tmp_path, "mobilenetv2_035", 3)
+    old_cnn = tmp_path / "old_cnn"
+    checkpoint.save_model(old_cnn, cnn_variables, old_converter_meta(
+        "mobilenetv2_035", 3, {}, tmp_path / "mobilenetv2_035.npz"))
+    assert inference.load(old_cnn).preprocessing == Preprocess(image_size=224)
+    assert inference.load(old_cnn, image_size=48).preprocessing == Preprocess(image_size=48)
+
+
+def test_an_old_training_workdir_means_imagenet_and_bilinear(tmp_path):
+    """A run written before these settings: its config.json has no dataset.mean, std,
+    eval_interpolation nor augment.train_interpolation, its meta no preprocessing. It
+    trained with ImageNet's mean/std and bilinear resizing, whatever its model, at its
+    config's crop ratio."""
+    config = importlib.import_module("configs.mixer_noah").get_config()
+    config.model.overrides.update(MIXER)
+    config.dataset.update(dict(name="folder", image_size=32, num_classes=5,
+                               eval_crop_ratio=0.9))
+    written = json.loads(config.to_json())
+    for name in ("mean", "std", "eval_interpolation"):
+        del written["dataset"][name]
+    del written["augment"]["train_interpolation"]
+    workdir = tmp_path / "old_run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps(written))
+    model = create_model("mixer_s16_224", num_classes=5, **MIXER)
+    variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    overrides = {k: v for k, v in config.model.overrides.to_dict().items() if v is not None}
+    checkpoint.save_model(workdir / "checkpoints", variables, {
+        "model": "mixer_s16_224", "head": "noah", "num_classes": 5, "overrides": overrides,
+        "dataset": "folder", "class_names": list("abcde"), "multilabel": False,
+        "loss": "softmax_xent", "image_size": 32})
+    loaded = inference.load(workdir)
+    assert loaded.preprocessing.eval_record() == Preprocess(
+        image_size=32, eval_crop_ratio=0.9).eval_record()
+    assert loaded.preprocessing.train_interpolation == "bilinear"
+    # Its checkpoints without the config.json: the base config's values.
+    shutil.copytree(workdir / "checkpoints", tmp_path / "elsewhere")
+    assert inference.load(tmp_path / "elsewhere").preprocessing == Preprocess(image_size=32)
 
 
 def test_a_converted_cnn_takes_the_image_size_asked_for(tmp_path):

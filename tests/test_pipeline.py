@@ -56,6 +56,35 @@ def test_resize_modes_squash_the_whole_image():
                                expected, atol=1e-6)
 
 
+def test_the_models_normalisation_and_interpolations_reach_the_images():
+    # Mixer / gMLP: mean = std = 0.5, bicubic evaluation at crop ratio 0.9, training
+    # crops resized bilinear or bicubic at random (the same for a seed, every time).
+    pixels = image(45, 60, 3)
+    png = tf.io.encode_png(pixels)
+    p = pipeline.Preprocess(image_size=24, mean=(0.5,) * 3, std=(0.5,) * 3,
+                            eval_interpolation="bicubic", eval_crop_ratio=0.9,
+                            train_interpolation="random", flip=False)
+    crop = augment.center_crop_eval(tf.constant(pixels), 24, 0.9, "bicubic")
+    np.testing.assert_allclose(pipeline.eval_image(png, p),
+                               (crop.numpy() / 255.0 - 0.5) / 0.5, atol=1e-6)
+    fixed = {m: pipeline.Preprocess(image_size=24, mean=(0.5,) * 3, std=(0.5,) * 3,
+                                    train_interpolation=m, flip=False)
+             for m in ("bilinear", "bicubic")}
+    methods = []
+    for k in range(12):
+        seed = tf.constant([k, 5], tf.int64)
+        out = pipeline.train_image(png, seed, p).numpy()
+        np.testing.assert_array_equal(pipeline.train_image(png, seed, p), out)
+        same = [m for m, q in fixed.items()
+                if np.array_equal(pipeline.train_image(png, seed, q).numpy(), out)]
+        assert len(same) == 1, k  # the box is the fixed methods' own, resized one way
+        methods.append(same[0])
+    assert set(methods) == {"bilinear", "bicubic"}
+    # RandAugment fills with the model's mean in uint8, as timm's img_mean.
+    assert p.rand_augment_fill == (128, 128, 128)
+    assert pipeline.Preprocess(image_size=8).rand_augment_fill == augment.IMAGENET_MEAN_UINT8
+
+
 def test_eval_dataset_pads_with_masked_zeros_in_order():
     images = [image(20, 20 + i, i) for i in range(5)]
     p = pipeline.Preprocess(image_size=16)

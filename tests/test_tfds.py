@@ -26,7 +26,7 @@ from configs import common  # noqa: E402
 from helpers import assert_follows_source_protocol, free_port, set_fields  # noqa: E402
 from noah_jax import checkpoint, inference, train  # noqa: E402
 from noah_jax.data import catalog, get_source, tfds_source  # noqa: E402
-from noah_jax.models import create_model  # noqa: E402
+from noah_jax.models import create_model, input_preprocessing  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SPLITS = {
@@ -56,6 +56,7 @@ def dataset_config(data_dir, name, **changes):
 
 
 def source_of(c):
+    c = input_preprocessing.resolve(c)  # the model's mean/std and eval resize, as training
     return get_source(c.dataset, seed=c.seed, augment=c.augment,
                       label_smoothing=c.label_smoothing)
 

@@ -15,6 +15,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from configs import common  # noqa: E402
 from noah_jax.data import get_source, tfds_source  # noqa: E402
+from noah_jax.models import input_preprocessing  # noqa: E402
 
 NUM_TRAIN, NUM_TEST, NUM_CLASSES = 37, 11, 5
 
@@ -59,7 +60,7 @@ def config(data_dir, **dataset):
                           num_classes=NUM_CLASSES, shuffle_buffer=8, shuffle_pieces=4,
                           eval_crop_ratio=1.0, extra_evals=(), **dataset))
     c.augment.flip = False
-    return c
+    return input_preprocessing.resolve(c)  # the model's mean/std and eval resize, as training
 
 
 def red_label(images):

@@ -9,25 +9,30 @@ several random numbers splits its seed with `tf.random.split`.
 
 What each of the reference's training recipes uses (timm / torchvision semantics):
 
-  CNNs (train)   random_resized_crop(224) -> random_flip -> normalize
-  CNNs (eval)    center_crop_eval(224, crop_ratio=0.875) -> normalize
-  DeiT           random_resized_crop -> random_flip -> rand_augment(2, 9, mstd 0.5,
-                 increasing) -> normalize -> random_erasing(0.25); batches:
-                 mixup_cutmix(0.8, 1.0, smoothing 0.1)
-  Mixer / gMLP   same with rand_augment(3, 6, mstd 1.0, increasing=False), mixup 0.5;
-                 eval crop_ratio 0.9. (timm ignores colour jitter whenever RandAugment
-                 is on, so the reference's "colour jitter 0.4" has no effect there.)
+  CNNs (train)   random_resized_crop(224, bilinear) -> random_flip -> normalize
+  CNNs (eval)    center_crop_eval(224, crop_ratio=0.875, bilinear) -> normalize
+  DeiT / PVT     random_resized_crop(bicubic) -> random_flip -> rand_augment(2, 9,
+                 mstd 0.5, increasing) -> normalize -> random_erasing(0.25); batches:
+                 mixup_cutmix(0.8, 1.0, smoothing 0.1); eval bicubic, crop_ratio 0.875
+  Mixer / gMLP   random_resized_crop(ratio (0.67, 1.5), bilinear or bicubic at random)
+                 -> random_flip -> rand_augment(3, 6, mstd 1.0, increasing, fill 128)
+                 -> normalize(mean = std = 0.5); mixup 0.5; eval bicubic, crop_ratio 0.9.
+                 (timm ignores colour jitter whenever RandAugment is on, so the
+                 reference's "colour jitter 0.4" has no effect there.)
+Which mean/std and evaluation resize a model takes is its family's
+(noah_jax.models.input_preprocessing); the training resize is the recipe's.
 
 Pixel ops before `normalize` follow PIL, which the reference uses: they take and give
 uint8 and round or truncate as PIL does. Checked against Pillow: the colour and point
 ops (AutoContrast, Equalize, Invert, Posterize, Solarize, Color, Contrast, Brightness,
 Sharpness) are bit-exact; the bilinear geometric ops (Rotate, Shear, Translate) are
 exact at integer shifts and quarter turns and otherwise within one grey level.
+Resizing is tf.image.resize with antialiasing, bilinear or bicubic (Keys, a = -0.5):
+PIL's filters, whose support also widens when downscaling. Measured against PIL on
+smooth images with an edge (tests/test_input_preprocessing.py): within one grey level.
 Known differences from the reference, all deliberate:
-  * resizing is tf.image.resize bilinear with antialiasing (PIL's bilinear filter
-    also widens its support when downscaling); timm's random choice between
-    bilinear and bicubic is not reproduced, bilinear is always used;
-  * RandAugment's geometric ops interpolate bilinearly (timm: bilinear or bicubic);
+  * RandAugment's geometric ops interpolate bilinearly (timm: the recipe's training
+    interpolation, bicubic for DeiT, bilinear or bicubic at random for Mixer);
   * random numbers are drawn differently (vectorised tries, split seeds), so the
     distributions match timm/torchvision, not the individual draws;
   * decoding only the crop window of a JPEG is bit-exact for 4:4:4 JPEGs; with
@@ -44,14 +49,14 @@ from typing import Sequence
 
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from noah_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
 # timm's RandAugment fill colour: the ImageNet mean in uint8, round(255 * mean).
 IMAGENET_MEAN_UINT8 = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)  # (124, 116, 104)
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGENET_MEAN_UINT8", "RAND_AUGMENT_OPS",
-    "sample_crop_box", "random_resized_crop", "random_flip", "center_crop_eval",
+    "resize", "sample_crop_box", "random_resized_crop", "random_flip", "center_crop_eval",
     "normalize", "rand_augment", "color_jitter", "sample_erase_box", "random_erasing",
     "sample_mix_params", "mixup_cutmix",
     "auto_contrast", "equalize", "invert", "rotate", "posterize", "solarize",
@@ -90,10 +95,29 @@ def _to_uint8(x, *, truncate: bool = False):
     return tf.cast(tf.floor(x) if truncate else tf.round(x), tf.uint8)
 
 
-def resize(image, height, width):
-    """Bilinear resize with antialiasing; the output keeps uint8 if the input was uint8."""
-    out = tf.image.resize(image, tf.stack([height, width]), method="bilinear", antialias=True)
-    return _to_uint8(out) if image.dtype == tf.uint8 else out
+_INTERPOLATIONS = ("bilinear", "bicubic")
+_RANDOM_METHOD_TAG = 0x494E5450  # "INTP": folded into a crop's seed for its method
+
+
+def resize(image, height, width, method: str = "bilinear", seed=None):
+    """Resize with antialiasing, as PIL's filters do; uint8 in gives uint8 out (rounded
+    and clipped, as PIL). method: 'bilinear', 'bicubic' or 'random' (one of the two with
+    equal chances, drawn from `seed`, int [2]; timm's RandomResizedCropAndInterpolation)."""
+    size = tf.stack([height, width])
+
+    def with_method(name):
+        out = tf.image.resize(image, size, method=name, antialias=True)
+        return _to_uint8(out) if image.dtype == tf.uint8 else out
+
+    if method == "random":
+        if seed is None:
+            raise ValueError("resize(method='random') needs a seed")
+        bicubic = tf.random.stateless_uniform([], seed) < 0.5
+        return tf.cond(bicubic, lambda: with_method("bicubic"), lambda: with_method("bilinear"))
+    if method not in _INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {method!r}; use one of "
+                         f"{(*_INTERPOLATIONS, 'random')}")
+    return with_method(method)
 
 
 def _is_encoded(image) -> bool:
@@ -140,11 +164,14 @@ def sample_crop_box(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attemp
 
 
 def random_resized_crop(image_or_encoded, seed, size: int, scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3), attempts: int = 10):
+                        ratio=(3 / 4, 4 / 3), attempts: int = 10,
+                        interpolation: str = "bilinear"):
     """Inception crop (`sample_crop_box`) resized to [size, size, C].
 
     Takes pixels [H, W, C] (dtype kept: uint8 stays uint8) or an encoded JPEG string,
-    of which only the crop window is decoded (3 channels, uint8 out).
+    of which only the crop window is decoded (3 channels, uint8 out). interpolation:
+    `resize`'s method; with 'random' the choice comes from a seed folded out of `seed`,
+    so the crop box is the same whatever the interpolation.
     """
     if _is_encoded(image_or_encoded):
         shape = tf.image.extract_jpeg_shape(image_or_encoded)
@@ -154,7 +181,9 @@ def random_resized_crop(image_or_encoded, seed, size: int, scale=(0.08, 1.0),
         box = sample_crop_box(tf.shape(image_or_encoded), seed, scale, ratio, attempts)
         crop = tf.slice(image_or_encoded, tf.stack([box[0], box[1], 0]),
                         tf.stack([box[2], box[3], -1]))
-    out = resize(crop, size, size)
+    method_seed = (tf.random.experimental.stateless_fold_in(seed, _RANDOM_METHOD_TAG)
+                   if interpolation == "random" else None)
+    out = resize(crop, size, size, interpolation, method_seed)
     out.set_shape([size, size, crop.shape[-1]])
     return out
 
@@ -165,12 +194,15 @@ def random_flip(image, seed):
     return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
 
 
-def center_crop_eval(image_or_encoded, size: int, crop_ratio: float = 0.875):
-    """torchvision Resize(int(size / crop_ratio)) then CenterCrop(size).
+def center_crop_eval(image_or_encoded, size: int, crop_ratio: float = 0.875,
+                     interpolation: str = "bilinear"):
+    """torchvision Resize(int(size / crop_ratio), interpolation) then CenterCrop(size).
 
-    The shorter side becomes int(size / crop_ratio) and the longer side
-    int(new_short * long / short); the crop offsets are round((new - size) / 2),
-    half to even as Python rounds. An encoded JPEG is decoded whole (3 channels).
+    The shorter side becomes int(size / crop_ratio) (timm's floor(size / crop_pct), DeiT's
+    int(size / eval_crop_ratio)) and the longer side int(new_short * long / short); the
+    crop offsets are round((new - size) / 2), half to even as Python rounds.
+    interpolation: 'bilinear' (torchvision's default) or 'bicubic'. An encoded JPEG is
+    decoded whole (3 channels).
     """
     image = (tf.io.decode_jpeg(image_or_encoded, channels=3)
              if _is_encoded(image_or_encoded) else image_or_encoded)
@@ -182,7 +214,7 @@ def center_crop_eval(image_or_encoded, size: int, crop_ratio: float = 0.875):
     new_long = resize_to * long // short  # == int(resize_to * long / short) for these sizes
     new_h = tf.where(height <= width, resize_to, new_long)
     new_w = tf.where(height <= width, new_long, resize_to)
-    resized = resize(image, new_h, new_w)
+    resized = resize(image, new_h, new_w, interpolation)
     top = _round_to_int(tf.cast(new_h - size, tf.float32) / 2)
     left = _round_to_int(tf.cast(new_w - size, tf.float32) / 2)
     out = tf.slice(resized, tf.stack([top, left, 0]), tf.stack([size, size, -1]))
@@ -439,7 +471,9 @@ def rand_augment(image, seed, num_layers: int = 2, magnitude: float = 9.0,
     N(magnitude, magnitude_std) (uniform on [0, magnitude] if magnitude_std is inf)
     and clipped to [0, 10]. Rotate / Shear / Translate / increasing enhance ops get a
     random sign. DeiT: "rand-m9-mstd0.5-inc1" = (2, 9, 0.5, increasing=True);
-    Mixer recipe: "rand-m6-n3-mstd1.0" = (3, 6, 1.0, increasing=False).
+    Mixer recipe: "rand-m6-n3-mstd1.0-inc1" = (3, 6, 1.0, increasing=True). `fill`: the
+    colour the geometric ops fill with, timm's round(255 * m) of the model's mean m
+    (`Preprocess.rand_augment_fill`).
     """
     if image.dtype != tf.uint8:
         raise TypeError(f"rand_augment takes uint8 images, got {image.dtype}")

@@ -188,8 +188,8 @@ def within_pixel_limit(encoded: tf.Tensor, max_pixels: int) -> tf.Tensor:
     return _size_from_header(encoded)[2] <= max_pixels
 
 
-def _squash(image: tf.Tensor, size: int) -> tf.Tensor:
-    out = augment.resize(image, size, size)
+def _squash(image: tf.Tensor, size: int, method: str, seed=None) -> tf.Tensor:
+    out = augment.resize(image, size, size, method, seed)
     out.set_shape([size, size, 3])
     return out
 
@@ -200,22 +200,23 @@ def train_image(encoded: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> tf.Tensor
     size = p.image_size
     if p.train_crop == "inception":
         def crop(x):
-            return augment.random_resized_crop(x, crop_seed, size, p.crop_scale, p.crop_ratio)
+            return augment.random_resized_crop(x, crop_seed, size, p.crop_scale, p.crop_ratio,
+                                               interpolation=p.train_interpolation)
         # JPEGs decode only the crop window; anything else is decoded whole, then cropped.
         image = tf.cond(tf.io.is_jpeg(encoded), lambda: crop(encoded),
                         lambda: crop(decode(encoded)))
         image.set_shape([size, size, 3])
     else:
-        image = _squash(decode(encoded), size)
+        image = _squash(decode(encoded), size, p.train_interpolation, crop_seed)
     if p.flip:
         image = augment.random_flip(image, flip_seed)
     if p.rand_augment_layers > 0:
         image = augment.rand_augment(image, ra_seed, p.rand_augment_layers,
                                      p.rand_augment_magnitude, p.rand_augment_std,
-                                     p.rand_augment_increasing)
+                                     p.rand_augment_increasing, fill=p.rand_augment_fill)
     if p.color_jitter > 0:
         image = augment.color_jitter(image, jitter_seed, p.color_jitter)
-    image = augment.normalize(image)
+    image = augment.normalize(image, p.mean, p.std)
     if p.random_erasing > 0:
         image = augment.random_erasing(image, erase_seed, p.random_erasing)
     return image
@@ -225,10 +226,11 @@ def eval_image(encoded: tf.Tensor, p: Preprocess) -> tf.Tensor:
     """Encoded image -> deterministic eval crop, normalised float32 [S, S, 3]."""
     image = decode(encoded)
     if p.eval_crop == "center":
-        image = augment.center_crop_eval(image, p.image_size, p.eval_crop_ratio)
+        image = augment.center_crop_eval(image, p.image_size, p.eval_crop_ratio,
+                                         p.eval_interpolation)
     else:
-        image = _squash(image, p.image_size)
-    return augment.normalize(image)
+        image = _squash(image, p.image_size, p.eval_interpolation)
+    return augment.normalize(image, p.mean, p.std)
 
 
 # ----------------------------------------------------------------------------------

@@ -17,6 +17,9 @@ Adding a family takes one model file and, for training recipes, one config:
    `torch_names = TorchNames(...)` (`noah_jax.models.torch_names`) for what that
    generic rule does not cover: the torch names of the two heads, top-level renames,
    where the token count shows. `noah_jax.convert` then converts it both ways.
+   Its class attribute `input_preprocessing = InputPreprocessing(...)`
+   (`noah_jax.models.input_preprocessing`) states the mean/std and evaluation resize
+   the reference fed it (without one: torchvision's ImageNet values).
 3. Declare `VARIANTS = {name: (ModuleClass, constructor kwargs)}` in the file, the
    kwargs including the reference's head defaults (num_heads, key_ratio, dropout).
 
@@ -121,6 +124,12 @@ def model_override_types(name: str) -> dict[str, type]:
         else:
             types[field.name] = object
     return types
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The module class `create_model(name, ...)` builds (its family's class attributes:
+    `torch_names`, `input_preprocessing`)."""
+    return _lookup(name)[0]
 
 
 def _lookup(name: str) -> tuple[type[nn.Module], dict]:

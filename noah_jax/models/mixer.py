@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from noah_jax.heads import Classifier, noah_lecun_kernel_init
+from noah_jax.models.input_preprocessing import InputPreprocessing
 from noah_jax.models.layers import drop_path
 from noah_jax.models.torch_names import TorchNames
 
@@ -178,6 +179,14 @@ class _TokenMlpClassifier(Classifier):
     img_size: int = 224
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+
+    # What the reference evaluates Mixer and gMLP with: its timm models' default_cfg
+    # (mlp/timm/models/noah_mlp_mixer.py:48-56: mean = std = 0.5, bicubic), as its
+    # mlp/configs/default_noah.yaml leaves mean/std/interpolation unset (lines 32, 43, 83),
+    # and the yaml's crop_pct 0.9 (line 13; timm's eval resize floor(S / 0.9), centre
+    # crop S).
+    input_preprocessing: ClassVar[InputPreprocessing] = InputPreprocessing(
+        (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), eval_interpolation="bicubic", eval_crop_ratio=0.9)
 
     def make_block(self, name: str) -> nn.Module:
         raise NotImplementedError
