@@ -229,7 +229,9 @@ def apply_demo(c: ml_collections.ConfigDict, image_size: int = 32, dataset: str 
     c.schedule.warmup_epochs = 2.0
     c.schedule.warmup_start_lr = 0.0
     c.schedule.end_lr = 1e-5
-    c.schedule.per_epoch = True       # as every recipe; the family's decay rule stays
+    # Per step: a warm-up from 0 set once per epoch would spend the demo's first epoch at
+    # lr 0. The family's weight-decay rule stays.
+    c.schedule.per_epoch = False
     c.schedule.epoch_lag = 0
     c.loss = "sigmoid_xent" if multilabel else "softmax_xent"
     c.label_smoothing = 0.0 if multilabel else 0.1

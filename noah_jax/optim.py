@@ -65,19 +65,21 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, *, total_steps: in
     warmup = in_steps("warmup")
     boundaries = jnp.asarray(in_steps("decay") if s.name == "step" else (), jnp.float32)
     total = float(max(total_steps, 1))
+    # Read once: the schedule does not change if the config does afterwards.
+    name, per_epoch, lag = s.name, s.per_epoch, s.epoch_lag * steps_per_epoch
     start, end, factor = s.warmup_start_lr, s.end_lr, s.decay_factor
 
     def schedule(count):
-        t = jnp.maximum(jnp.asarray(count, jnp.float32) - s.epoch_lag * steps_per_epoch, 0.0)
-        if s.per_epoch:  # the value at the start of the epoch, held through it
+        t = jnp.maximum(jnp.asarray(count, jnp.float32) - lag, 0.0)
+        if per_epoch:  # the value at the start of the epoch, held through it
             t = jnp.floor(t / steps_per_epoch) * steps_per_epoch
-        if s.name == "cosine":
+        if name == "cosine":
             # (1 + cos(pi t / T)) / 2 as sin^2(pi (T - t) / 2T): the same curve, without
             # float32's cancellation near the end (1e-7 relative there, not 1e-4).
             lr = end + (peak - end) * jnp.square(jnp.sin(0.5 * jnp.pi * (total - t) / total))
-        elif s.name == "linear":
-            lr = end + (peak - end) * (1.0 - t / total)
-        elif s.name == "step":  # x factor at each boundary reached (MultiStepLR)
+        elif name == "linear":
+            lr = end + (peak - end) * ((total - t) / total)  # (T - t): exact in float32
+        elif name == "step":  # x factor at each boundary reached (MultiStepLR)
             lr = peak * factor ** jnp.sum(t >= boundaries)
         else:
             lr = jnp.full_like(t, peak)

@@ -307,7 +307,8 @@ def test_recipe_builds_its_model_with_every_override_declared(arg, name, head):
         assert shapes[1]["intermediates"]["features_13"]["__call__"][0].shape == (1, 2, 2, 1280)
     else:
         assert (c.num_epochs, c.optimizer.name, c.optimizer.weight_decay) == (150.0, "sgd", 4e-5)
-        assert c.optimizer.decay_only_matrices                 # no decay on BN and biases
+        assert c.optimizer.decay_rule == "nowd_bn"             # no decay on BN and biases
+        assert c.model.overrides.bn_group_size == 32           # one GPU's share of 256
         assert (c.schedule.name, c.schedule.base_lr, c.schedule.base_batch_size) == (
             "cosine", 0.05, 256)
         assert (c.batch_size, c.dataset.image_size) == (256, 224)
