@@ -80,7 +80,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, *, total_steps: in
         elif name == "linear":
             lr = end + (peak - end) * ((total - t) / total)  # (T - t): exact in float32
         elif name == "step":  # x factor at each boundary reached (MultiStepLR)
-            lr = peak * factor ** jnp.sum(t >= boundaries)
+            lr = peak * factor ** jnp.sum(t[..., None] >= boundaries, axis=-1)
         else:
             lr = jnp.full_like(t, peak)
         if warmup:

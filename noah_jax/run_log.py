@@ -191,7 +191,7 @@ class StepTrace:
 
 
 def format_metrics(results: dict[str, float]) -> str:
-    return ", ".join(f"{k} {int(v)}" if k.endswith("count") else f"{k} {v:.4f}"
+    return ", ".join(f"{k} {int(v)}" if k.endswith(("count", "_step")) else f"{k} {v:.4f}"
                      for k, v in results.items())
 
 

@@ -60,6 +60,7 @@ keeps its checkpoint).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging as logging_lib
@@ -152,6 +153,16 @@ def comparable_config(config: dict) -> dict:
     config = json.loads(json.dumps(config))  # a deep copy
     config.pop("seed", None)
     config.get("model", {}).pop("head", None)
+    # The family's preprocessing, where the config leaves it to the family (None): the
+    # trainer's config.json records it filled in, a study's result.json as given.
+    from noah_jax.data.preprocess import FAMILY_FIELDS
+    from noah_jax.models import input_preprocessing
+    dataset, name = config.get("dataset", {}), config.get("model", {}).get("name")
+    if name and any(dataset.get(f, 0) is None for f in FAMILY_FIELDS):
+        family = dataclasses.asdict(input_preprocessing.for_model(name))
+        for field, value in family.items():
+            if dataset.get(field, 0) is None:
+                dataset[field] = list(value) if isinstance(value, tuple) else value
     return config
 
 

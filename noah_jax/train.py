@@ -406,9 +406,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         sets = evaluation_sets(source)
         scorers = {kind: evaluators.get(kind)(model, mesh) for kind in {s[1] for s in sets}}
 
+        best = BestScores()
+
         def run_evaluation(state, step: int, final: bool) -> dict[str, float]:
             results = evaluate(state, sets, scorers, local_batch_size=local_eval_batch,
                                data_sharding=data_sharding, final=final)
+            results.update(best.update(step, results))
             writer.write_scalars(step, {k: v for k, v in results.items()
                                         if not k.endswith("count")})
             logging.info("step %d: %s", step, run_log.format_metrics(results))
@@ -423,6 +426,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, _ = restore_or_init(config, mngr, init_state, abstract_state, state_sharding,
                                    workdir=workdir)
         start_step = int(state["step"])
+        best.resume(run_log.read_metrics(workdir) if jax.process_index() == 0 else {},
+                    start_step)
         if config.eval_only or start_step >= total_steps:  # nothing (left) to train
             stop.uninstall()  # nothing to save: a signal ends the evaluation as usual
             return run_evaluation(state, start_step, final=True)
@@ -459,10 +464,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 checkpoint.save_state(mngr, step, state, meta)
             if stop.should_stop(step) and step < total_steps:  # (the last step finishes)
                 raise stop_and_save(state, step, mngr, meta, stop, saved=saved)
+        best.log_summary(results, steps_per_epoch)
         if config.attention_figure_images:
             draw_attention_figure(model, state, source, config.attention_figure_images,
                                   os.path.join(workdir, "attention.png"))
         return results
+
+
+class BestScores:
+    """The best score of each evaluation so far, reported beside the last one, as the
+    reference reports its best epoch (main.py `best_acc`, vit/deit/main.py
+    `max_accuracy`): `eval/top1_best` (and its `_step`) for `eval/top1`, the same for
+    the EMA's and for mAP. A resumed run takes the best so far from metrics.jsonl."""
+
+    TRACKED = ("top1", "mAP")
+
+    def __init__(self):
+        self.best: dict[str, tuple[float, int]] = {}  # key -> (value, step)
+
+    @classmethod
+    def tracked(cls, key: str) -> bool:
+        prefix, _, name = key.partition("/")
+        return prefix in ("eval", "eval_ema") and name in cls.TRACKED
+
+    def resume(self, history: dict[str, list[tuple[int, float]]], start_step: int) -> None:
+        for key, values in history.items():
+            for step, value in values:
+                if self.tracked(key) and step <= start_step:
+                    self._offer(key, value, step)
+
+    def _offer(self, key: str, value: float, step: int) -> None:
+        if key not in self.best or value > self.best[key][0]:
+            self.best[key] = (value, step)
+
+    def update(self, step: int, results: dict[str, float]) -> dict[str, float]:
+        """Takes this evaluation's scores; returns the best of each so far."""
+        for key, value in results.items():
+            if self.tracked(key):
+                self._offer(key, float(value), step)
+        out = {}
+        for key, (value, at) in self.best.items():
+            out[f"{key}_best"], out[f"{key}_best_step"] = value, at
+        return out
+
+    def log_summary(self, results: dict[str, float], steps_per_epoch: int) -> None:
+        for key, (value, at) in sorted(self.best.items()):
+            if key in results:
+                logging.info("%s: best %.4f at step %d (epoch %.1f), last %.4f", key, value,
+                             at, at / steps_per_epoch, results[key])
 
 
 def draw_attention_figure(model, state, source: data.Source, num_images: int,

@@ -56,10 +56,11 @@ def test_the_run_length_is_total_steps_or_num_epochs():
 
 def test_warmup_and_decay_in_steps_give_the_schedule_epochs_give():
     epochs = common.base_config()
-    epochs.schedule.update(name="step", warmup_epochs=1.0, decay_epochs=(3.0, 6.0))
+    epochs.schedule.update(name="step", warmup_epochs=1.0, decay_epochs=(3.0, 6.0),
+                           per_epoch=False)
     steps = common.base_config()
     steps.schedule.update(name="step", warmup_epochs=0.0, warmup_steps=10,
-                          decay_epochs=(), decay_steps=(30, 60))
+                          decay_epochs=(), decay_steps=(30, 60), per_epoch=False)
     a = optim.learning_rate_schedule(epochs, total_steps=100, steps_per_epoch=10)
     b = optim.learning_rate_schedule(steps, total_steps=100, steps_per_epoch=10)
     grid = np.arange(101)

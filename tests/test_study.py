@@ -72,7 +72,8 @@ def test_the_tables_hold_what_the_runs_logged_and_their_statistics(tiny_study):
         steps = logged(workdir)
         assert sorted(steps) == [3, 6]
         final = {k: v for k, v in steps[6].items() if k.startswith("eval/")}
-        assert set(final) == {"eval/loss", "eval/top1", "eval/top5"}
+        assert set(final) == {"eval/loss", "eval/top1", "eval/top5", "eval/top1_best",
+                              "eval/top1_best_step"}
         assert run["final_step"] == 6 and run["metrics"] == final
         assert run["primary"] == final["eval/top1"]
         result = json.loads((workdir / "result.json").read_text())
