@@ -2,14 +2,12 @@
 
   python main.py --config=configs/gmlp_noah.py:variant=ti16 --workdir=runs/gmlp_ti16_noah
 
-300 epochs, AdamW (eps 1e-6, lr 7e-4 at the reference's global batch 8 x 192 = 1536,
-weight decay 0.067), 20 warm-up epochs then cosine to 1e-5, label smoothing 0.1, dropout
-0.0233, drop path 0.1, gradient clipping at norm 1.0, EMA 0.99992; crops of aspect ratio
-0.67 to 1.5 resized bilinear or bicubic at random, RandAugment rand-m6-n3-mstd1.0-inc1;
-inputs normalised with mean = std = 0.5 and evaluated bicubic at crop ratio 0.9 (the
-family's, noah_jax/models/mixer.py). Head: N=4, r=1/2, dropout 0.1. Expected ImageNet
-top-1 (paper, baseline -> NOAH): Ti/16 72.05 -> 73.39, Ti/16 x0.75 65.95 -> 67.71, Ti/16
-x0.5 54.99 -> 56.89, S/16 79.65 -> 79.95.
+The recipe is Mixer's, hyperparameter for hyperparameter (configs/mixer_noah.py
+describes it; both are common.mlp_recipe), and so are the inputs (the family's,
+noah_jax/models/mixer.py: mean = std = 0.5, bicubic at crop ratio 0.9). Head: N=4,
+r=1/2, dropout 0.1. Expected ImageNet top-1 (paper, baseline -> NOAH): Ti/16
+72.05 -> 73.39, Ti/16 x0.75 65.95 -> 67.71, Ti/16 x0.5 54.99 -> 56.89, S/16
+79.65 -> 79.95.
 Arguments: variant=ti16|ti16_075|ti16_050|s16|b16, head=noah|linear, demo, multilabel.
 
 `demo`: 4 blocks, 8 px patches, on the embedded digits at 32 px. `demo,multilabel`:

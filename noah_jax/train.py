@@ -85,6 +85,11 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         raise ConfigError(f"batch_size={config.batch_size} must split into grad_accum_steps="
                           f"{config.grad_accum_steps} micro-batches divisible by the "
                           f"{devices} devices")
+    group = config.model.overrides.get("bn_group_size") or 0
+    if 0 < group < micro_batch and micro_batch % group:
+        raise ConfigError(f"model.overrides.bn_group_size={group} must divide the batch each "
+                          f"BatchNorm sees, {micro_batch} (batch_size / grad_accum_steps), "
+                          f"or be at least it; 0 normalises over the whole batch")
     first, count = config.profile_steps
     if count < 0 or (count and first < 1):
         raise ConfigError(f"config.profile_steps=(first step, count) needs first >= 1 and "

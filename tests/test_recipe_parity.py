@@ -272,3 +272,64 @@ def test_the_per_step_form_follows_the_same_curve(family):
     else:
         np.testing.assert_allclose(ours[::steps_per_epoch], values, rtol=2e-6)
     assert not np.allclose(ours[1::steps_per_epoch], ours[::steps_per_epoch])  # moves within
+
+
+@pytest.mark.parametrize("family,group", [("resnet", 32), ("mobilenetv2", 32),
+                                          ("mobilenetv3", 32), ("shufflenetv2", 128)])
+def test_cnn_recipes_normalise_over_one_reference_gpus_batch(family, group):
+    """DDP on 8 GPUs without SyncBN (main.py:132 divides the batch by the world size)."""
+    config = recipe_config(family)
+    assert config.model.overrides.bn_group_size == group == config.batch_size // 8
+    model = create_model(config.model.name, num_classes=10,
+                         **{k: v for k, v in config.model.overrides.to_dict().items()
+                            if v is not None})
+    assert model.bn_group_size == group
+
+
+# ----------------------------------------------------------------------------------
+# Weight-decay groups of every model fixture, by the reference's rules on its keys.
+# ----------------------------------------------------------------------------------
+PARITY = SHARED / "parity"
+MODEL_FIXTURES = sorted(PARITY.glob("*.npz")) + sorted(PARITY.glob("extra/*.npz"))
+FAMILY_OF = (("resnet", "resnet"), ("mobilenetv2", "mobilenetv2"),
+             ("mobilenetv3", "mobilenetv3"), ("shufflenetv2", "shufflenetv2"),
+             ("deit", "deit"), ("pvt", "pvt"), ("mixer", "mixer"), ("gmlp", "gmlp"))
+# The models' no_weight_decay() (vit/deit/noah_vision_transformer.py:207,
+# vision_transformer.py:262, vit/pvt/classification/noah_pvt.py:187, pvt.py:187).
+NO_WEIGHT_DECAY = {("deit", True): {"pos_embed"}, ("deit", False): {"pos_embed", "cls_token"},
+                   ("pvt", True): set(), ("pvt", False): {"cls_token"}}
+
+
+def reference_decays(family: str, key: str, shape, noah: bool) -> bool:
+    """The reference's groups, written out from its code."""
+    if family in ("resnet", "mobilenetv2"):  # SGD over model.parameters() (main.py:142)
+        return True
+    if family in ("mobilenetv3", "shufflenetv2"):  # utils/misc.py:55
+        return "weight" in key and len(shape) > 1 and "attention" not in key
+    # timm's add_weight_decay / param_groups_weight_decay
+    skip = NO_WEIGHT_DECAY.get((family, noah), set())
+    return not (len(shape) <= 1 or key.endswith(".bias") or key in skip)
+
+
+@pytest.mark.parametrize("path", MODEL_FIXTURES, ids=lambda p: p.stem)
+def test_every_model_fixture_is_decayed_as_its_recipe_decays_it(path):
+    with np.load(path) as npz:
+        described = json.loads(str(npz["__meta__"]))
+        shapes = {k: npz[k].shape for k in npz.files if not k.startswith("__")}
+    if described.get("family") == "head":
+        pytest.skip("a head on its own has no recipe")
+    name = described["model"].removeprefix("noah_")
+    family = next(f for prefix, f in FAMILY_OF if name.startswith(prefix))
+    noah = bool(described["use_noah"])
+    config = recipe_config(family)
+    model = create_model(name, num_classes=described["num_classes"],
+                         head="noah" if noah else "linear")
+    size = getattr(model, "img_size", 224)
+    params = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, size, size, 3)))["params"]
+    decayed, kept = optim.decayed_names(config.optimizer.decay_rule, params, model)
+    parameters = {k: s for k, s in shapes.items()
+                  if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert set(decayed) | set(kept) == set(parameters)
+    expected = {k for k, s in parameters.items() if reference_decays(family, k, s, noah)}
+    assert set(decayed) == expected

@@ -91,6 +91,9 @@ def step_once(config, devices, images, labels):
 @pytest.mark.parametrize("model_changes", [
     {},  # ViT with dropout in the head (per-example random bits must not depend on devices)
     {"model__name": "resnet18", "model__overrides": {"stage_sizes": (1, 1, 1, 1)}},  # BN
+    # BatchNorm over groups of 4 (two devices' shares each on 8 devices).
+    {"model__name": "resnet18", "model__overrides": {"stage_sizes": (1, 1, 1, 1),
+                                                     "bn_group_size": 4}},
 ])
 def test_same_global_batch_gives_the_same_step_on_1_and_8_devices(model_changes):
     config = demo_config(**model_changes)
@@ -332,6 +335,8 @@ MISTAKES = {
                           r"checkpoints$"),
     "profile_steps": (dict(profile_steps=(0, 2)), r"profile_steps=\(first step, count\) needs "
                       r"first >= 1"),
+    "bn_group_size": (dict(model__name="resnet18", model__overrides={"bn_group_size": 6}),
+                      r"bn_group_size=6 must divide the batch each BatchNorm sees, 16"),
 }
 
 
