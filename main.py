@@ -51,10 +51,10 @@ def main(argv):
     except errors.UserError as e:
         # Mistakes in the config, the data or the workdir, and failed checkpoint writes:
         # the message says what to do, and a traceback through TFDS or Orbax would only
-        # bury it. Printed once, and kept in the run's log.txt when the run got that
-        # far. Any other exception is a bug and keeps its traceback.
-        run_log.append(FLAGS.workdir, f"{type(e).__name__}: {e}")
-        sys.exit(f"error: {e}")
+        # bury it. Printed once, on one line; the trainer keeps it in the run's log.txt
+        # when the run got as far as writing (a refused run leaves the workdir as it
+        # was). Any other exception is a bug and keeps its traceback.
+        sys.exit(f"error: {cli.one_line(str(e))}")
     except KeyboardInterrupt:  # Ctrl-C before training began (in training, it saves)
         sys.exit("interrupted before training started; nothing was saved")
     if jax.process_index() == 0:

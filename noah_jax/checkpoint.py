@@ -142,16 +142,7 @@ def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
 
     Returns (variables, meta).
     """
-    step = latest_step(directory) if step is None else step
-    if step is None:
-        inside = os.path.join(directory, "checkpoints")
-        if latest_step(inside) is not None:  # a training workdir: its checkpoints are inside
-            raise CheckpointNotFoundError(
-                f"no checkpoint in {directory}, which looks like a training workdir: use its "
-                f"checkpoint directory, {inside}")
-        raise CheckpointNotFoundError(
-            f"no checkpoint in {directory}: expected an Orbax checkpoint directory written "
-            "by training (<workdir>/checkpoints) or by `python -m noah_jax.convert`")
+    step = _step_to_restore(directory, step)
     with manager(directory, read_only=True) as mngr:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if target is None:  # as stored, as host numpy arrays, whatever wrote it
@@ -160,25 +151,10 @@ def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
             restored = mngr.restore(step, args=ocp.args.Composite(
                 model=ocp.args.PyTreeRestore(restore_args=as_numpy)))
             return dict(restored.model), meta
-        # Models without BatchNorm have no 'batch_stats' in eval_shape(init); the
-        # checkpoint stores an empty one.
-        target = {col: target.get(col, {}) for col in ("params", "batch_stats")}
+        target = _model_target(target)
         wanted = _without_head(target) if drop_head else target
-        stored = mngr.item_metadata(step)["model"]
-        stored = {col: tree for col, tree in stored.items() if tree}
-        resize = (resize_pos_embed and "pos_embed" in wanted["params"]
-                  and "pos_embed" in stored.get("params", {})
-                  and tuple(stored["params"]["pos_embed"].shape)
-                  != tuple(wanted["params"]["pos_embed"].shape))
-        if resize:
-            stored = dict(stored, params=dict(stored["params"]))
-            stored["params"]["pos_embed"] = wanted["params"]["pos_embed"]
-        problems = tree_mismatches(wanted, _without_head(stored) if drop_head else stored)
-        if problems:
-            raise CheckpointMismatchError(
-                f"checkpoint {directory} (step {step}: {meta.get('model', '?')}, "
-                f"head={meta.get('head', '?')}) does not fit the model:\n  "
-                + "\n  ".join(problems))
+        resize = _check_model_fits(mngr, directory, step, meta, wanted, drop_head=drop_head,
+                                   resize_pos_embed=resize_pos_embed)
         if resize:
             # Everything as stored (host numpy), then resized and placed like the target.
             as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
@@ -199,6 +175,62 @@ def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
             if "head" in tree:
                 restored[col]["head"] = tree["head"]
     return restored, meta
+
+
+def check_model_fits(directory: str | os.PathLike, target: Any, *, drop_head: bool = False,
+                     resize_pos_embed: bool = False) -> None:
+    """Raises what `restore_model(directory, target, ...)` would refuse with (no
+    checkpoint there, or variables that do not fit `target`), reading only metadata:
+    the trainer checks `config.init_from` so before it writes anything."""
+    step = _step_to_restore(directory, None)
+    with manager(directory, read_only=True) as mngr:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        target = _model_target(target)
+        _check_model_fits(mngr, directory, step, meta,
+                          _without_head(target) if drop_head else target,
+                          drop_head=drop_head, resize_pos_embed=resize_pos_embed)
+
+
+def _step_to_restore(directory: str | os.PathLike, step: Optional[int]) -> int:
+    step = latest_step(directory) if step is None else step
+    if step is None:
+        inside = os.path.join(directory, "checkpoints")
+        if latest_step(inside) is not None:  # a training workdir: its checkpoints are inside
+            raise CheckpointNotFoundError(
+                f"no checkpoint in {directory}, which looks like a training workdir: use its "
+                f"checkpoint directory, {inside}")
+        raise CheckpointNotFoundError(
+            f"no checkpoint in {directory}: expected an Orbax checkpoint directory written "
+            "by training (<workdir>/checkpoints) or by `python -m noah_jax.convert`")
+    return step
+
+
+def _model_target(target: Mapping[str, Any]) -> dict:
+    # Models without BatchNorm have no 'batch_stats' in eval_shape(init); the
+    # checkpoint stores an empty one.
+    return {col: target.get(col, {}) for col in ("params", "batch_stats")}
+
+
+def _check_model_fits(mngr: ocp.CheckpointManager, directory, step: int, meta, wanted, *,
+                      drop_head: bool, resize_pos_embed: bool) -> bool:
+    """Raises CheckpointMismatchError unless the stored 'model' item fits `wanted`;
+    returns whether its ViT position embeddings are to be resized."""
+    stored = mngr.item_metadata(step)["model"]
+    stored = {col: tree for col, tree in stored.items() if tree}
+    resize = bool(resize_pos_embed and "pos_embed" in wanted["params"]
+                  and "pos_embed" in stored.get("params", {})
+                  and tuple(stored["params"]["pos_embed"].shape)
+                  != tuple(wanted["params"]["pos_embed"].shape))
+    if resize:
+        stored = dict(stored, params=dict(stored["params"]))
+        stored["params"]["pos_embed"] = wanted["params"]["pos_embed"]
+    problems = tree_mismatches(wanted, _without_head(stored) if drop_head else stored)
+    if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint {directory} (step {step}: {meta.get('model', '?')}, "
+            f"head={meta.get('head', '?')}) does not fit the model:\n  "
+            + "\n  ".join(problems))
+    return resize
 
 
 def restore_ema_params(directory: str | os.PathLike, target: Any, *, step: int) -> Optional[Any]:
@@ -329,10 +361,22 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, target: Mapping[str, A
     """Restores a train state into `target` (ShapeDtypeStructs with shardings).
 
     Raises CheckpointMismatchError listing every difference when the checkpoint was
-    written for another model or another optimiser (judged from its metadata, before
-    any array is read). Any other error means the checkpoint's files are damaged:
+    written for another model or another optimiser (`check_state_fits`, before any
+    array is read). Any other error means the checkpoint's files are damaged:
     DamagedCheckpointError, or the reader's own error.
     """
+    check_state_fits(mngr, step, target)
+    model_target = {k: target[k] for k in MODEL_KEYS}
+    train_target = {k: v for k, v in target.items() if k not in MODEL_KEYS}
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        model=_restore_into(model_target), train=_restore_into(train_target)))
+    return {**restored.model, **restored.train}
+
+
+def check_state_fits(mngr: ocp.CheckpointManager, step: int, target: Mapping[str, Any]) -> None:
+    """Raises CheckpointMismatchError when the train state at `step` is of another
+    model or optimiser than `target` (its shapes), or holds no training state;
+    DamagedCheckpointError when its metadata cannot be read. Reads metadata only."""
     model_target = {k: target[k] for k in MODEL_KEYS}
     train_target = {k: v for k, v in target.items() if k not in MODEL_KEYS}
     step_dir = os.path.join(str(mngr.directory), str(step))
@@ -353,6 +397,3 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, target: Mapping[str, A
             f"the checkpoint at {mngr.directory} step {step} does not fit this run's model or "
             "optimiser:\n  " + "\n  ".join(problems)
             + "\nUse a fresh --workdir for a different model, or the same config to resume.")
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        model=_restore_into(model_target), train=_restore_into(train_target)))
-    return {**restored.model, **restored.train}

@@ -4,7 +4,9 @@ ml_collections reports a mistyped config field (`--config.batchsize=16`) or an
 unknown recipe argument (`configs/resnet18_noah.py:dept=18`) as a traceback with the
 useful part at its end. `parse_flags` turns any flag or config mistake into one line
 that names the valid fields, for `app.run(main, flags_parser=cli.parse_flags)`.
-`int_at_least` is an argparse type for the other commands' counts and sizes.
+For the other commands: `ArgumentParser` (argparse, one-line mistakes),
+`int_at_least` (an argparse type for counts and sizes), and path checks that run
+before TensorFlow and JAX are imported (`checkpoint_path_error`, ...).
 """
 
 from __future__ import annotations
@@ -34,18 +36,123 @@ def int_at_least(minimum: int):
     return parse
 
 
+def one_line(message: str) -> str:
+    """A message on one line: a listing's lines after the first joined with '; '."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    return f"{lines[0]} {'; '.join(lines[1:])}"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes end in one line, `PROG: error: MESSAGE (see --help)`,
+    without the usage block (status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ----------------------------------------------------------------------------------
+# Paths checked before the heavy imports: TensorFlow, JAX and Orbax take seconds to
+# import, a mistyped path should not. Only os calls; what passes here may still be
+# refused later, by the loader that reads it.
+# ----------------------------------------------------------------------------------
+CHECKPOINT_EXPECTED = ("expected a training workdir (with checkpoints/ inside), its "
+                       "checkpoints/ folder, or a converted checkpoint (the --output of "
+                       "python -m noah_jax.convert)")
+
+
+def _holds_a_step(directory: str) -> bool:
+    """Whether `directory` has an Orbax step folder (a number); True when it cannot be
+    listed (no permission): then the loader says what is wrong."""
+    try:
+        return any(entry.name.isdigit() and entry.is_dir() for entry in os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+
+
+def checkpoint_path_error(path: str) -> str | None:
+    """Why `path` cannot be a checkpoint for predict or visualize (the wording of
+    `noah_jax.inference.find_checkpoint`), or None when it may be one."""
+    if not os.path.exists(path):
+        return f"{path}: no such file or folder; {CHECKPOINT_EXPECTED}"
+    if not any(_holds_a_step(d) for d in (os.path.join(path, "checkpoints"), path)):
+        return f"no checkpoint in {path}: {CHECKPOINT_EXPECTED}"
+    return None
+
+
+def missing_path_error(paths: list[str]) -> str | None:
+    """'PATH: no such file or folder' for the first local path that does not exist."""
+    for path in paths:
+        if "://" not in path and not os.path.exists(path):
+            return f"{path}: no such file or folder"
+    return None
+
+
+def output_folder_error(path: str, option: str) -> str | None:
+    """Why no folder can be written at `path` (it is a file, or lies under one)."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = ("is a file" if existing == os.path.abspath(path)
+                 else f"is under the file {existing}")
+        return f"{option} {path} {where}: give a folder (new, or one to add to)"
+    return None
+
+
 class UsageError(Exception):
     """A mistake on the command line; the message says what to write instead."""
 
 
-def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None) -> list[str]:
+# absl's own --help exits 1 and knows no -h; these print the command's help and exit 0.
+_SHORT_HELP = ("-h", "--help", "-help", "-?", "--helpshort")
+_FULL_HELP = ("--helpfull",)
+
+
+def help_text(flag_values: flags.FlagValues, doc: str | None, *, full: bool = False) -> str:
+    """The command's docstring, then its own flags (with `full`, absl's too)."""
+    modules = list(flag_values.flags_by_module_dict())
+    own = [m for m in modules if not m.startswith("absl")]
+    parts = [(doc or "").strip(), "\nflags:"]
+    for module in modules if full else own:
+        # module_help() heads each module's flags with its file's path; one heading here.
+        parts.append(flag_values.module_help(module).removeprefix(f"\n{module}:\n"))
+    if len(own) < len(modules) and not full:
+        parts.append("\n--helpfull also lists absl's flags (logging, flagfile).")
+    return "\n".join(parts) + "\n"
+
+
+def _help_wanted(argv: list[str]) -> str | None:
+    for arg in argv[1:]:
+        if arg == "--":  # what follows is not for the flags
+            return None
+        if arg in _SHORT_HELP:
+            return "short"
+        if arg in _FULL_HELP:
+            return "full"
+    return None
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None, *,
+                doc: str | None = None) -> list[str]:
     """absl's flag parsing (of `flag_values`, by default absl's global FLAGS); on any
-    error prints `error: ...` (one line) and exits 2."""
+    error prints `error: ...` (one line) and exits 2. `-h`/`--help` print `doc` (by
+    default the __main__ module's docstring) and the flags, and exit 0."""
+    values = flags.FLAGS if flag_values is None else flag_values
+    wanted = _help_wanted(argv)
+    if wanted is not None:
+        if doc is None:
+            doc = getattr(sys.modules.get("__main__"), "__doc__", None)
+        sys.stdout.write(help_text(values, doc, full=wanted == "full"))
+        sys.exit(0)
     try:
         spec = config_spec(argv)
         if spec is not None:  # config_flags would defer this error to the first use
             _check_config_path(spec)
-        return (flags.FLAGS if flag_values is None else flag_values)(argv)
+        return values(argv)
     except Exception as e:
         # Whatever failed while parsing (flags, the config file, an override), the
         # message below names it; the traceback would only show ml_collections' insides.

@@ -68,6 +68,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -87,7 +88,8 @@ from noah_jax import checkpoint
 from noah_jax.data import catalog
 from noah_jax.errors import UserError
 from noah_jax.heads import NOAHHead
-from noah_jax.models import create_model, input_preprocessing, model_overrides
+from noah_jax.models import (create_model, input_preprocessing, list_models, model_class,
+                             model_overrides)
 from noah_jax.models.torch_names import GENERIC, TorchNames
 
 HEAD_ONLY = "noah_head"  # torch_to_flax's model name for a NOAH head on its own
@@ -98,7 +100,16 @@ _BATCH_NORM_COUNTER = "num_batches_tracked"
 
 
 class ConversionError(ValueError):
-    """A state_dict does not fit the model; the message lists every problem by name."""
+    """A state_dict does not fit the model; the message lists every problem by name.
+
+    `problems`: for a mismatch of keys or shapes, each problem by kind ('missing',
+    'unexpected', 'shape', 'dtype'), one short text each, for `summary`; `target`
+    then describes the model it does not fit."""
+
+    def __init__(self, message: str, problems: Optional[Mapping[str, list[str]]] = None,
+                 target: str = ""):
+        super().__init__(message)
+        self.problems, self.target = dict(problems or {}), target
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,28 +360,58 @@ def _as_numpy_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {str(k): _to_numpy(v) for k, v in state_dict.items()}
 
 
-def _convert(state_dict: dict[str, np.ndarray], entries: list[_Entry], origin: Mapping[str, str],
-             description: str) -> dict:
+# How each kind of problem reads in ConversionError's listing, and in `summary`.
+_PROBLEM_LINES = {"missing": "missing", "unexpected": "unexpected",
+                  "shape": "shape mismatch", "dtype": "not numeric"}
+_PROBLEM_COUNTS = {"missing": "{n} key{s} missing", "unexpected": "{n} unexpected key{s}",
+                   "shape": "{n} of another shape", "dtype": "{n} not numeric"}
+
+
+def _problems(state_dict: Mapping[str, np.ndarray], entries: Sequence[_Entry],
+              origin: Mapping[str, str]) -> dict[str, list[str]]:
+    """Every way `state_dict` does not fit `entries`, by kind (`_PROBLEM_LINES`); empty
+    lists where it fits."""
     expected = {e.torch_key: e for e in entries}
     counters = {f"{m}.{_BATCH_NORM_COUNTER}" for m in _batch_norm_modules(entries)}
     shown = lambda key: f"{origin[key]} (read as {key})" if key in origin else key  # noqa: E731
+    return {
+        "missing": [f"{key} {list(e.torch_shape)} (-> {e.collection}/{'/'.join(e.path)})"
+                    for key, e in expected.items() if key not in state_dict],
+        "unexpected": [f"{shown(key)} {list(np.shape(v))}" for key, v in state_dict.items()
+                       if key not in expected and key not in counters],
+        "shape": [f"{shown(key)}: model expects {list(e.torch_shape)}, state_dict has "
+                  f"{list(state_dict[key].shape)}" for key, e in expected.items()
+                  if key in state_dict and tuple(state_dict[key].shape) != e.torch_shape],
+        "dtype": [f"{shown(key)} (dtype {state_dict[key].dtype})" for key in expected
+                  if key in state_dict
+                  and not (np.issubdtype(state_dict[key].dtype, np.number)
+                           or state_dict[key].dtype == jnp.bfloat16)],
+    }
 
-    problems = [f"missing: {key} {list(e.torch_shape)} (-> {e.collection}/{'/'.join(e.path)})"
-                for key, e in expected.items() if key not in state_dict]
-    problems += [f"unexpected: {shown(key)} {list(np.shape(v))}"
-                 for key, v in state_dict.items() if key not in expected and key not in counters]
-    problems += [f"shape mismatch: {shown(key)}: model expects {list(e.torch_shape)}, "
-                 f"state_dict has {list(state_dict[key].shape)}"
-                 for key, e in expected.items()
-                 if key in state_dict and tuple(state_dict[key].shape) != e.torch_shape]
-    problems += [f"not numeric: {shown(key)} (dtype {state_dict[key].dtype})"
-                 for key in expected if key in state_dict
-                 and not (np.issubdtype(state_dict[key].dtype, np.number)
-                          or state_dict[key].dtype == jnp.bfloat16)]
-    if problems:
-        raise ConversionError(f"the state_dict does not fit {description}: {len(problems)} "
-                              "problem(s):\n  " + "\n  ".join(problems))
 
+def summary(problems: Mapping[str, Sequence[str]], examples: int = 3) -> str:
+    """ConversionError.problems in one line: a count per kind, with a few examples
+    ('120 keys missing (e.g. a; b; c), 40 unexpected keys (...)')."""
+    parts = []
+    for kind, listed in problems.items():
+        if listed:
+            shown = "; ".join(text.split(" (-> ")[0] for text in listed[:examples])
+            more = "e.g. " if len(listed) > examples else ""
+            count = _PROBLEM_COUNTS[kind].format(n=len(listed), s="s" * (len(listed) != 1))
+            parts.append(f"{count} ({more}{shown})")
+    return ", ".join(parts)
+
+
+def _convert(state_dict: dict[str, np.ndarray], entries: list[_Entry], origin: Mapping[str, str],
+             description: str) -> dict:
+    problems = _problems(state_dict, entries, origin)
+    lines = [f"{_PROBLEM_LINES[kind]}: {text}" for kind, listed in problems.items()
+             for text in listed]
+    if lines:
+        raise ConversionError(f"the state_dict does not fit {description}: {len(lines)} "
+                              "problem(s):\n  " + "\n  ".join(lines), problems, description)
+
+    expected = {e.torch_key: e for e in entries}
     flat = {}
     for key, e in expected.items():
         value = _to_flax_layout(e.layout, state_dict[key], e.shape)
@@ -412,29 +453,93 @@ def torch_to_flax(state_dict: Mapping[str, Any], model_name: str, *, head: str =
                        f"{module.head_split}, kv_split={module.kv_split}) on C={channels}")
         return _convert(state_dict, entries, {}, description)
 
+    return _convert(*_plan(state_dict, model_name, head=head, num_classes=num_classes,
+                           drop_head=drop_head, overrides=overrides))
+
+
+def _plan(state_dict: dict[str, np.ndarray], model_name: str, *, head: str,
+          num_classes: Optional[int], drop_head: bool, overrides: Mapping[str, Any]
+          ) -> tuple[dict[str, np.ndarray], list[_Entry], dict[str, str], str]:
+    """What `_convert` takes: the state_dict with the head's aliases applied (or the
+    head's keys dropped), the target's entries, {renamed key: original}, and the
+    model's description."""
     num_classes, overrides = infer_model_settings(state_dict, model_name, head=head,
                                                   num_classes=num_classes,
                                                   drop_head=drop_head, **overrides)
+    entries = _model_entries(model_name, head, num_classes or 1, drop_head,
+                             tuple(sorted((k, _hashable(v)) for k, v in overrides.items())))
     model = create_model(model_name, num_classes=num_classes or 1, head=head, **overrides)
     torch_names = _torch_names(model)
-    attends = model.head_wants_positions
-    target = _abstract_variables(model, _model_input_shape(model))
-    names = torch_names.head_names(attends)
     if drop_head:
-        target = {col: {k: v for k, v in tree.items() if k != "head"}
-                  for col, tree in target.items()}
         every_head = set(torch_names.noah_head) | set(torch_names.linear_head)
         state_dict = {k: v for k, v in state_dict.items()
                       if not any(_under(k, name) for name in every_head)}
         origin = {}
     else:
+        names = torch_names.head_names(model.head_wants_positions)
         state_dict, origin = _apply_aliases(state_dict, names[0], names[1:])
-    entries = _layout(target, torch_names.module_renames(attends))
     settings = "".join(f", {k}={v!r}" for k, v in sorted(overrides.items()))
     description = (f"{model_name} (head={head}, "
                    + ("head dropped" if drop_head else f"num_classes={num_classes}")
                    + f"{settings})")
-    return _convert(state_dict, entries, origin, description)
+    return state_dict, list(entries), origin, description
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+@functools.lru_cache(maxsize=None)  # a model's layout is built once per process
+def _model_entries(model_name: str, head: str, num_classes: int, drop_head: bool,
+                   overrides: tuple[tuple[str, Any], ...]) -> tuple[_Entry, ...]:
+    model = create_model(model_name, num_classes=num_classes, head=head, **dict(overrides))
+    target = _abstract_variables(model, _model_input_shape(model))
+    if drop_head:
+        target = {col: {k: v for k, v in tree.items() if k != "head"}
+                  for col, tree in target.items()}
+    renames = _torch_names(model).module_renames(model.head_wants_positions)
+    return tuple(_layout(target, renames))
+
+
+def fitting_models(state_dict: Mapping[str, Any], *, near: Optional[str] = None,
+                   num_classes: Optional[int] = None, drop_head: bool = False,
+                   overrides: Optional[Mapping[str, Any]] = None) -> list[tuple[str, str]]:
+    """(model, head) pairs of the zoo that `state_dict` converts into as it is: the
+    same keys and shapes, with the class count and image size read from it, and
+    `overrides` where a model takes them (else the reference's settings). The family
+    of `near` (the model asked for) is searched first; the other families only when
+    none of it fits, those whose smallest model shares most of the file's keys
+    first. Each model's layout comes from `jax.eval_shape`, once per process."""
+    state_dict = _as_numpy_dict(state_dict)
+    overrides = dict(overrides or {})
+    keys = {k for k in state_dict if not k.endswith(f".{_BATCH_NORM_COUNTER}")}
+    families: dict[type, list[str]] = {}
+    for name in list_models():
+        families.setdefault(model_class(name), []).append(name)
+
+    def fits(name: str, head: str) -> bool:
+        accepted = set(model_overrides(name))
+        try:
+            plan = _plan(state_dict, name, head=head, num_classes=num_classes,
+                         drop_head=drop_head,
+                         overrides={k: v for k, v in overrides.items() if k in accepted})
+        except (ValueError, TypeError):  # not this model's head, or its settings
+            return False
+        return not any(_problems(plan[0], plan[1], plan[2]).values())
+
+    def shared(names: list[str]) -> float:  # key overlap with a family's smallest model
+        theirs = {e.torch_key for e in _model_entries(names[0], "noah", 1, drop_head, ())}
+        return len(theirs & keys) / max(len(theirs | keys), 1)
+
+    first = [names for names in families.values() if near in names]
+    others = sorted((names for names in families.values() if near not in names),
+                    key=shared, reverse=True)
+    for names in first + [n for n in others if shared(n) >= 0.5]:
+        found = [(name, head) for name in names for head in ("noah", "linear")
+                 if fits(name, head)]
+        if found:
+            return found
+    return []
 
 
 def flax_to_torch(variables: Mapping[str, Any], model_name: str, *,
@@ -530,8 +635,9 @@ def _load_torch(path: str) -> Any:
     except ImportError as e:
         raise ImportError(
             f"reading {path} needs PyTorch, an optional dependency of noah_jax: pip install "
-            "torch (the CPU build is enough), or save the state_dict as .safetensors or .npz "
-            "where torch is installed"
+            "torch --index-url https://download.pytorch.org/whl/cpu (the CPU build; plain "
+            "`pip install torch` also pulls CUDA libraries), or save the state_dict as "
+            ".safetensors or .npz where torch is installed"
         ) from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -729,6 +835,31 @@ def _class_names(path: Optional[str], num_classes: Optional[int], *, drop_head: 
     return names
 
 
+def _does_not_fit(args: argparse.Namespace, state_dict: dict[str, np.ndarray],
+                  error: ConversionError) -> str:
+    """The command's one line for a file that does not convert into --model: what does
+    not fit, counted (the full listing, a line per key, would run to hundreds of
+    lines), and which zoo models the file fits instead."""
+    if error.problems:
+        message = f"{args.input} does not fit {error.target}: {summary(error.problems)}"
+    else:  # e.g. no head of that kind in the file: its message says what it looked for
+        message = str(error).rstrip(".")
+    if args.model == HEAD_ONLY:
+        return message
+    found = fitting_models(state_dict, near=args.model, drop_head=args.drop_head,
+                           overrides=dict(args.override))
+    if (args.model, args.head) in found:  # the layout fits; the message names the problem
+        return message
+    if found:
+        return message + "; its layout fits " + " or ".join(
+            f"--model {name} --head {head}" for name, head in found)
+    if error.problems:
+        return message + ("; its layout fits no zoo model with the reference's settings "
+                          "(settings that change shapes, such as num_heads, are given as "
+                          "--override KEY=VALUE)")
+    return message
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m noah_jax.convert",
@@ -759,13 +890,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"{args.output} already holds a checkpoint; choose a new directory")
     try:
         state_dict = load_state_dict(args.input)
-        num_classes, overrides = infer_model_settings(
-            state_dict, args.model, head=args.head, num_classes=args.num_classes,
-            drop_head=args.drop_head, **dict(args.override))
+        try:
+            num_classes, overrides = infer_model_settings(
+                state_dict, args.model, head=args.head, num_classes=args.num_classes,
+                drop_head=args.drop_head, **dict(args.override))
+            variables = torch_to_flax(state_dict, args.model, head=args.head,
+                                      num_classes=num_classes, drop_head=args.drop_head,
+                                      **overrides)
+        except ConversionError as e:
+            raise ConversionError(_does_not_fit(args, state_dict, e)) from None
         class_names = _class_names(args.class_names, num_classes, drop_head=args.drop_head)
-        variables = torch_to_flax(state_dict, args.model, head=args.head,
-                                  num_classes=num_classes, drop_head=args.drop_head,
-                                  **overrides)
     except OSError as e:
         # The file system's errors read "[Errno 13] Permission denied: 'x.pth'" by default.
         message = f"cannot read {e.filename}: {e.strerror}" if e.filename and e.strerror else e

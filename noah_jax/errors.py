@@ -1,10 +1,10 @@
 """The project's own error types: mistakes and events a user can act on.
 
-`main.py` prints any `UserError` as one line (`error: <message>`, also appended to
-the run's log.txt) and exits 1; every other exception is a bug in this code or a
-library and keeps its traceback. Each type also derives from the builtin a caller
-would expect (a bad config value is still a ValueError), so library users can
-catch either.
+`main.py` prints any `UserError` as one line (`error: <message>`; the trainer also
+appends it to the run's log.txt once the run has started writing) and exits 1; every
+other exception is a bug in this code or a library and keeps its traceback. Each type
+also derives from the builtin a caller would expect (a bad config value is still a
+ValueError), so library users can catch either.
 
 `Stopped` is not an error: the run stopped on a signal or a preemption notice after
 saving a checkpoint, and the exit status tells schedulers it did not finish.
@@ -49,6 +49,10 @@ class CheckpointMismatchError(CheckpointError, ValueError):
 
 class CheckpointWriteError(CheckpointError, OSError):
     """Saving a checkpoint failed (disk full, no permission, ...); earlier ones are intact."""
+
+
+class WorkdirError(UserError):
+    """A --workdir that cannot hold a run: a file, under a file, not writable."""
 
 
 class WorkdirInUseError(UserError):

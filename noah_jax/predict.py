@@ -19,8 +19,13 @@ For every image, in that order, stdout gets
 Images go through the model --batch-size at a time (the last batch padded, so the
 model compiles once); over several batches a progress line goes to stderr.
 
-Exit status 0. A mistake ends in one line on stderr: status 2 for the command line, 1
-for the checkpoint or an image (`noah_jax.errors.UserError`).
+A file that is not a readable image (a text file named .png, a damaged download) is
+skipped with a warning line naming it, and a last line on stderr counts the skipped.
+
+Exit status 0 when at least one image was predicted. A mistake ends in one line on
+stderr: status 2 for the command line, 1 for the checkpoint, a path that does not
+exist, or no readable image at all (`noah_jax.errors.UserError`). Paths are checked
+before TensorFlow and JAX are imported, so a mistyped one is told at once.
 """
 
 from __future__ import annotations
@@ -70,23 +75,60 @@ class _Progress:
 
 
 def predict_scores(loaded, paths: Sequence[str], *, batch_size: int,
-                   progress: Optional[TextIO] = None) -> np.ndarray:
-    """float32 [n, K] scores of `loaded` (an `inference.Loaded`) on the image files:
-    softmax probabilities, or sigmoids for a multi-label model."""
+                   progress: Optional[TextIO] = None,
+                   skipped: Optional[list[tuple[str, str]]] = None
+                   ) -> tuple[list[str], np.ndarray]:
+    """(the paths scored, their float32 [n, K] scores) of `loaded` (an
+    `inference.Loaded`) on the image files: softmax probabilities, or sigmoids for a
+    multi-label model. A file that cannot be read or decoded raises its ImageFileError;
+    with `skipped` (a list) it is left out and (path, why) appended there."""
     import jax
 
     apply = jax.jit(lambda variables, x: loaded.model.apply(variables, x, train=False))
-    scores = np.zeros((len(paths), len(loaded.class_names)), np.float32)
+    scored, rows = [], []
     report = _Progress(len(paths), batch_size, progress or sys.stderr)
     for start in range(0, len(paths), batch_size):
-        images = loaded.preprocess(paths[start:start + batch_size])
-        n = len(images)
-        if n < batch_size:  # one shape for every batch: one compilation
-            images = np.concatenate([images, np.zeros((batch_size - n, *images.shape[1:]),
-                                                      images.dtype)])
-        scores[start:start + n] = loaded.scores(apply(loaded.variables, images))[:n]
-        report.update(start + n)
-    return scores
+        batch, images = _readable(loaded, list(paths[start:start + batch_size]), skipped)
+        n = len(batch)
+        if n:
+            if n < batch_size:  # one shape for every batch: one compilation
+                images = np.concatenate([images, np.zeros((batch_size - n, *images.shape[1:]),
+                                                          images.dtype)])
+            rows.append(loaded.scores(apply(loaded.variables, images))[:n])
+            scored += batch
+        report.update(min(start + batch_size, len(paths)))
+    scores = (np.concatenate(rows) if rows
+              else np.zeros((0, len(loaded.class_names)), np.float32))
+    return scored, scores
+
+
+def _readable(loaded, paths: list[str], skipped: Optional[list[tuple[str, str]]]
+              ) -> tuple[list[str], np.ndarray]:
+    """(paths, their images): the whole batch at once, or, when a file in it fails and
+    `skipped` is given, file by file without the ones that fail."""
+    from noah_jax.errors import ImageFileError
+
+    try:
+        return paths, loaded.preprocess(paths)
+    except ImageFileError:
+        if skipped is None:
+            raise
+    kept, images = [], []
+    for path in paths:
+        try:
+            images.append(loaded.preprocess([path]))
+        except ImageFileError as e:
+            skipped.append((path, _without_path(one_line(e), path)))
+            continue
+        kept.append(path)
+    return kept, np.concatenate(images) if images else np.zeros((0,))
+
+
+def _without_path(message: str, path: str) -> str:
+    """An image error's message without the path it starts with (or names)."""
+    if message.startswith(path + " "):
+        return message[len(path) + 1:]
+    return message.replace(f" {path}", "", 1)
 
 
 def results(scores: np.ndarray, paths: Sequence[str], class_names: Sequence[str], *,
@@ -138,11 +180,6 @@ def write_csv(rows: list[dict], multilabel: bool, out: TextIO) -> None:
 # ----------------------------------------------------------------------------------
 # Command line.
 # ----------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, without argparse's usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -154,7 +191,7 @@ def _fraction(text: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Classify image files with a trained or converted "
+    p = cli.ArgumentParser(prog=PROG, description="Classify image files with a trained or converted "
                                        "NOAH model.")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="a training workdir, its checkpoints/ folder, or a converted checkpoint")
@@ -176,29 +213,52 @@ def parser() -> argparse.ArgumentParser:
 
 def one_line(error: BaseException) -> str:
     """An error message on one line: a listing's lines joined with '; '."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    return lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+    return cli.one_line(str(error)) or type(error).__name__
+
+
+def _refuse(message: str) -> None:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.exit(1)
+
+
+def _nothing_readable(skipped: list[tuple[str, str]]) -> str:
+    (path, why), more = skipped[0], len(skipped) - 1
+    others = f" (and {more} other file{'s' * (more > 1)} that cannot be read)" if more else ""
+    return f"no image to predict: {path}: {why}{others}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
+    # Mistyped paths are told before TensorFlow and JAX are imported (seconds).
+    mistake = (cli.checkpoint_path_error(args.checkpoint)
+               or cli.missing_path_error(args.images))
+    if mistake:
+        _refuse(mistake)
     # TensorFlow decodes the images; its C++ start-up notices are not for this command.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from noah_jax import inference, run_log
     from noah_jax.errors import UserError
 
     run_log.quiet_library_notices()  # e.g. Orbax's "read only" notice, on purpose here
+    skipped: list[tuple[str, str]] = []
     try:
         paths = inference.image_files(args.images)
         loaded = inference.load(args.checkpoint, ema=not args.no_ema,
                                 image_size=args.image_size)
-        scores = predict_scores(loaded, paths, batch_size=args.batch_size)
+        scored, scores = predict_scores(loaded, paths, batch_size=args.batch_size,
+                                        skipped=skipped)
     except UserError as e:
-        sys.stderr.write(f"{PROG}: error: {one_line(e)}\n")
-        sys.exit(1)
-    rows = results(scores, paths, loaded.class_names, multilabel=loaded.multilabel,
+        _refuse(one_line(e))
+    if not scored:
+        _refuse(_nothing_readable(skipped))
+    # A folder with a stray file (a text file named .png, a damaged download) is still
+    # predicted: each file left out is named, and counted at the end.
+    for path, why in skipped:
+        sys.stderr.write(f"warning: skipped {path}: {why}\n")
+    if skipped:
+        sys.stderr.write(f"warning: skipped {len(skipped)} of {len(paths)} files (not readable "
+                         f"images); predicted the other {len(scored)}\n")
+    rows = results(scores, scored, loaded.class_names, multilabel=loaded.multilabel,
                    top_k=args.top_k, threshold=args.threshold)
     if args.format == "json":
         json.dump(rows, sys.stdout, indent=1)

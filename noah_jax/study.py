@@ -547,7 +547,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before a config imports TensorFlow
     values = define_flags(argv)
-    rest = cli.parse_flags(argv, values)
+    rest = cli.parse_flags(argv, values, doc=__doc__)
     try:
         if len(rest) > 1:
             raise cli.UsageError(f"unexpected arguments: {' '.join(rest[1:])}")

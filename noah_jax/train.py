@@ -1,10 +1,10 @@
 """The trainer: `train_and_evaluate(config, workdir)`, one loop read top to bottom.
 
 It calls module-level pieces that take what they use and return what they make:
-`check_config` (every check that can fail before anything is written),
-`init_train_state` / `restore_or_init` (resume first: the workdir's newest checkpoint,
-else `config.init_from`, else a fresh start), `make_train_step` (the pure update),
-`evaluate` (every evaluation set, each by the evaluator of its kind in
+`check_config` and `check_workdir` (every check that can fail before anything is
+written), `init_train_state` / `restore_or_init` (resume first: the workdir's newest
+checkpoint, else `config.init_from`, else a fresh start), `make_train_step` (the pure
+update), `evaluate` (every evaluation set, each by the evaluator of its kind in
 `noah_jax.evaluators`), `check_finite` (the NaN guard) and `stop_and_save` (a
 signal or preemption notice, `noah_jax.preemption`). Data flows one way:
 config -> source -> global batch -> model -> loss/metrics -> optimiser ->
@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from noah_jax import (checkpoint, data, durations, evaluators, losses, optim, preemption,
                       run_log, sharding, workdir_lock)
 from noah_jax.errors import (CheckpointError, CheckpointMismatchError, ConfigError,
-                             NonFiniteError, Stopped)
+                             NonFiniteError, Stopped, UserError, WorkdirError)
 from noah_jax.data.preprocess import Preprocess
 from noah_jax.models import create_model, input_preprocessing
 
@@ -70,8 +70,50 @@ def loss_function(config: ml_collections.ConfigDict
     raise ConfigError(f"config.loss must be one of {LOSSES}, got {config.loss!r}")
 
 
+def check_workdir_path(workdir: str) -> None:
+    """Refuses a workdir that is a file, lies under one, or cannot be written."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise WorkdirError(f"workdir {workdir} is a file, not a folder: give a folder (a new "
+                           "path, or the workdir of a run to resume)")
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise WorkdirError(f"workdir {workdir}: {existing} is a file, so no folder can be made "
+                           "under it; give a path whose folders are folders")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise WorkdirError(f"workdir {workdir}: {existing} is not writable by this user; give "
+                           "a workdir you can write to")
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str, abstract_state) -> None:
+    """Refuses, from checkpoint metadata alone, a workdir this run cannot continue (its
+    newest readable checkpoint is of another model or optimiser, or a model-only one)
+    or, with nothing to resume, a `config.init_from` that does not fit the model: a
+    refused run writes nothing. Damaged checkpoints are left to `restore_or_init`."""
+    directory = os.path.join(workdir, "checkpoints")
+    if checkpoint.latest_step(directory) is not None:
+        with checkpoint.manager(directory, read_only=True) as mngr:
+            for step in sorted(mngr.all_steps(), reverse=True):
+                try:
+                    checkpoint.check_state_fits(mngr, step, abstract_state)
+                except CheckpointMismatchError:
+                    raise
+                except Exception:  # noqa: BLE001 (damaged: restore_or_init reports it)
+                    continue
+                return
+        return
+    if config.init_from.path:
+        checkpoint.check_model_fits(config.init_from.path,
+                                    {k: abstract_state[k] for k in checkpoint.MODEL_KEYS},
+                                    drop_head=config.init_from.drop_head,
+                                    resize_pos_embed=True)
+
+
 def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuses settings that cannot run here, before the dataset is opened."""
+    check_workdir_path(workdir)
     if config.dtype not in DTYPES:
         raise ConfigError(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     loss_function(config)
@@ -378,8 +420,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                               fsdp_min_size=config.fsdp_min_size)
 
     # ----------------------------------------------------------------- Workdir
-    # The config, the dataset and the model are valid: from here on the run writes,
-    # holding the workdir against a second run (workdir_lock) until it returns.
+    # The config, the dataset, the model and what the workdir holds are valid: from
+    # here on the run writes, holding the workdir against a second run (workdir_lock)
+    # until it returns.
+    check_workdir(config, workdir, abstract_state)
     os.makedirs(workdir, exist_ok=True)
     with contextlib.ExitStack() as on_exit:  # run in reverse order, also on errors
         lock = on_exit.enter_context(workdir_lock.WorkdirLock(workdir))
@@ -388,6 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         stop = on_exit.enter_context(preemption.StopRequests())
         run_log.attach(workdir)
         on_exit.callback(run_log.detach)
+        on_exit.push(functools.partial(_record_error, workdir))
         if lock.took_over:
             logging.warning("took over the workdir's lock %s: %s", lock.path, lock.took_over)
         writer = run_log.metric_writer(workdir)
@@ -568,6 +613,14 @@ def stop_and_save(state, step: int, mngr, meta, stop: preemption.StopRequests, *
     return Stopped(f"stopped by {stop.reason()} at step {step}: its checkpoint is saved in "
                    f"{mngr.directory}; run the same command to resume from it",
                    stop.signum or signal.SIGTERM)
+
+
+def _record_error(workdir: str, kind, error, traceback) -> bool:
+    """What ended a run that had started writing, kept in its log.txt (main.py prints
+    it); a run refused before that leaves the workdir as it was."""
+    if isinstance(error, UserError):
+        run_log.append(workdir, f"{type(error).__name__}: {error}")
+    return False
 
 
 def _finish_saves(mngr, kind, error, traceback) -> bool:

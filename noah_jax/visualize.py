@@ -20,7 +20,8 @@ For each image, DIR receives:
 Maps live on the head's input grid (CNN feature map, or the token grid of ViT, Mixer
 and gMLP) and are upsampled to the image. A wrong argument (no checkpoint there, an
 unreadable image, a class name the model does not have, a head it does not have)
-ends in one line and exit status 1 (2 for malformed options).
+ends in one line and exit status 1 (2 for malformed options); paths are checked before
+TensorFlow and JAX are imported, so a mistyped one is told at once.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from noah_jax import cli
 from noah_jax.errors import ConfigError, UserError
 
 _TOP_CLASSES = 5  # figure (b) and Grad-CAM++ by default
@@ -118,8 +120,18 @@ def visualize(checkpoint: str, images: Sequence[str], out: str, *, classes: str 
     return [str(p) for p in written]
 
 
+def _argument_error(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with the paths and --heads, told before TensorFlow and JAX are
+    imported (seconds); the class names and head count need the model."""
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    if args.heads != "all" and not (heads and all(h.isdigit() for h in heads)):
+        return f"--heads={args.heads}: give 'all' or head indices separated by commas"
+    return (cli.checkpoint_path_error(args.checkpoint) or cli.missing_path_error(args.images)
+            or cli.output_folder_error(args.out, "--out"))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m noah_jax.visualize",
         description="Draw what a trained model attends to (NOAH attention maps, Grad-CAM++).")
     parser.add_argument("checkpoint", help="a training workdir, its checkpoints/ folder, or "
@@ -136,6 +148,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-ema", action="store_true",
                         help="the raw parameters, not the run's EMA ones")
     args = parser.parse_args(argv)
+    mistake = _argument_error(args)
+    if mistake:
+        print(f"{parser.prog}: error: {mistake}", file=sys.stderr)
+        return 1
     from noah_jax import run_log
     run_log.quiet_library_notices()  # e.g. Orbax's "read only" notice, on purpose here
     try:

@@ -322,6 +322,40 @@ def test_every_mismatch_is_listed_by_name_in_one_error():
             "state_dict has [64, 64, 1, 1]") in message
 
 
+def test_the_command_counts_what_does_not_fit_and_names_the_model_that_does(tmp_path, capsys):
+    """A ResNet-18 file converted as a ResNet-50: one line with counts and three examples
+    of each kind of problem (not ~190 lines), and the zoo model whose layout it has."""
+    resnet18 = convert.flax_to_torch(
+        random_variables(create_model("resnet18", num_classes=10), (1, 64, 64, 3)), "resnet18")
+    resnet50 = convert.flax_to_torch(
+        random_variables(create_model("resnet50", num_classes=10), (1, 64, 64, 3)), "resnet50")
+    missing = [k for k in resnet50 if k not in resnet18]
+    reshaped = [k for k in resnet50 if k in resnet18 and resnet50[k].shape != resnet18[k].shape]
+    assert len(missing) > 100 and reshaped and set(resnet18) <= set(resnet50)
+    np.savez(tmp_path / "r18.npz", **resnet18)
+
+    def refused(*flags):
+        with pytest.raises(SystemExit) as info:
+            convert.main(["--input", str(tmp_path / "r18.npz"), "--output",
+                          str(tmp_path / "out"), *flags])
+        err = capsys.readouterr().err
+        assert info.value.code == 1 and err.count("\n") == 1, err
+        return err
+
+    err = refused("--model", "resnet50")
+    assert err.startswith(f"python -m noah_jax.convert: error: {tmp_path / 'r18.npz'} does not "
+                          f"fit resnet50 (head=noah, num_classes=10): {len(missing)} keys "
+                          f"missing (e.g. {missing[0]} {list(resnet50[missing[0]].shape)}; ")
+    assert f", {len(reshaped)} of another shape (e.g. " in err and "unexpected" not in err
+    assert err.count("; ") == 2 + 2 + 1  # three examples of each kind, then the fit
+    assert err.endswith("; its layout fits --model resnet18 --head noah\n")
+    # The wrong head of the right model: the head it looked for, and the one it has.
+    err = refused("--model", "resnet18", "--head", "linear")
+    assert "cannot tell the class count of resnet18 (head=linear)" in err
+    assert err.endswith("; its layout fits --model resnet18 --head noah\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_model_and_override_fail_clearly():
     with pytest.raises(ValueError, match="Known models"):
         convert.torch_to_flax({}, "resnet19")
@@ -443,7 +477,9 @@ def test_unknown_extension_and_missing_torch_fail_clearly(tmp_path, monkeypatch)
         convert.load_state_dict(tmp_path / "weights.h5")
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
     (tmp_path / "ckpt.pth.tar").write_bytes(b"PK\x03\x04 a torch zip would start so")
-    with pytest.raises(ImportError, match="needs PyTorch.*pip install torch"):
+    # The CPU build: plain `pip install torch` pulls gigabytes of CUDA libraries.
+    with pytest.raises(ImportError, match=r"needs PyTorch.*: pip install torch --index-url "
+                                          r"https://download\.pytorch\.org/whl/cpu \("):
         convert.load_state_dict(tmp_path / "ckpt.pth.tar")
 
 

@@ -145,7 +145,8 @@ def test_mistakes_end_in_one_line(demo_run, digit_pngs, tmp_path, capsys):
         ((tmp_path / "empty", image), 1, f"no checkpoint in {tmp_path / 'empty'}: expected"),
         ((tmp_path / "unknown", image), 1, "is of a model this code cannot build: unknown "
                                            "model 'resnet9000'."),
-        ((workdir, image, broken), 1, f"{broken} cannot be decoded as an image"),
+        ((workdir, broken), 1, f"no image to predict: {broken}: cannot be decoded as an "
+                               "image (JPEG, PNG, GIF or BMP;"),
         ((workdir, tmp_path / "missing.png"), 1, f"{tmp_path / 'missing.png'}: no such file"),
         ((workdir, tmp_path / "empty"), 1, f"folder {tmp_path / 'empty'} holds no images"),
         ((workdir, image, "--top-k", "0"), 2, "argument --top-k: expected a positive integer, "
@@ -159,6 +160,36 @@ def test_mistakes_end_in_one_line(demo_run, digit_pngs, tmp_path, capsys):
         code, err = refused(capsys, *args)
         assert code == status, (args, err)
         assert err.startswith(PREFIX) and message in err and err.count("\n") == 1, (args, err)
+
+
+def test_files_that_are_not_images_are_skipped_with_a_warning_each(demo_run, digit_pngs,
+                                                                    tmp_path, capsys):
+    """A folder of digits with a text file named .png and a JPEG cut short: the digits
+    are predicted as on their own, each stray file gets one warning line, a last line
+    counts them, and the exit status is 0."""
+    workdir, paths = demo_run[0], digit_pngs[1][:3]
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i, path in enumerate(paths):
+        (folder / f"{i}.png").write_bytes(pathlib.Path(path).read_bytes())
+    (folder / "1_notes.png").write_text("not an image\n")  # sorted between the digits
+    (folder / "9_cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    alone, _ = run(capsys, workdir, *paths, "--format", "json", "--batch-size", "4")
+
+    out, err = run(capsys, workdir, folder, "--format", "json", "--batch-size", "4")
+    rows = json.loads(out)
+    assert [r["path"] for r in rows] == [str(folder / f"{i}.png") for i in range(3)]
+    for row, expected in zip(rows, json.loads(alone)):
+        assert [p["class"] for p in row["predictions"]] == [
+            p["class"] for p in expected["predictions"]]
+        assert [p["probability"] for p in row["predictions"]] == pytest.approx(
+            [p["probability"] for p in expected["predictions"]], rel=1e-6)
+    lines = [line for line in err.splitlines() if not line.startswith("predicted ")]
+    undecodable = "cannot be decoded as an image (JPEG, PNG, GIF or BMP; the file may be "
+    assert lines == [
+        f"warning: skipped {folder / '1_notes.png'}: {undecodable}damaged or of another kind)",
+        f"warning: skipped {folder / '9_cut.jpg'}: {undecodable}damaged or of another kind)",
+        "warning: skipped 2 of 5 files (not readable images); predicted the other 3"]
 
 
 def test_a_checkpoint_that_does_not_fit_its_model_is_one_line_listing_the_keys(tmp_path,

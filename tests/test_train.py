@@ -158,13 +158,51 @@ def test_profile_steps_write_a_trace_that_tensorboard_reads(tmp_path):
     assert len(traces) == 1 and traces[0].stat().st_size > 0
 
 
-def test_a_checkpoint_of_another_model_is_refused_with_the_keys_listed(tmp_path):
-    train.train_and_evaluate(demo_config(total_steps=3), str(tmp_path))
+def snapshot(folder):
+    """{relative path: (bytes, mtime in ns)} of every file under `folder`."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(pathlib.Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_a_refused_run_writes_nothing_to_the_workdir(tmp_path):
+    """Refusals before training (a checkpoint of another model in the workdir, a
+    model-only checkpoint as the workdir) leave every file as it was: config.json is
+    not overwritten, log.txt gets no line; main.py says why in one line."""
+    work = tmp_path / "work"
+    train.train_and_evaluate(demo_config(total_steps=3), str(work))
+    before = snapshot(work)
+    assert {"config.json", "log.txt", "metrics.jsonl"} <= set(before)
     other = demo_config(total_steps=6)
     other.model.overrides.depth = 2
     with pytest.raises(checkpoint.CheckpointMismatchError,
                        match=r"missing in checkpoint: params/blocks_1/attn/proj/bias"):
-        train.train_and_evaluate(other, str(tmp_path))
+        train.train_and_evaluate(other, str(work))
+    assert snapshot(work) == before
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "--config",
+         str(ROOT / "configs" / "vit_noah.py") + ":demo", f"--workdir={work}",
+         "--config.model.overrides.depth=2", "--config.model.overrides.embed_dim=96",
+         "--config.model.overrides.attn_heads=3", "--config.batch_size=16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines()  # TensorFlow's C++ start-up notices
+             if not re.search(r"oneDNN custom operations|before absl::InitializeLog", line)]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: the checkpoint at {work / 'checkpoints'} step 3 does "
+                               "not fit this run's model or optimiser: missing in checkpoint: "
+                               "params/blocks_1/attn/proj/bias (96,); ")
+    assert lines[0].endswith("; Use a fresh --workdir for a different model, or the same "
+                             "config to resume.")
+    assert snapshot(work) == before
+
+    converted = tmp_path / "converted"  # what noah_jax.convert writes: no training state
+    checkpoint.save_model(converted / "checkpoints", {"params": {"w": np.zeros(2)}},
+                          {"model": "x"})
+    before = snapshot(converted)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"has no training state"):
+        train.train_and_evaluate(demo_config(), str(converted))
+    assert snapshot(converted) == before
 
 
 _STARTED: list[subprocess.Popen] = []
@@ -333,6 +371,10 @@ MISTAKES = {
     "init_from_workdir": (dict(init_from__path="OLD"), r"no checkpoint in .*/old, which looks "
                           r"like a training workdir: use its checkpoint directory, .*/old/"
                           r"checkpoints$"),
+    "init_from_other_model": (dict(init_from__path="OLD/checkpoints"),
+                              r"checkpoint .*/old/checkpoints \(step 0: x, head=\?\) does not "
+                              r"fit the model:\n  missing in checkpoint: params/blocks_0/"),
+    "workdir_is_a_file": (dict(), r"workdir .*/work is a file, not a folder: give a folder"),
     "profile_steps": (dict(profile_steps=(0, 2)), r"profile_steps=\(first step, count\) needs "
                       r"first >= 1"),
     "bn_group_size": (dict(model__name="resnet18", model__overrides={"bn_group_size": 6}),
@@ -345,13 +387,18 @@ def test_user_mistakes_are_user_errors_that_say_what_to_do(tmp_path, mistake):
     """main.py prints a UserError as one line, without a traceback (test_cli.py checks
     that); each of these used to end in a raw traceback."""
     changes, message = MISTAKES[mistake]
-    if changes.get("init_from__path") == "OLD":  # a training workdir given, not its checkpoints
+    if str(changes.get("init_from__path")).startswith("OLD"):  # another model's checkpoint
         checkpoint.save_model(tmp_path / "old" / "checkpoints",
                               {"params": {"w": np.zeros(2)}}, {"model": "x"})
-        changes = dict(init_from__path=str(tmp_path / "old"))
+        changes = dict(init_from__path=changes["init_from__path"].replace(
+            "OLD", str(tmp_path / "old")))
+    if mistake == "workdir_is_a_file":
+        (tmp_path / "work").write_text("notes\n")
     with pytest.raises(errors.UserError, match=message):
         train.train_and_evaluate(demo_config(**changes), str(tmp_path / "work"))
-    if mistake != "init_from_workdir":  # refused before anything was written
+    if mistake == "workdir_is_a_file":
+        assert (tmp_path / "work").read_text() == "notes\n"
+    else:  # refused before anything was written
         assert not (tmp_path / "work").exists()
 
 
