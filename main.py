@@ -42,6 +42,7 @@ def main(argv):
     elif FLAGS.distributed:
         jax.distributed.initialize()
     from noah_jax import errors, run_log, train
+    run_log.setup_console()  # here, not before app.run: it imports JAX (--help stays quick)
     try:
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except errors.Stopped as e:  # a signal or preemption: a checkpoint was saved

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
 from typing import Optional, Sequence, TextIO
@@ -234,8 +233,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                or cli.missing_path_error(args.images))
     if mistake:
         _refuse(mistake)
-    # TensorFlow decodes the images; its C++ start-up notices are not for this command.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from noah_jax import inference, run_log
     from noah_jax.errors import UserError
 

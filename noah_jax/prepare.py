@@ -26,10 +26,7 @@ import tarfile
 import time
 import zipfile
 
-# TensorFlow's C++ INFO lines (its oneDNN start-up notice still prints in TF 2.21).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
-from noah_jax.data import tfds_source  # noqa: E402  (after the environment above)
+from noah_jax.data import tfds_source
 
 _GB = 1e9
 
@@ -118,7 +115,7 @@ def prepare(name: str, data_dir: str, manual_dir: str, *, skip_disk_check: bool 
     except ValueError as e:
         raise PrepareError(str(e)) from None
     builder = tfds.builder(name, data_dir=data_dir)
-    if builder.is_prepared():
+    if tfds_source.is_prepared(builder):
         return f"{name}: already prepared in {builder.data_dir}"
     check(name, data_dir, manual_dir, spec, disk=not skip_disk_check)
     print(f"preparing {name} in {data_dir} from {manual_dir}"

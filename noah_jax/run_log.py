@@ -1,9 +1,9 @@
 """What a run tells the user: the console, workdir/log.txt, TensorBoard and metrics.jsonl.
 
-Process 0 logs readable lines (absl, to the console) and copies them into the
-workdir's `log.txt`; the metrics also go to TensorBoard event files and, as JSON
-lines that any script can read (`read_metrics`), to `metrics.jsonl`. Library notices
-that would read like errors or bury the run's own lines are dropped.
+Process 0 logs readable lines (absl, to the console as `06:32:31 message`) and copies
+them into the workdir's `log.txt`; the metrics also go to TensorBoard event files and,
+as JSON lines that any script can read (`read_metrics`), to `metrics.jsonl`. Library
+notices that would read like errors or bury the run's own lines are dropped.
 """
 
 from __future__ import annotations
@@ -75,6 +75,30 @@ def _drop_closed_loop_callbacks(default):
         default(unraisable)
     hook.drops_closed_loop_callbacks = True
     return hook
+
+
+class ConsoleFormatter(logging_lib.Formatter):
+    """The console's lines: the local time and the message (`06:32:31 step 100/880:
+    ...`), with the level after the time for warnings and errors (`06:32:31 WARNING
+    ...`). absl's own prefix (`I1202 06:32:31.847694 140559977057152 train.py:489] `)
+    gives the date, microseconds, thread id and source line of every line, some 50
+    characters that only a bug hunt reads; log.txt keeps the date and the level."""
+
+    def format(self, record):
+        level = f"{record.levelname} " if record.levelno >= logging_lib.WARNING else ""
+        line = f"{self.formatTime(record, '%H:%M:%S')} {level}{record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
+
+
+def setup_console():
+    """Gives absl's console handler, through which every log line of a command reaches
+    stderr, the ConsoleFormatter; called once at start-up by the commands that log
+    (main.py, python -m noah_jax.study)."""
+    logging.get_absl_handler().setFormatter(ConsoleFormatter())
 
 
 RUN_LOG = "log.txt"

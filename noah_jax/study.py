@@ -545,7 +545,6 @@ def console_logging(trainer_logs: bool) -> Iterator[None]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv if argv is None else argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before a config imports TensorFlow
     values = define_flags(argv)
     rest = cli.parse_flags(argv, values, doc=__doc__)
     try:
@@ -652,4 +651,5 @@ if __name__ == "__main__":
     from noah_jax import host_memory
     host_memory.use_huge_pages()  # may start this command again (noah_jax/host_memory.py)
     flags.FLAGS.mark_as_parsed()  # absl's console handler: no "before flag parsing" notice
+    run_log.setup_console()
     sys.exit(main())

@@ -1,9 +1,11 @@
-"""What a run tells the user: library notices dropped, workdir/log.txt, metrics.jsonl,
-line formats."""
+"""What a run tells the user: library notices dropped, the console's lines,
+workdir/log.txt, metrics.jsonl, line formats."""
 
 import json
 import logging
 import math
+import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -74,6 +76,35 @@ def write_a_run_log(tmp_path):
     run_log.detach()
     absl_logging.info("after the run")
     run_log.append(str(tmp_path), "FloatingPointError: non-finite loss at step 9")
+
+
+def test_console_lines_are_the_time_and_the_message_and_warnings_say_so():
+    def at_06_32_31(level, message, *args, exc_info=None):
+        line = logging.LogRecord("absl", level, "/work/noah_jax/train.py", 489, message,
+                                 args, exc_info)
+        line.created = time.mktime((2025, 12, 2, 6, 32, 31, 0, 0, -1)) + 0.847694
+        return line
+
+    console = run_log.ConsoleFormatter()
+    assert console.format(at_06_32_31(logging.INFO, "step %d/%d: loss %.4f", 100, 880,
+                                      0.5)) == "06:32:31 step 100/880: loss 0.5000"
+    assert console.format(at_06_32_31(logging.WARNING, "a warning")) == (
+        "06:32:31 WARNING a warning")
+    try:
+        raise ValueError("bad")
+    except ValueError:
+        lines = console.format(at_06_32_31(logging.ERROR, "failed", exc_info=sys.exc_info())
+                               ).splitlines()
+    assert lines[:2] == ["06:32:31 ERROR failed", "Traceback (most recent call last):"]
+    assert lines[-1] == "ValueError: bad"
+
+    handler = absl_logging.get_absl_handler()
+    formatter = handler.python_handler.formatter
+    try:
+        run_log.setup_console()  # as main.py and the study do at start-up
+        assert handler.format(at_06_32_31(logging.INFO, "written")) == "06:32:31 written"
+    finally:
+        handler.setFormatter(formatter)
 
 
 def test_line_formats():

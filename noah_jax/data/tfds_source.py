@@ -99,13 +99,21 @@ def spec_for(name: str, data_dir: str = "") -> DatasetSpec:
     return DatasetSpec(name, "train", "", features["label"].num_classes)
 
 
+def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+    """`builder.is_prepared()`, without the warning TFDS logs when the dataset's folder
+    does not exist ("Variant folder DATA_DIR/NAME/VERSION has no dataset_info.json": a
+    dataset never built there, which the caller reports in its own words). A folder that
+    is there but incomplete keeps the warning."""
+    return builder.data_path.exists() and builder.is_prepared()
+
+
 def prepared_builder(name: str, data_dir: str = "", spec: DatasetSpec | None = None
                      ) -> tfds.core.DatasetBuilder:
     """`tfds.builder(name)`, or a DatasetNotPreparedError that says how to prepare it.
     `spec`: the name's `spec_for`, when the caller has it already."""
     spec = spec or spec_for(name, data_dir)
     builder = tfds.builder(name, data_dir=data_dir or None)
-    if not builder.is_prepared():
+    if not is_prepared(builder):
         where = data_dir or "~/tensorflow_datasets (the default; set dataset.data_dir)"
         raise DatasetNotPreparedError(
             f"TFDS dataset {name!r} is not prepared in {where}. To prepare it, "
