@@ -616,9 +616,9 @@ def run_study(config, out: str, heads: list[str], seeds: list[int], description:
         except errors.Stopped as e:  # its message says how to resume
             print(f"{prefix}: {e} (the finished runs are kept)", file=sys.stderr, flush=True)
             return e.exit_code
-        except errors.UserError as e:
-            run_log.append(workdir, f"{type(e).__name__}: {e}")
-            print(f"error: {head} seed {seed}: {e}", file=sys.stderr, flush=True)
+        except errors.UserError as e:  # the trainer keeps it in the run's log.txt
+            print(f"error: {head} seed {seed}: {cli.one_line(str(e))}", file=sys.stderr,
+                  flush=True)
             return 1
         except KeyboardInterrupt:  # before training began (in training, the run saves)
             print(f"{prefix}: interrupted before training started; the finished runs are "
