@@ -41,8 +41,10 @@ state_dict must supply exactly those keys.
                 everything else (biases, norms, pos_embed, cls_token) unchanged.
 
 Mismatches fail loudly: one ConversionError lists every missing key, unexpected key and
-shape mismatch by name. Nothing is skipped silently; `drop_head=True` drops the head's
-weights (and ignores them in the state_dict) on purpose, for fine-tuning on other labels.
+shape mismatch by name (the command prints them counted, three of each kind by name, and
+the zoo models and heads whose layout the file has: `fitting_models`). Nothing is
+skipped silently; `drop_head=True` drops the head's weights (and ignores them in the
+state_dict) on purpose, for fine-tuning on other labels.
 Values are cast to float32, the dtype of our parameters.
 
 Class names. The checkpoint's meta records them for predictions (`noah_jax.predict`):
@@ -84,7 +86,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from noah_jax import checkpoint
+from noah_jax import checkpoint, cli
 from noah_jax.data import catalog
 from noah_jax.errors import UserError
 from noah_jax.heads import NOAHHead
@@ -486,7 +488,7 @@ def _plan(state_dict: dict[str, np.ndarray], model_name: str, *, head: str,
 
 
 def _hashable(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 @functools.lru_cache(maxsize=None)  # a model's layout is built once per process
@@ -861,7 +863,7 @@ def _does_not_fit(args: argparse.Namespace, state_dict: dict[str, np.ndarray],
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m noah_jax.convert",
         description="Convert a reference PyTorch checkpoint into an Orbax checkpoint that "
                     "training (config.init_from) and evaluation read.")

@@ -190,8 +190,8 @@ def _fraction(text: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(prog=PROG, description="Classify image files with a trained or converted "
-                                       "NOAH model.")
+    p = cli.ArgumentParser(prog=PROG, description="Classify image files with a trained or "
+                                                  "converted NOAH model.")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="a training workdir, its checkpoints/ folder, or a converted checkpoint")
     p.add_argument("images", metavar="IMAGES_OR_FOLDERS", nargs="+",

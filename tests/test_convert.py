@@ -707,6 +707,11 @@ def test_command_line_errors_are_one_clear_line(tmp_path, capsys):
                       "--output", str(tmp_path / "out")])
     assert "cannot tell the class count" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or checkpoint.latest_step(tmp_path / "out") is None
+    with pytest.raises(SystemExit) as info:  # argparse's own mistakes: one line, no usage
+        convert.main(["--input", str(tmp_path / "w.npz"), "--output", str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == ("python -m noah_jax.convert: error: the following "
+                                       "arguments are required: --model (see --help)\n")
 
 
 def test_command_line_drop_head_for_fine_tuning(tmp_path):
