@@ -8,8 +8,11 @@ Every step holds up to three items:
   'train'  {'step', 'opt_state', 'ema_params'}    the rest of a run's state (trainer only)
   'meta'   JSON: model name, head, num_classes, overrides, ...  (describes 'model')
 
-Loading checks the structure against the model it goes into and lists every missing
-key, unexpected key and shape mismatch by name: nothing is skipped silently.
+Loading checks the structure against the model it goes into; what does not fit is
+refused with a CheckpointMismatchError whose `problems` list every missing key,
+unexpected key and shape mismatch by name (nothing is skipped silently), and whose
+message, one line for the console, names the model the checkpoint holds, what to do,
+and counts the differences with three keys of each kind.
 """
 
 from __future__ import annotations
@@ -60,13 +63,87 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple]:
 
 def tree_mismatches(expected: Any, found: Any) -> list[str]:
     """Differences between two variable trees, one line each, by '/'-joined key."""
+    return [line for listed in _differences(expected, found).values() for _, line in listed]
+
+
+def _differences(expected: Any, found: Any) -> dict[str, list[tuple[str, str]]]:
+    """The differences of two trees by kind ('missing' in `found`, 'unexpected' there,
+    of another 'shape'), each as (its short form for a message, its line)."""
     want, have = _leaf_shapes(expected), _leaf_shapes(found)
-    lines = [f"missing in checkpoint: {k} {want[k]}" for k in sorted(want.keys() - have.keys())]
-    lines += [f"unexpected in checkpoint: {k} {have[k]}"
-              for k in sorted(have.keys() - want.keys())]
-    lines += [f"shape mismatch: {k}: model {want[k]}, checkpoint {have[k]}"
-              for k in sorted(want.keys() & have.keys()) if want[k] != have[k]]
-    return lines
+    return {
+        "missing": [(k, f"missing in checkpoint: {k} {want[k]}")
+                    for k in sorted(want.keys() - have.keys())],
+        "unexpected": [(k, f"unexpected in checkpoint: {k} {have[k]}")
+                       for k in sorted(have.keys() - want.keys())],
+        "shape": [(f"{k}: model {want[k]}, checkpoint {have[k]}",
+                   f"shape mismatch: {k}: model {want[k]}, checkpoint {have[k]}")
+                  for k in sorted(want.keys() & have.keys()) if want[k] != have[k]],
+    }
+
+
+# How each kind of difference is counted in a mismatch's one line (the words of
+# `noah_jax.convert.summary`, which counts a state_dict's differences so).
+_COUNTS = {"missing": "{n} key{s} missing", "unexpected": "{n} unexpected key{s}",
+           "shape": "{n} of another shape"}
+
+
+def _mismatch_error(what: str, *differences: Mapping[str, list[tuple[str, str]]],
+                    advice: str = "", examples: int = 3) -> Optional[CheckpointMismatchError]:
+    """The error for `differences` (of `_differences`, concatenated by kind), or None
+    when there are none: '<what>: <advice>; 36 keys missing (e.g. a; b; c), 1 of another
+    shape (...)', with every difference in its `problems`."""
+    by_kind = {kind: [item for d in differences for item in d.get(kind, ())] for kind in _COUNTS}
+    counts = []
+    for kind, listed in by_kind.items():
+        if listed:
+            shown = "; ".join(short for short, _ in listed[:examples])
+            more = "e.g. " if len(listed) > examples else ""
+            count = _COUNTS[kind].format(n=len(listed), s="s" * (len(listed) != 1))
+            counts.append(f"{count} ({more}{shown})")
+    if not counts:
+        return None
+    return CheckpointMismatchError(
+        f"{what}: {advice + '; ' if advice else ''}{', '.join(counts)}",
+        [line for listed in by_kind.values() for _, line in listed])
+
+
+def model_settings(name: str, head: Optional[str] = None, num_classes: Optional[int] = None,
+                   overrides: Optional[Mapping[str, Any]] = None) -> dict:
+    """A model as a checkpoint's 'meta' names it: what `held_model` compares."""
+    return {"model": name, "head": head, "num_classes": num_classes,
+            "overrides": dict(overrides or {})}
+
+
+def held_model(meta: Mapping[str, Any], run: Optional[Mapping[str, Any]] = None,
+               most: int = 6) -> str:
+    """The model a checkpoint's meta says it holds, in a few words, or '' where it does
+    not say: 'deit_tiny_patch16_224 head=noah num_classes=10 depth=1 embed_dim=96 ...'.
+    With `run` (this run's `model_settings`) and the same model name, only its head and
+    the settings that differ: 'deit_tiny_patch16_224 head=noah depth=1; this run:
+    depth=2', which is what a reader has to change."""
+    if not meta.get("model"):
+        return ""
+
+    def settings(m) -> dict:
+        out = {k: m[k] for k in ("head", "num_classes") if m.get(k) is not None}
+        return {**out, **dict(sorted((m.get("overrides") or {}).items()))}
+
+    def words(items) -> str:
+        items = list(items)
+        shown = " ".join(f"{k}={v}" for k, v in items[:most])
+        return shown + (" ..." if len(items) > most else "")
+
+    held = settings(meta)
+    if run is None or run.get("model") != meta["model"]:
+        return f"{meta['model']} {words(held.items())}".rstrip()
+    mine = settings(run)
+    differ = [k for k in {**held, **mine} if held.get(k) != mine.get(k)]
+    text = meta["model"] + (f" head={held['head']}" if "head" in held and "head" not in differ
+                            else "")
+    if differ:
+        text += (f" {words((k, held.get(k, 'unset')) for k in differ)}; this run: "
+                 f"{words((k, mine.get(k, 'unset')) for k in differ)}")
+    return text
 
 
 def save_model(directory: str | os.PathLike, variables: Mapping[str, Any],
@@ -178,17 +255,23 @@ def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
 
 
 def check_model_fits(directory: str | os.PathLike, target: Any, *, drop_head: bool = False,
-                     resize_pos_embed: bool = False) -> None:
+                     resize_pos_embed: bool = False, run: Optional[Mapping[str, Any]] = None
+                     ) -> None:
     """Raises what `restore_model(directory, target, ...)` would refuse with (no
     checkpoint there, or variables that do not fit `target`), reading only metadata:
-    the trainer checks `config.init_from` so before it writes anything."""
+    the trainer checks `config.init_from` so before it writes anything, and its
+    message says what to change there. `run`: the run's `model_settings`, to name
+    only the settings in which the checkpoint's model differs."""
     step = _step_to_restore(directory, None)
     with manager(directory, read_only=True) as mngr:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         target = _model_target(target)
+        advice = ("give config.init_from.path a checkpoint of this run's model, or set "
+                  "config.model to the checkpoint's")
         _check_model_fits(mngr, directory, step, meta,
                           _without_head(target) if drop_head else target,
-                          drop_head=drop_head, resize_pos_embed=resize_pos_embed)
+                          drop_head=drop_head, resize_pos_embed=resize_pos_embed,
+                          run=run, advice=advice)
 
 
 def _step_to_restore(directory: str | os.PathLike, step: Optional[int]) -> int:
@@ -212,7 +295,8 @@ def _model_target(target: Mapping[str, Any]) -> dict:
 
 
 def _check_model_fits(mngr: ocp.CheckpointManager, directory, step: int, meta, wanted, *,
-                      drop_head: bool, resize_pos_embed: bool) -> bool:
+                      drop_head: bool, resize_pos_embed: bool,
+                      run: Optional[Mapping[str, Any]] = None, advice: str = "") -> bool:
     """Raises CheckpointMismatchError unless the stored 'model' item fits `wanted`;
     returns whether its ViT position embeddings are to be resized."""
     stored = mngr.item_metadata(step)["model"]
@@ -224,12 +308,16 @@ def _check_model_fits(mngr: ocp.CheckpointManager, directory, step: int, meta, w
     if resize:
         stored = dict(stored, params=dict(stored["params"]))
         stored["params"]["pos_embed"] = wanted["params"]["pos_embed"]
-    problems = tree_mismatches(wanted, _without_head(stored) if drop_head else stored)
-    if problems:
-        raise CheckpointMismatchError(
-            f"checkpoint {directory} (step {step}: {meta.get('model', '?')}, "
-            f"head={meta.get('head', '?')}) does not fit the model:\n  "
-            + "\n  ".join(problems))
+    differences = _differences(wanted, _without_head(stored) if drop_head else stored)
+    if advice and not drop_head and all(key.split("/")[1:2] == ["head"] for listed in
+                                        differences.values() for key, _ in listed):
+        advice += (", or keep all but its head (config.init_from.drop_head=True) to train a "
+                   "new one")
+    held = held_model(meta, run)
+    error = _mismatch_error(f"checkpoint {directory} (step {step}{': ' + held if held else ''}) "
+                            "does not fit the model", differences, advice=advice)
+    if error:
+        raise error
     return resize
 
 
@@ -242,11 +330,11 @@ def restore_ema_params(directory: str | os.PathLike, target: Any, *, step: int) 
         stored = mngr.item_metadata(step).get("train")
         if not stored or "ema_params" not in stored:
             return None
-        problems = tree_mismatches(target, stored["ema_params"])
-        if problems:
-            raise CheckpointMismatchError(
-                f"the EMA parameters of checkpoint {directory} step {step} do not fit the "
-                "model:\n  " + "\n  ".join(problems))
+        error = _mismatch_error(f"the EMA parameters of checkpoint {directory} step {step} "
+                                "do not fit the model",
+                                _differences(target, stored["ema_params"]))
+        if error:
+            raise error
         restored = mngr.restore(step, args=ocp.args.Composite(
             train=_restore_into({"ema_params": target}, partial=True))).train
     return restored["ema_params"]
@@ -373,10 +461,13 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, target: Mapping[str, A
     return {**restored.model, **restored.train}
 
 
-def check_state_fits(mngr: ocp.CheckpointManager, step: int, target: Mapping[str, Any]) -> None:
+def check_state_fits(mngr: ocp.CheckpointManager, step: int, target: Mapping[str, Any], *,
+                     run: Optional[Mapping[str, Any]] = None) -> None:
     """Raises CheckpointMismatchError when the train state at `step` is of another
     model or optimiser than `target` (its shapes), or holds no training state;
-    DamagedCheckpointError when its metadata cannot be read. Reads metadata only."""
+    DamagedCheckpointError when its metadata cannot be read. Reads metadata only.
+    `run`: the run's `model_settings`, to name only the settings in which the
+    checkpoint's model differs."""
     model_target = {k: target[k] for k in MODEL_KEYS}
     train_target = {k: v for k, v in target.items() if k not in MODEL_KEYS}
     step_dir = os.path.join(str(mngr.directory), str(step))
@@ -390,10 +481,22 @@ def check_state_fits(mngr: ocp.CheckpointManager, step: int, target: Mapping[str
         missing = [item for item in ("model", "train") if stored.get(item) is None]
         raise DamagedCheckpointError(f"{step_dir}: the metadata of {' and '.join(missing)} "
                                      "cannot be read")
-    problems = tree_mismatches(model_target, {k: v for k, v in stored["model"].items() if v})
-    problems += tree_mismatches(train_target, dict(stored["train"]))
-    if problems:
-        raise CheckpointMismatchError(
-            f"the checkpoint at {mngr.directory} step {step} does not fit this run's model or "
-            "optimiser:\n  " + "\n  ".join(problems)
-            + "\nUse a fresh --workdir for a different model, or the same config to resume.")
+    error = _mismatch_error(
+        f"the checkpoint at {mngr.directory} step {step}{_holding(mngr, step, run)} does not "
+        "fit this run's model or optimiser",
+        _differences(model_target, {k: v for k, v in stored["model"].items() if v}),
+        _differences(train_target, dict(stored["train"])),
+        advice="use another --workdir, or resume with the config that wrote it")
+    if error:
+        raise error
+
+
+def _holding(mngr: ocp.CheckpointManager, step: int, run: Optional[Mapping[str, Any]]) -> str:
+    """' (deit_tiny_patch16_224 head=noah depth=1; this run: depth=2)', the model the
+    step's meta names, or '' where it names none or cannot be read."""
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception:  # noqa: BLE001 (the arrays' metadata alone decide the refusal)
+        return ""
+    held = held_model(dict(meta or {}), run)
+    return f" ({held})" if held else ""

@@ -13,6 +13,7 @@ saving a checkpoint, and the exit status tells schedulers it did not finish.
 from __future__ import annotations
 
 import signal
+from typing import Sequence
 
 
 class UserError(Exception):
@@ -44,7 +45,15 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 
 class CheckpointMismatchError(CheckpointError, ValueError):
-    """A checkpoint's variables do not fit the model they are loaded into."""
+    """A checkpoint's variables do not fit the model they are loaded into.
+
+    The message is one line: the checkpoint, what to do, and the differences counted
+    with a few keys of each kind by name (a model of another depth differs in dozens of
+    keys). `problems` lists every difference, a line each."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()):
+        super().__init__(message)
+        self.problems = list(problems)
 
 
 class CheckpointWriteError(CheckpointError, OSError):

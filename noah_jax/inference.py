@@ -57,7 +57,8 @@ eval_interpolation, mean, std; `Loaded.preprocessing`):
 Mistakes raise `UserError`s whose message is one line: no checkpoint at the path (and
 what is expected), a checkpoint of a model this code does not know, one without its
 head, an image that is missing, unreadable, undecodable or over the pixel limit (by
-name). Variables that do not fit the model list every key, a line each.
+name). Variables that do not fit the model are counted by kind, three keys of each
+named (the error's `problems` list every key, a line each).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import functools
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -87,17 +87,23 @@ def check_workdir_path(workdir: str) -> None:
                            "a workdir you can write to")
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str, abstract_state) -> None:
+def check_workdir(config: ml_collections.ConfigDict, workdir: str, abstract_state,
+                  num_classes: Optional[int] = None) -> None:
     """Refuses, from checkpoint metadata alone, a workdir this run cannot continue (its
     newest readable checkpoint is of another model or optimiser, or a model-only one)
     or, with nothing to resume, a `config.init_from` that does not fit the model: a
-    refused run writes nothing. Damaged checkpoints are left to `restore_or_init`."""
+    refused run writes nothing. Damaged checkpoints are left to `restore_or_init`.
+    The refusal names the settings in which the checkpoint's model differs from this
+    run's (config.model, and `num_classes`, the dataset's)."""
+    run = checkpoint.model_settings(
+        config.model.name, config.model.head, num_classes,
+        {k: v for k, v in config.model.overrides.to_dict().items() if v is not None})
     directory = os.path.join(workdir, "checkpoints")
     if checkpoint.latest_step(directory) is not None:
         with checkpoint.manager(directory, read_only=True) as mngr:
             for step in sorted(mngr.all_steps(), reverse=True):
                 try:
-                    checkpoint.check_state_fits(mngr, step, abstract_state)
+                    checkpoint.check_state_fits(mngr, step, abstract_state, run=run)
                 except CheckpointMismatchError:
                     raise
                 except Exception:  # noqa: BLE001 (damaged: restore_or_init reports it)
@@ -108,7 +114,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, abstract_stat
         checkpoint.check_model_fits(config.init_from.path,
                                     {k: abstract_state[k] for k in checkpoint.MODEL_KEYS},
                                     drop_head=config.init_from.drop_head,
-                                    resize_pos_embed=True)
+                                    resize_pos_embed=True, run=run)
 
 
 def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -423,7 +429,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # The config, the dataset, the model and what the workdir holds are valid: from
     # here on the run writes, holding the workdir against a second run (workdir_lock)
     # until it returns.
-    check_workdir(config, workdir, abstract_state)
+    check_workdir(config, workdir, abstract_state, source.num_classes)
     os.makedirs(workdir, exist_ok=True)
     with contextlib.ExitStack() as on_exit:  # run in reverse order, also on errors
         lock = on_exit.enter_context(workdir_lock.WorkdirLock(workdir))

@@ -139,8 +139,16 @@ def test_drop_head_restores_the_backbone_and_keeps_the_targets_head(tmp_path):
 
 
 def mismatch_lines(error):
-    """The per-key lines of a CheckpointMismatchError (after its one-line header)."""
-    return str(error).split("\n  ")[1:]
+    """Every difference a CheckpointMismatchError lists, a line each (its message counts
+    them, naming a few)."""
+    assert "\n" not in str(error)
+    return error.problems
+
+
+def leaf_keys(tree):
+    """'/'-joined key paths of a tree's leaves, by jax.tree_util's own names."""
+    return {jax.tree_util.keystr(path, simple=True, separator="/")
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def test_mismatch_error_lists_every_missing_unexpected_and_misshaped_key(tmp_path):
@@ -149,9 +157,11 @@ def test_mismatch_error_lists_every_missing_unexpected_and_misshaped_key(tmp_pat
                             jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
     with pytest.raises(checkpoint.CheckpointMismatchError) as error:
         checkpoint.restore_model(tmp_path, target)
-    header = str(error.value).split("\n")[0]
-    assert header == (f"checkpoint {tmp_path} (step 3: tiny, head=linear) does not fit "
-                      "the model:")
+    assert str(error.value) == (
+        f"checkpoint {tmp_path} (step 3: tiny head=linear num_classes=10 depth=1) does not "
+        "fit the model: 2 keys missing (params/extra/bias; params/extra/kernel), 1 unexpected "
+        "key (params/pos_embed), 2 of another shape (params/head/bias: model (4,), checkpoint "
+        f"(10,); params/head/kernel: model ({FEATURES}, 4), checkpoint ({FEATURES}, 10))")
     assert mismatch_lines(error.value) == [
         f"missing in checkpoint: params/extra/bias ({FEATURES},)",
         f"missing in checkpoint: params/extra/kernel ({FEATURES}, {FEATURES})",
@@ -159,6 +169,63 @@ def test_mismatch_error_lists_every_missing_unexpected_and_misshaped_key(tmp_pat
         "shape mismatch: params/head/bias: model (4,), checkpoint (10,)",
         f"shape mismatch: params/head/kernel: model ({FEATURES}, 4), checkpoint ({FEATURES}, 10)",
     ]
+
+
+def test_an_init_from_that_does_not_fit_names_the_settings_that_differ_and_what_to_do(
+        tmp_path):
+    """check_model_fits (the trainer's check of config.init_from) in one line: the
+    settings in which the checkpoint's model differs from the run's, what to change,
+    then the counts; a checkpoint that differs only in its head is pointed at drop_head."""
+    checkpoint.save_model(tmp_path, random_variables(TinyNet()), META)
+    three_classes = jax.eval_shape(TinyNet(num_classes=3).init, jax.random.key(0),
+                                   jnp.zeros((1, 8, 8, 3)))
+    run = checkpoint.model_settings("tiny", "linear", 3, {"depth": 1})
+    with pytest.raises(checkpoint.CheckpointMismatchError) as error:
+        checkpoint.check_model_fits(tmp_path, three_classes, run=run)
+    assert str(error.value) == (
+        f"checkpoint {tmp_path} (step 0: tiny head=linear num_classes=10; this run: "
+        "num_classes=3) does not fit the model: give config.init_from.path a checkpoint of "
+        "this run's model, or set config.model to the checkpoint's, or keep all but its head "
+        "(config.init_from.drop_head=True) to train a new one; 2 of another shape "
+        "(params/head/bias: model (3,), checkpoint (10,); params/head/kernel: model "
+        f"({FEATURES}, 3), checkpoint ({FEATURES}, 10))")
+    checkpoint.check_model_fits(tmp_path, three_classes, drop_head=True, run=run)  # fits
+
+    deeper = jax.eval_shape(TinyNet(extra_layer=True).init, jax.random.key(0),
+                            jnp.zeros((1, 8, 8, 3)))
+    with pytest.raises(checkpoint.CheckpointMismatchError) as error:
+        checkpoint.check_model_fits(tmp_path, deeper, drop_head=True, run=checkpoint.
+                                    model_settings("tiny", "linear", 10, {"depth": 2}))
+    assert str(error.value) == (
+        f"checkpoint {tmp_path} (step 0: tiny head=linear depth=1; this run: depth=2) does "
+        "not fit the model: give config.init_from.path a checkpoint of this run's model, or "
+        "set config.model to the checkpoint's; 2 keys missing (params/extra/bias; "
+        "params/extra/kernel)")
+    assert error.value.problems == [f"missing in checkpoint: params/extra/bias ({FEATURES},)",
+                                    "missing in checkpoint: params/extra/kernel "
+                                    f"({FEATURES}, {FEATURES})"]
+
+
+def test_the_model_a_checkpoint_holds_in_a_few_words():
+    # Another model than the run's (or no run): the checkpoint's settings, six at most.
+    many = {"model": "resnet18", "head": "noah", "num_classes": 1000,
+            "overrides": {f"o{i}": i for i in range(7)}}
+    assert checkpoint.held_model(many) == ("resnet18 head=noah num_classes=1000 o0=0 o1=1 "
+                                           "o2=2 o3=3 ...")
+    assert checkpoint.held_model(many, checkpoint.model_settings("tiny")) == (
+        checkpoint.held_model(many))
+    # The same model: only the settings that differ, on both sides (a head that is the
+    # same is named too).
+    held = {"model": "resnet18", "head": "noah", "num_classes": 1000,
+            "overrides": {"o0": 0, "o1": 1}}
+    run = checkpoint.model_settings("resnet18", "linear", 1000, {"o0": 0, "o2": 2})
+    assert checkpoint.held_model(held, run) == ("resnet18 head=noah o1=1 o2=unset; this run: "
+                                                "head=linear o1=unset o2=2")
+    run = checkpoint.model_settings("resnet18", "noah", 10, {"o0": 0, "o1": 1})
+    assert checkpoint.held_model(held, run) == ("resnet18 head=noah num_classes=1000; this "
+                                                "run: num_classes=10")
+    assert checkpoint.held_model({"model": "x"}) == "x"
+    assert checkpoint.held_model({}) == "" and checkpoint.held_model({"head": "noah"}) == ""
 
 
 # ----------------------------------------------------------------------------------
@@ -282,8 +349,21 @@ def test_restore_state_refuses_a_model_only_checkpoint_and_another_optimiser(tmp
         with pytest.raises(checkpoint.CheckpointMismatchError,
                            match="does not fit this run's model or optimiser") as error:
             checkpoint.restore_state(mngr, 1, adamw_state)
-    # Judged from the metadata, key by key: Adam's moments are missing, SGD's trace is
+    # One line: the model the checkpoint holds, what to do, then the optimiser's keys
+    # counted, three of each kind named (the parameters fit, so they are not counted).
+    missing = sorted(leaf_keys(adamw_state) - leaf_keys(sgd_state))
+    unexpected = sorted(leaf_keys(sgd_state) - leaf_keys(adamw_state))
+    assert len(missing) > 3 and len(unexpected) > 3
+    assert str(error.value) == (
+        f"the checkpoint at {tmp_path / 'sgd'} step 1 (tiny head=linear num_classes=10 "
+        "depth=1) does not fit this run's model or optimiser: use another --workdir, or "
+        f"resume with the config that wrote it; {len(missing)} keys missing (e.g. "
+        f"{'; '.join(missing[:3])}), {len(unexpected)} unexpected keys (e.g. "
+        f"{'; '.join(unexpected[:3])})")
+    assert len(str(error.value)) - len(str(tmp_path)) < 400
+    # Every difference is kept, key by key: Adam's moments are missing, SGD's trace is
     # unexpected, and the parameters (which fit) are not listed.
+    assert len(error.value.problems) == len(missing) + len(unexpected)
     lines = mismatch_lines(error.value)
     assert "missing in checkpoint: opt_state/0/mu/conv/kernel (3, 3, 3, 8)" in lines
     assert "missing in checkpoint: opt_state/0/count ()" in lines
