@@ -158,10 +158,19 @@ def save_model(directory: str | os.PathLike, variables: Mapping[str, Any],
 
 
 def latest_step(directory: str | os.PathLike) -> Optional[int]:
-    """The newest step in a checkpoint directory, or None if there is none."""
-    if not os.path.isdir(directory):
-        return None
-    with manager(directory, read_only=True) as mngr:
+    """The newest step in a checkpoint directory, or None if there is none. A run that
+    is writing there deletes its oldest step after each save (max_to_keep), which can
+    happen between Orbax listing the steps and reading their timestamps: the listing
+    is then taken again."""
+    for _ in range(4):
+        if not os.path.isdir(directory):
+            return None
+        try:
+            with manager(directory, read_only=True) as mngr:
+                return mngr.latest_step()
+        except FileNotFoundError:
+            continue
+    with manager(directory, read_only=True) as mngr:  # a last time, its error let through
         return mngr.latest_step()
 
 

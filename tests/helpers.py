@@ -204,6 +204,7 @@ def readme_commands(prefix: str) -> list[list[str]]:
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+        block = re.sub(r"<<'(\w+)'\n.*?\n\1\n", "\n", block, flags=re.S)  # heredoc bodies
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"(^|\s)#.*$", "", line)  # comments
             for part in re.split(r'&&|--command="', line):

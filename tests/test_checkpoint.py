@@ -114,6 +114,30 @@ def test_latest_step_and_restoring_an_older_step(tmp_path):
     assert meta == META
 
 
+def test_latest_step_lists_again_when_a_running_save_deletes_a_step(tmp_path, monkeypatch):
+    """A trainer deletes its oldest step after each save (max_to_keep); if that happens
+    while Orbax lists the steps, the listing fails on the vanished folder and is taken
+    again, up to five times."""
+    checkpoint.save_model(tmp_path, random_variables(TinyNet(), seed=1), META, step=3)
+    real, calls = checkpoint.manager, []
+
+    def vanishing(fails):
+        def manager(*args, **kwargs):
+            calls.append(1)
+            if len(calls) <= fails:
+                raise FileNotFoundError(f"{tmp_path}/1")  # as Orbax's stat of a deleted step
+            return real(*args, **kwargs)
+        return manager
+
+    monkeypatch.setattr(checkpoint, "manager", vanishing(fails=4))
+    assert checkpoint.latest_step(tmp_path) == 3 and len(calls) == 5
+    calls.clear()
+    monkeypatch.setattr(checkpoint, "manager", vanishing(fails=5))
+    with pytest.raises(FileNotFoundError):
+        checkpoint.latest_step(tmp_path)
+    assert len(calls) == 5
+
+
 def test_restoring_from_a_directory_without_checkpoints_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no checkpoint in {tmp_path / 'nothing'}"):
         checkpoint.restore_model(tmp_path / "nothing")
