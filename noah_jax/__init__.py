@@ -15,6 +15,11 @@ import os
 #   which the input pipeline does not need: its decoding, resizing, crops and colour
 #   operations (the depthwise blur of `sharpness` included) give the same bytes either
 #   way, and the demo the same metrics at every step.
+# A command whose TensorFlow lines only repeat its own (predict) sets a quieter level
+# where the user set none; this remembers which the user set.
+TF_SETTINGS_FROM_USER = frozenset(name for name in ("TF_CPP_MIN_LOG_LEVEL",
+                                                    "TF_ENABLE_ONEDNN_OPTS")
+                                  if name in os.environ)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 

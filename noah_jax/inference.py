@@ -177,6 +177,36 @@ def _not_decodable(path: str) -> ImageFileError:
                           "the file may be damaged or of another kind)")
 
 
+_JPEG_WITHOUT_LENGTH = {0x00, 0x01, *range(0xD0, 0xD8)}  # a stuffed 0, TEM, RST0-7
+
+
+def _jpeg_ends_before_its_scan(encoded: bytes) -> bool:
+    """Whether a JPEG's bytes end inside its markers, before its first scan (a file
+    cut short in its header). libjpeg reads those markers first, and on such a file
+    it prints 'Improper call to JPEG library in state 201' on stderr, past any
+    TensorFlow log level; the file is refused before TensorFlow sees it. Bytes
+    between markers are skipped, as libjpeg does."""
+    at = 2  # after the start-of-image marker
+    while True:
+        while at < len(encoded) and encoded[at] != 0xFF:
+            at += 1
+        while at < len(encoded) and encoded[at] == 0xFF:  # fill bytes
+            at += 1
+        if at >= len(encoded):
+            return True
+        marker, at = encoded[at], at + 1
+        if marker in _JPEG_WITHOUT_LENGTH:
+            continue
+        if marker == 0xD9:  # end of image, before any scan
+            return True
+        if at + 2 > len(encoded):
+            return True
+        end = at + int.from_bytes(encoded[at:at + 2], "big")
+        if marker == 0xDA:  # start of scan: its header must be there
+            return end > len(encoded)
+        at = end
+
+
 @functools.cache  # one tf.function per limit, however many models are loaded
 def _checked_bytes(max_pixels: int) -> Callable[[str], bytes]:
     """path -> its bytes, once its header shows at most `max_pixels` pixels (0 = no
@@ -191,6 +221,8 @@ def _checked_bytes(max_pixels: int) -> Callable[[str], bytes]:
 
     def read(path: str) -> bytes:
         encoded = _read(path)
+        if encoded[:3] == b"\xff\xd8\xff" and _jpeg_ends_before_its_scan(encoded):
+            raise _not_decodable(path)
         try:
             within = bool(within_limit(tf.constant(encoded)))
         except tf.errors.OpError:  # a JPEG whose header is cut short or damaged

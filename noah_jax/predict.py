@@ -21,6 +21,9 @@ model compiles once); over several batches a progress line goes to stderr.
 
 A file that is not a readable image (a text file named .png, a damaged download) is
 skipped with a warning line naming it, and a last line on stderr counts the skipped.
+Those lines are all stderr gets about such files: TensorFlow's C++ log is held back
+(TF_CPP_MIN_LOG_LEVEL=3 unless it is set), and a JPEG cut short in its header is
+refused before libjpeg, which would print on its own, reads it.
 
 Exit status 0 when at least one image was predicted. A mistake ends in one line on
 stderr: status 2 for the command line, 1 for the checkpoint, a path that does not
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from typing import Optional, Sequence, TextIO
@@ -215,6 +219,20 @@ def one_line(error: BaseException) -> str:
     return cli.one_line(str(error)) or type(error).__name__
 
 
+def _quiet_tensorflow() -> None:
+    """TF_CPP_MIN_LOG_LEVEL=3 where the user set none, before TensorFlow is imported
+    (which reads it then). TensorFlow only decodes the images here, and each file it
+    cannot decode gets a warning line of this command, which its C++ runtime would
+    repeat: 'Local rendezvous is aborting' warnings, and errors such as 'Premature end
+    of JPEG data' for a download cut short. Its errors that matter reach Python as
+    exceptions, which this command reports."""
+    import noah_jax
+
+    if ("TF_CPP_MIN_LOG_LEVEL" not in noah_jax.TF_SETTINGS_FROM_USER
+            and "tensorflow" not in sys.modules):
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+
+
 def _refuse(message: str) -> None:
     sys.stderr.write(f"{PROG}: error: {message}\n")
     sys.exit(1)
@@ -233,6 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                or cli.missing_path_error(args.images))
     if mistake:
         _refuse(mistake)
+    _quiet_tensorflow()
     from noah_jax import inference, run_log
     from noah_jax.errors import UserError
 

@@ -329,6 +329,24 @@ def huge_png_header(path, side=20000):
     return str(path)
 
 
+def test_a_jpeg_cut_in_its_header_is_told_from_one_cut_in_its_scan():
+    """A JPEG that ends before its first scan is refused before TensorFlow decodes it
+    (libjpeg would print on stderr); one that reaches its scan is left to decoding."""
+    image = np.random.default_rng(0).integers(0, 256, (24, 40, 3), np.uint8)
+    for encoded in (tf.io.encode_jpeg(image).numpy(),
+                    tf.io.encode_jpeg(image, progressive=True, quality=20).numpy(),
+                    tf.io.encode_jpeg(image[..., :1], xmp_metadata="<x>" * 50).numpy()):
+        scan = encoded.index(b"\xff\xda")  # start of scan, then its header's length
+        scan_end = scan + 2 + int.from_bytes(encoded[scan + 2:scan + 4], "big")
+        assert not inference._jpeg_ends_before_its_scan(encoded)
+        assert not inference._jpeg_ends_before_its_scan(encoded[:scan_end])
+        assert all(inference._jpeg_ends_before_its_scan(encoded[:n]) for n in range(3, scan_end))
+        # A few bytes between markers, as some writers leave them, are skipped.
+        assert not inference._jpeg_ends_before_its_scan(encoded[:2] + b"\0\0" + encoded[2:])
+    assert inference._jpeg_ends_before_its_scan(b"\xff\xd8\xff\xe0 cut short")
+    assert inference._jpeg_ends_before_its_scan(b"\xff\xd8\xff\xd9")  # no image
+
+
 def test_images_that_cannot_be_used_are_named(demo_run, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import noah_jax
 from noah_jax import checkpoint, inference, predict
 from noah_jax.models import create_model
 
@@ -166,7 +167,8 @@ def test_files_that_are_not_images_are_skipped_with_a_warning_each(demo_run, dig
                                                                     tmp_path, capsys):
     """A folder of digits with a text file named .png and a JPEG cut short: the digits
     are predicted as on their own, each stray file gets one warning line, a last line
-    counts them, and the exit status is 0."""
+    counts them, and the exit status is 0. TensorFlow and libjpeg add no line of their
+    own about those files."""
     workdir, paths = demo_run[0], digit_pngs[1][:3]
     folder = tmp_path / "digits"
     folder.mkdir()
@@ -176,20 +178,42 @@ def test_files_that_are_not_images_are_skipped_with_a_warning_each(demo_run, dig
     (folder / "9_cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
     alone, _ = run(capsys, workdir, *paths, "--format", "json", "--batch-size", "4")
 
-    out, err = run(capsys, workdir, folder, "--format", "json", "--batch-size", "4")
-    rows = json.loads(out)
+    # As a user runs it, so that stderr is all the process writes (TensorFlow's C++
+    # lines and libjpeg's included), with TensorFlow's settings left to the command.
+    proc = subprocess.run([sys.executable, "-m", "noah_jax.predict", str(workdir), str(folder),
+                           "--format", "json", "--batch-size", "4"],
+                          cwd=ROOT, env=user_environment(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
     assert [r["path"] for r in rows] == [str(folder / f"{i}.png") for i in range(3)]
     for row, expected in zip(rows, json.loads(alone)):
         assert [p["class"] for p in row["predictions"]] == [
             p["class"] for p in expected["predictions"]]
         assert [p["probability"] for p in row["predictions"]] == pytest.approx(
             [p["probability"] for p in expected["predictions"]], rel=1e-6)
-    lines = [line for line in err.splitlines() if not line.startswith("predicted ")]
+    # Two batches of 4: the progress line at the end (and, on a slow machine, one after
+    # the first batch), then a warning per file and the count: nothing else.
+    lines = proc.stderr.splitlines()
+    progress = [line for line in lines
+                if re.fullmatch(r"predicted [45]/5 images \(\d+\.\d images/s\)", line)]
+    assert progress and progress[-1].startswith("predicted 5/5 images"), proc.stderr
     undecodable = "cannot be decoded as an image (JPEG, PNG, GIF or BMP; the file may be "
-    assert lines == [
+    assert lines == progress + [
         f"warning: skipped {folder / '1_notes.png'}: {undecodable}damaged or of another kind)",
         f"warning: skipped {folder / '9_cut.jpg'}: {undecodable}damaged or of another kind)",
-        "warning: skipped 2 of 5 files (not readable images); predicted the other 3"]
+        "warning: skipped 2 of 5 files (not readable images); predicted the other 3"], (
+        proc.stderr)
+
+
+def user_environment():
+    """This process's environment as a user's shell has it: without the TensorFlow
+    settings that importing noah_jax here added, so that a command sets its own."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for name in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS"):
+        if name not in noah_jax.TF_SETTINGS_FROM_USER:
+            env.pop(name, None)
+    return env
 
 
 def test_a_checkpoint_that_does_not_fit_its_model_is_one_line_counting_the_keys(tmp_path,
@@ -214,15 +238,12 @@ def test_a_checkpoint_that_does_not_fit_its_model_is_one_line_counting_the_keys(
 def test_the_command_prints_one_line_and_no_traceback(tmp_path):
     image = tmp_path / "x.png"
     image.write_bytes(tf.io.encode_png(np.zeros((9, 9, 3), np.uint8)).numpy())
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "noah_jax.predict", str(tmp_path), str(image)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=user_environment(), capture_output=True, text=True,
+                          timeout=300)
     assert (proc.returncode, proc.stdout) == (1, "")
-    # TensorFlow (which reads the images) prints its start-up notices in C++, whatever
-    # the environment says (the README mentions them); nothing else may be there.
-    lines = [line for line in proc.stderr.splitlines()
-             if not re.search(r"oneDNN custom operations are on|before absl::InitializeLog",
-                              line)]
-    assert lines == [f"{PREFIX}no checkpoint in {tmp_path}: expected a training workdir (with "
-                     "checkpoints/ inside), its checkpoints/ folder, or a converted checkpoint "
-                     "(the --output of python -m noah_jax.convert)"], proc.stderr
+    # TensorFlow's C++ start-up notices (oneDNN, absl::InitializeLog) are off: noah_jax
+    # sets TF_ENABLE_ONEDNN_OPTS=0, and predict its log level.
+    assert proc.stderr == (f"{PREFIX}no checkpoint in {tmp_path}: expected a training workdir "
+                           "(with checkpoints/ inside), its checkpoints/ folder, or a converted "
+                           "checkpoint (the --output of python -m noah_jax.convert)\n")
