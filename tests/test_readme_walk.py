@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -29,7 +30,7 @@ PLAN = [
     (r"\.venv/bin/python -m pytest ", (SKIP, "the suite itself, which CI runs; "
                                        "test_readme.py checks .ci/run runs this command")),
     (r"\.venv/bin/python main\.py --config=configs/\w+\.py:\S*demo",
-     "--config.num_epochs=2"),
+     "--config.num_epochs=1"),
     (r"\.venv/bin/python - <<'EOF'", ""),
     (r"\.venv/bin/python -m noah_jax\.predict runs/demo ", ""),
     (r"\.venv/bin/python -m noah_jax\.visualize runs/demo ", ""),
@@ -110,7 +111,7 @@ def test_readme_commands_know_their_plan():
     actions = [plan_for(c.removeprefix(SETUP + " && ")) for c in commands
                if c != SETUP]
     ran = [a for a in actions if not (isinstance(a, tuple) and a[0] is SKIP)]
-    assert len(commands) >= 20 and len(ran) >= 10, commands
+    assert len(commands) >= 20 and len(ran) >= 9, commands
 
 
 @pytest.mark.skipif(not (pathlib.Path(sys.prefix) / "bin" / "python").exists(),
@@ -132,8 +133,10 @@ def test_readme_commands_run_in_order_on_a_scratch_clone(tmp_path):
         if action:
             first, _, rest = command.partition("\n")
             command = "\n".join(filter(None, [f"{first} {action}", rest]))
+        start = time.monotonic()
         proc = subprocess.run(["bash", "-c", command], cwd=clone, env=env,
                               capture_output=True, text=True, timeout=900)
+        print(f"{time.monotonic() - start:6.1f} s  {command.splitlines()[0]}")  # with -s
         assert proc.returncode == 0, (
             f"README command exited {proc.returncode}: {command}\n"
             f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-3000:]}")
