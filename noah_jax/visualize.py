@@ -61,15 +61,23 @@ def class_indices(names: str, class_names: Sequence[str]) -> Optional[list[int]]
     return indices
 
 
+def parse_heads(heads: str) -> Optional[list[int]]:
+    """--heads as head indices, None for 'all'; what needs no model (the indices'
+    range is checked by `head_indices`)."""
+    if heads == "all":
+        return None
+    chosen = [h.strip() for h in heads.split(",") if h.strip()]
+    if not (chosen and all(h.isdigit() for h in chosen)):
+        raise ConfigError(f"--heads={heads}: give 'all' or head indices separated by commas")
+    return [int(h) for h in chosen]
+
+
 def head_indices(heads: str, num_heads: int) -> list[int]:
     """--heads as indices into the model's N heads."""
-    if heads == "all":
+    chosen = parse_heads(heads)
+    if chosen is None:
         return list(range(num_heads))
-    try:
-        chosen = [int(h) for h in heads.split(",") if h.strip()]
-    except ValueError:
-        chosen = []
-    if not chosen or any(not 0 <= h < num_heads for h in chosen):
+    if any(h >= num_heads for h in chosen):
         raise ConfigError(f"--heads={heads}: give 'all' or head indices 0..{num_heads - 1} "
                           "separated by commas")
     return chosen
@@ -123,9 +131,10 @@ def visualize(checkpoint: str, images: Sequence[str], out: str, *, classes: str 
 def _argument_error(args: argparse.Namespace) -> Optional[str]:
     """What is wrong with the paths and --heads, told before TensorFlow and JAX are
     imported (seconds); the class names and head count need the model."""
-    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
-    if args.heads != "all" and not (heads and all(h.isdigit() for h in heads)):
-        return f"--heads={args.heads}: give 'all' or head indices separated by commas"
+    try:
+        parse_heads(args.heads)
+    except ConfigError as e:
+        return str(e)
     return (cli.checkpoint_path_error(args.checkpoint) or cli.missing_path_error(args.images)
             or cli.output_folder_error(args.out, "--out"))
 
