@@ -28,6 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from noah_jax import errors
 from noah_jax.errors import (CheckpointError, CheckpointMismatchError,  # noqa: F401
                              CheckpointNotFoundError, CheckpointWriteError)
 
@@ -81,29 +82,19 @@ def _differences(expected: Any, found: Any) -> dict[str, list[tuple[str, str]]]:
     }
 
 
-# How each kind of difference is counted in a mismatch's one line (the words of
-# `noah_jax.convert.summary`, which counts a state_dict's differences so).
-_COUNTS = {"missing": "{n} key{s} missing", "unexpected": "{n} unexpected key{s}",
-           "shape": "{n} of another shape"}
-
-
 def _mismatch_error(what: str, *differences: Mapping[str, list[tuple[str, str]]],
                     advice: str = "", examples: int = 3) -> Optional[CheckpointMismatchError]:
     """The error for `differences` (of `_differences`, concatenated by kind), or None
     when there are none: '<what>: <advice>; 36 keys missing (e.g. a; b; c), 1 of another
     shape (...)', with every difference in its `problems`."""
-    by_kind = {kind: [item for d in differences for item in d.get(kind, ())] for kind in _COUNTS}
-    counts = []
-    for kind, listed in by_kind.items():
-        if listed:
-            shown = "; ".join(short for short, _ in listed[:examples])
-            more = "e.g. " if len(listed) > examples else ""
-            count = _COUNTS[kind].format(n=len(listed), s="s" * (len(listed) != 1))
-            counts.append(f"{count} ({more}{shown})")
+    by_kind = {kind: [item for d in differences for item in d.get(kind, ())]
+               for kind in ("missing", "unexpected", "shape")}
+    counts = errors.count_differences(
+        {kind: [short for short, _ in listed] for kind, listed in by_kind.items()}, examples)
     if not counts:
         return None
     return CheckpointMismatchError(
-        f"{what}: {advice + '; ' if advice else ''}{', '.join(counts)}",
+        f"{what}: {advice + '; ' if advice else ''}{counts}",
         [line for listed in by_kind.values() for _, line in listed])
 
 

@@ -86,7 +86,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from noah_jax import checkpoint, cli
+from noah_jax import checkpoint, cli, errors
 from noah_jax.data import catalog
 from noah_jax.errors import UserError
 from noah_jax.heads import NOAHHead
@@ -362,11 +362,9 @@ def _as_numpy_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {str(k): _to_numpy(v) for k, v in state_dict.items()}
 
 
-# How each kind of problem reads in ConversionError's listing, and in `summary`.
+# How each kind of problem reads in ConversionError's listing (`summary` counts them).
 _PROBLEM_LINES = {"missing": "missing", "unexpected": "unexpected",
                   "shape": "shape mismatch", "dtype": "not numeric"}
-_PROBLEM_COUNTS = {"missing": "{n} key{s} missing", "unexpected": "{n} unexpected key{s}",
-                   "shape": "{n} of another shape", "dtype": "{n} not numeric"}
 
 
 def _problems(state_dict: Mapping[str, np.ndarray], entries: Sequence[_Entry],
@@ -394,14 +392,9 @@ def _problems(state_dict: Mapping[str, np.ndarray], entries: Sequence[_Entry],
 def summary(problems: Mapping[str, Sequence[str]], examples: int = 3) -> str:
     """ConversionError.problems in one line: a count per kind, with a few examples
     ('120 keys missing (e.g. a; b; c), 40 unexpected keys (...)')."""
-    parts = []
-    for kind, listed in problems.items():
-        if listed:
-            shown = "; ".join(text.split(" (-> ")[0] for text in listed[:examples])
-            more = "e.g. " if len(listed) > examples else ""
-            count = _PROBLEM_COUNTS[kind].format(n=len(listed), s="s" * (len(listed) != 1))
-            parts.append(f"{count} ({more}{shown})")
-    return ", ".join(parts)
+    return errors.count_differences(
+        {kind: [text.split(" (-> ")[0] for text in listed] for kind, listed in problems.items()},
+        examples)
 
 
 def _convert(state_dict: dict[str, np.ndarray], entries: list[_Entry], origin: Mapping[str, str],

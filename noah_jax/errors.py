@@ -56,6 +56,26 @@ class CheckpointMismatchError(CheckpointError, ValueError):
         self.problems = list(problems)
 
 
+# How each kind of key difference is counted in a one-line mismatch message (a
+# checkpoint that does not fit, and `python -m noah_jax.convert`'s summary).
+_DIFFERENCE_COUNTS = {"missing": "{n} key{s} missing", "unexpected": "{n} unexpected key{s}",
+                      "shape": "{n} of another shape", "dtype": "{n} not numeric"}
+
+
+def count_differences(by_kind: dict[str, Sequence[str]], examples: int = 3) -> str:
+    """Key differences by kind ('missing', 'unexpected', 'shape', 'dtype': each a list
+    of short texts) in one line, a count per kind with its first few texts:
+    '36 keys missing (e.g. a; b; c), 1 of another shape (d)'; '' when there are none."""
+    parts = []
+    for kind, listed in by_kind.items():
+        if listed:
+            shown = "; ".join(listed[:examples])
+            more = "e.g. " if len(listed) > examples else ""
+            count = _DIFFERENCE_COUNTS[kind].format(n=len(listed), s="s" * (len(listed) != 1))
+            parts.append(f"{count} ({more}{shown})")
+    return ", ".join(parts)
+
+
 class CheckpointWriteError(CheckpointError, OSError):
     """Saving a checkpoint failed (disk full, no permission, ...); earlier ones are intact."""
 
