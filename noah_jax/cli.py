@@ -91,11 +91,18 @@ def missing_path_error(paths: list[str]) -> str | None:
     return None
 
 
-def output_folder_error(path: str, option: str) -> str | None:
-    """Why no folder can be written at `path` (it is a file, or lies under one)."""
+def nearest_existing(path: str) -> str:
+    """`path` made absolute, or its nearest ancestor that exists: what decides whether
+    a folder can be made there."""
     existing = os.path.abspath(path)
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
+    return existing
+
+
+def output_folder_error(path: str, option: str) -> str | None:
+    """Why no folder can be written at `path` (it is a file, or lies under one)."""
+    existing = nearest_existing(path)
     if not os.path.isdir(existing):
         where = ("is a file" if existing == os.path.abspath(path)
                  else f"is under the file {existing}")

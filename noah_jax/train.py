@@ -32,7 +32,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from noah_jax import (checkpoint, data, durations, evaluators, losses, optim, preemption,
+from noah_jax import (checkpoint, cli, data, durations, evaluators, losses, optim, preemption,
                       run_log, sharding, workdir_lock)
 from noah_jax.errors import (CheckpointError, CheckpointMismatchError, ConfigError,
                              NonFiniteError, Stopped, UserError, WorkdirError)
@@ -76,9 +76,7 @@ def check_workdir_path(workdir: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise WorkdirError(f"workdir {workdir} is a file, not a folder: give a folder (a new "
                            "path, or the workdir of a run to resume)")
-    existing = path
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
+    existing = cli.nearest_existing(path)
     if not os.path.isdir(existing):
         raise WorkdirError(f"workdir {workdir}: {existing} is a file, so no folder can be made "
                            "under it; give a path whose folders are folders")
