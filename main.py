@@ -41,10 +41,11 @@ def main(argv):
                                    process_id=FLAGS.process_id)
     elif FLAGS.distributed:
         jax.distributed.initialize()
-    from noah_jax import errors, run_log, train
+    from noah_jax import errors
+    from noah_jax.train import run_log, trainer
     run_log.setup_console()  # here, not before app.run: it imports JAX (--help stays quick)
     try:
-        results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        results = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except errors.Stopped as e:  # a signal or preemption: a checkpoint was saved
         run_log.append(FLAGS.workdir, str(e), level="WARNING")
         print(str(e), file=sys.stderr, flush=True)
@@ -69,6 +70,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from noah_jax import host_memory
+    from noah_jax.train import host_memory
     host_memory.use_huge_pages()  # may start this command again, before anything is allocated
     app.run(main, flags_parser=cli.parse_flags)

@@ -78,7 +78,7 @@ RECIPES = tuple(RECIPE_CONFIGS)
 
 
 def preprocess_for(recipe: str) -> pipeline.Preprocess:
-    """`pipeline.Preprocess` of the recipe's config, exactly as `noah_jax.train` builds it."""
+    """`pipeline.Preprocess` of the recipe's config, exactly as `noah_jax.train.trainer` builds it."""
     config = importlib.import_module(f"configs.{RECIPE_CONFIGS[recipe]}").get_config()
     config = input_preprocessing.resolve(config)  # the model family's mean, std, eval resize
     return pipeline.Preprocess.from_config(config.dataset, config.augment,

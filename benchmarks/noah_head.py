@@ -9,7 +9,7 @@ hand-written gradients); it replaced a head that computed all blocks at once wit
 grouped projections and autodiff of softmax and einsum. That head is kept here, as
 `GroupedNOAHHead`, with the same dropout mask (`heads.keep_mask`): both heads take the
 same parameters and give the same logits and gradients (checked before timing, and in
-tests/test_heads.py). Measured 2026-11-26 on the 2-core CPU machine, --batch 16, POCA /
+tests/models/test_heads.py). Measured 2026-11-26 on the 2-core CPU machine, --batch 16, POCA /
 grouped: deit_small 0.455 (321 -> 146 ms), mixer_s16 0.480 (337 -> 161 ms), resnet50
 0.770 (120 -> 92 ms).
 
@@ -41,7 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from noah_jax.heads import GroupedProjection, NOAHHead, _KeepMask  # noqa: E402
+from noah_jax.models.heads import GroupedProjection, NOAHHead, _KeepMask  # noqa: E402
 
 SHAPES = {  # name: (L, C, key_ratio, head_split)
     "resnet50": (49, 2048, 1 / 8, True),

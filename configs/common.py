@@ -3,7 +3,7 @@
 Every recipe config builds on `base_config()`, which names every field the trainer
 reads (none hides as a code default), and parses its argument string with
 `parse_arg("variant=tiny_050,head=linear,runlocal", variant="tiny", head="noah", ...)`.
-Durations are given in epochs or steps; `noah_jax.durations` converts them to steps in
+Durations are given in epochs or steps; `noah_jax.train.durations` converts them to steps in
 one place.
 """
 
@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_epochs = 100.0
     c.total_steps = 0
 
-    # --- Optimiser and schedule (noah_jax/optim.py).
+    # --- Optimiser and schedule (noah_jax/train/optim.py).
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"          # sgd | adamw
     c.optimizer.momentum = 0.9        # sgd
@@ -113,7 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999            # adamw
     c.optimizer.eps = 1e-8            # adamw
     c.optimizer.weight_decay = 1e-4
-    # Which parameters are decayed, by the reference's parameter names (noah_jax/optim.py):
+    # Which parameters are decayed, by the reference's parameter names (noah_jax/train/optim.py):
     # 'all' (main.py without --nowd-bn), 'nowd_bn' (utils/misc.py get_parameters) or
     # 'timm' (timm's optimiser factory: no vectors, biases or model.no_weight_decay()).
     c.optimizer.decay_rule = "all"
@@ -124,7 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.schedule.base_lr = 0.1          # at batch size base_batch_size
     c.schedule.base_batch_size = 256  # lr = base_lr * batch_size / base_batch_size
     # Warm-up and the step schedule's boundaries in epochs or in steps: set one unit of
-    # each, 0 / () the other (noah_jax/durations.py converts them).
+    # each, 0 / () the other (noah_jax/train/durations.py converts them).
     c.schedule.warmup_epochs = 0.0
     c.schedule.warmup_steps = 0
     c.schedule.warmup_start_lr = 0.0  # the warm-up's first lr (timm's warmup_lr_init)
@@ -141,7 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- Loss: softmax_xent (single-label) | sigmoid_xent | asl (multi-label).
     c.loss = "softmax_xent"
-    c.asl = ml_collections.ConfigDict()  # asymmetric loss (noah_jax/losses.py)
+    c.asl = ml_collections.ConfigDict()  # asymmetric loss (noah_jax/train/losses.py)
     c.asl.gamma_neg = 4.0
     c.asl.gamma_pos = 0.0
     c.asl.clip = 0.05

@@ -4,10 +4,10 @@ time, FLOPs, model FLOP utilisation and memory.
     python -m noah_jax.benchmark --models resnet50,deit_small_patch16_224 --heads noah,linear \
         --batch 128 --dtype bfloat16 --mode train,infer [--minimal] [--out DIR]
 
-What is timed is what users run: the train step is `noah_jax.train.jit_train_step` (the
+What is timed is what users run: the train step is `noah_jax.train.trainer.jit_train_step` (the
 trainer's own update, with its NaN guard, metrics, sharding and donated state) on a
 recipe's optimiser (`--config`, default the ResNet recipe's SGD), and inference is the
-single-label evaluator's step (`noah_jax.evaluators`). The data is synthetic (random
+single-label evaluator's step (`noah_jax.train.evaluators`). The data is synthetic (random
 images and labels made once on the host and placed on the devices), so nothing here
 needs TensorFlow and the input pipeline is not part of the time.
 
@@ -62,7 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from noah_jax import cli, evaluators, optim, sharding, train
+from noah_jax import cli
+from noah_jax.train import evaluators, optim, sharding, trainer
 from noah_jax.errors import ConfigError, UserError
 from noah_jax.models import create_model, layers, list_models, model_overrides
 
@@ -176,7 +177,7 @@ def _compile(fn, *args) -> tuple[Any, float]:
 def minimal_train_step(model, tx: optax.GradientTransformation, config) -> Callable:
     """The same model, loss and optimiser as the trainer's step, and nothing else: no NaN
     guard, no metrics, no EMA, no gradient accumulation."""
-    per_example_loss = train.loss_function(config)
+    per_example_loss = trainer.loss_function(config)
 
     def step(state, batch):
         def loss_fn(params):
@@ -215,7 +216,7 @@ def build_variants(config, model_name: str, head: str, modes: Sequence[str], bat
                                             steps_per_epoch=1000)
     tx = optim.make_optimizer(config, schedule, model)
     image_shape = (size, size, 3)
-    init = lambda rng: train.init_train_state(model, tx, image_shape, rng,  # noqa: E731
+    init = lambda rng: trainer.init_train_state(model, tx, image_shape, rng,  # noqa: E731
                                               ema=config.ema_decay > 0)
     abstract = jax.eval_shape(init, jax.random.key(seed))
     state_sharding = sharding.state_shardings(abstract, mesh, fsdp=config.fsdp,
@@ -235,7 +236,7 @@ def build_variants(config, model_name: str, head: str, modes: Sequence[str], bat
     for mode in wanted:
         state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(seed))
         if mode == "train":
-            step = train.jit_train_step(model, tx, config, schedule, mesh, state_sharding,
+            step = trainer.jit_train_step(model, tx, config, schedule, mesh, state_sharding,
                                         multilabel=False)
         else:
             step = jax.jit(minimal_train_step(model, tx, config),
@@ -456,6 +457,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from noah_jax import host_memory
+    from noah_jax.train import host_memory
     host_memory.use_huge_pages()  # as main.py does, so that what is timed is what users run
     sys.exit(main())

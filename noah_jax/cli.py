@@ -6,7 +6,10 @@ useful part at its end. `parse_flags` turns any flag or config mistake into one 
 that names the valid fields, for `app.run(main, flags_parser=cli.parse_flags)`.
 For the other commands: `ArgumentParser` (argparse, one-line mistakes),
 `int_at_least` (an argparse type for counts and sizes), and path checks that run
-before TensorFlow and JAX are imported (`checkpoint_path_error`, ...).
+before TensorFlow and JAX are imported (`checkpoint_path_error`, `nearest_existing`, ...).
+
+It imports no other module of the package and no JAX or TensorFlow, so every layer may
+use it (the trainer checks its workdir path with `nearest_existing`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 attention map for one class (a), one head's maps for several classes (b), and rows of
 Grad-CAM++ maps to set a baseline beside NOAH.
 
-The functions take one image and its maps from noah_jax.explain (numpy or JAX arrays),
+The functions take one image and its maps from noah_jax.models.explain (numpy or JAX arrays),
 draw with matplotlib's Agg canvas (no pyplot, no global backend state), write a PNG to
 `path` and return it as a pathlib.Path. The layout is a grid of panels, each
 PANEL_WIDTH x PANEL_HEIGHT pixels at DPI dots per inch (a title band above a square
@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from noah_jax.explain import upsample
+from noah_jax.models.explain import upsample
 
 DPI = 100
 PANEL_WIDTH = 250    # pixels

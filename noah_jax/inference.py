@@ -74,7 +74,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from noah_jax import checkpoint
+from noah_jax.train import checkpoint
 from noah_jax.data import catalog
 from noah_jax.data.preprocess import EVAL_RECORD_FIELDS, Preprocess
 from noah_jax.errors import (CheckpointError, CheckpointNotFoundError, ConfigError,

@@ -252,7 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if mistake:
         _refuse(mistake)
     _quiet_tensorflow()
-    from noah_jax import inference, run_log
+    from noah_jax import inference
+    from noah_jax.train import run_log
     from noah_jax.errors import UserError
 
     run_log.quiet_library_notices()  # e.g. Orbax's "read only" notice, on purpose here

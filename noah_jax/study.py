@@ -4,7 +4,7 @@
         --heads=noah,linear --seeds=5 --out=studies/vit_demo
 
 trains the config once per (head, seed), one run after another in this process, with
-`train.train_and_evaluate` on the config with `model.head` and `seed` replaced, and
+`trainer.train_and_evaluate` on the config with `model.head` and `seed` replaced, and
 compares the heads on the primary metric of the runs' last evaluation: top-1 for a
 single-label dataset ('single' evaluator), mAP for a multi-label one ('multilabel'),
 taken from the raw (not EMA) parameters' `eval/` metrics.
@@ -46,7 +46,7 @@ All numbers are the ones the runs logged: read back from their metrics.jsonl.
 Time: a run takes as long as main.py's; on CPU each begins with 15-60 s of compiling,
 less from the second seed of a head on (the compilation cache; NOAH's train step is
 compiled again for each seed, which it holds as a constant). On the 2-core CPU machine
-with nothing else running (2026-11-26, huge pages: noah_jax/host_memory.py), 2 heads x 5
+with nothing else running (2026-11-26, huge pages: noah_jax/train/host_memory.py), 2 heads x 5
 seeds took 7m17s for the ViT demo on the digits at 15 epochs (about 44 s a run), 8m42s for
 it on the multi-label canvases at 6 epochs, and 12-13 minutes for MobileNetV2 x0.35 at
 64 px (15 epochs of digits, 5 of canvases); README.md has the results.
@@ -74,7 +74,8 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from noah_jax import cli, run_log
+from noah_jax import cli
+from noah_jax.train import run_log
 from noah_jax.errors import UserError
 
 PROG = "python -m noah_jax.study"
@@ -241,10 +242,10 @@ def final_metrics(workdir: str) -> tuple[int, dict[str, float]]:
 
 def train_run(config, workdir: str) -> dict:
     """Trains (or resumes) one run and writes its result.json; returns that record."""
-    from noah_jax import train
+    from noah_jax.train import trainer
 
     start = time.time()
-    results = train.train_and_evaluate(config, workdir)
+    results = trainer.train_and_evaluate(config, workdir)
     seconds = time.time() - start
     step, logged = final_metrics(workdir)
     # The trainer logs every metric of its last evaluation but the example counts.
@@ -467,7 +468,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_heads(values: Sequence[str]) -> list[str]:
-    from noah_jax.heads import HEAD_KINDS
+    from noah_jax.models.heads import HEAD_KINDS
 
     given = ",".join(values)
     unknown = [h for h in values if h not in HEAD_KINDS]
@@ -587,7 +588,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run_study(config, out: str, heads: list[str], seeds: list[int], description: dict) -> int:
     """Trains the runs that have not finished, in order, and writes the summary."""
-    from noah_jax import checkpoint, errors
+    from noah_jax.train import checkpoint
+    from noah_jax import errors
 
     start = time.time()
     plan = [(head, seed) for seed in seeds for head in heads]
@@ -648,8 +650,8 @@ def _metric_text(primary: str, result: dict) -> str:
 
 
 if __name__ == "__main__":
-    from noah_jax import host_memory
-    host_memory.use_huge_pages()  # may start this command again (noah_jax/host_memory.py)
+    from noah_jax.train import host_memory
+    host_memory.use_huge_pages()  # may start this command again (noah_jax/train/host_memory.py)
     flags.FLAGS.mark_as_parsed()  # absl's console handler: no "before flag parsing" notice
     run_log.setup_console()
     sys.exit(main())

@@ -86,7 +86,8 @@ def head_indices(heads: str, num_heads: int) -> list[int]:
 def visualize(checkpoint: str, images: Sequence[str], out: str, *, classes: str = "top",
               heads: str = "all", grad_cam: bool = False, ema: bool = True) -> list[str]:
     """Writes the figures (module docstring) and returns their paths."""
-    from noah_jax import explain, figures, inference
+    from noah_jax.models import explain
+    from noah_jax import figures, inference
 
     loaded = inference.load(checkpoint, ema=ema)
     paths = inference.image_files(images)
@@ -161,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if mistake:
         print(f"{parser.prog}: error: {mistake}", file=sys.stderr)
         return 1
-    from noah_jax import run_log
+    from noah_jax.train import run_log
     run_log.quiet_library_notices()  # e.g. Orbax's "read only" notice, on purpose here
     try:
         written = visualize(args.checkpoint, args.images, args.out, classes=args.classes,

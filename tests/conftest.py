@@ -33,10 +33,10 @@ def demo_run(tmp_path_factory):
     """(workdir, final evaluation) of the tiny demo run (helpers.demo_config) with an EMA
     of its parameters, trained once per test process for the tests that load it."""
     from helpers import demo_config
-    from noah_jax import train
+    from noah_jax.train import trainer
 
     workdir = tmp_path_factory.mktemp("demo_run")
-    results = train.train_and_evaluate(demo_config(ema_decay=0.5), str(workdir))
+    results = trainer.train_and_evaluate(demo_config(ema_decay=0.5), str(workdir))
     return workdir, results
 
 

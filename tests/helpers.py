@@ -54,7 +54,7 @@ OPTIMIZER_STATE_LAYOUT = {"sgd": (("trace",), 1), "adamw": (("mu", "nu"), 2)}
 
 
 def assert_optimizer_state_fits(opt_state, params, optimizer_name: str) -> None:
-    """The optimiser state of `noah_jax.optim.make_optimizer` (with a schedule) over
+    """The optimiser state of `noah_jax.train.optim.make_optimizer` (with a schedule) over
     `params` holds exactly one buffer per parameter for each of the optimiser's moments,
     shaped and typed like the parameter, and int32 scalar step counters, nothing else."""
     moments, num_counters = OPTIMIZER_STATE_LAYOUT[optimizer_name]

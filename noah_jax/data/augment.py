@@ -29,7 +29,7 @@ Sharpness) are bit-exact; the bilinear geometric ops (Rotate, Shear, Translate) 
 exact at integer shifts and quarter turns and otherwise within one grey level.
 Resizing is tf.image.resize with antialiasing, bilinear or bicubic (Keys, a = -0.5):
 PIL's filters, whose support also widens when downscaling. Measured against PIL on
-smooth images with an edge (tests/test_input_preprocessing.py): within one grey level.
+smooth images with an edge (tests/models/test_input_preprocessing.py): within one grey level.
 Known differences from the reference, all deliberate:
   * RandAugment's geometric ops interpolate bilinearly (timm: the recipe's training
     interpolation, bicubic for DeiT, bilinear or bicubic at random for Mixer);

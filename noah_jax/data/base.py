@@ -1,6 +1,6 @@
 """The `Source` interface and the index arithmetic every in-memory source shares.
 
-A source yields host-side numpy batches; `noah_jax.sharding.global_batch` turns
+A source yields host-side numpy batches; `noah_jax.train.sharding.global_batch` turns
 each process's part into one global array. Everything here is plain numpy (no
 TensorFlow, no jax), so it never touches an accelerator.
 
@@ -48,7 +48,7 @@ class Source(Protocol):
     num_train_examples: int
     num_eval_examples: int
     multilabel: bool            # labels are multi-hot float32 [b, K] (COCO, VOC)
-    eval_kind: str              # which evaluator scores eval_batches (noah_jax.evaluators)
+    eval_kind: str              # which evaluator scores eval_batches (noah_jax.train.evaluators)
     extra_evals: dict           # name -> further evaluation sets, each with .kind, .batches
 
     def train_batches(self, *, start_step: int, local_batch_size: int, process_index: int,

@@ -42,7 +42,7 @@ mixup/cutmix of step s from (hash(seed, p), s): independent of threading and of 
 the iterator started. Unlike the in-memory sources, the batch of a step depends on
 the process count (every process shuffles its own shard).
 
-TensorFlow runs on the CPU only: `noah_jax.train` hides accelerators from it before
+TensorFlow runs on the CPU only: `noah_jax.train.trainer` hides accelerators from it before
 anything here runs.
 """
 

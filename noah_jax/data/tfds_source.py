@@ -26,7 +26,7 @@ WordNet synset ids, as TFDS ships them (`catalog.imagenet_class_names`).
 
 ImageNet-ReaL (`imagenet2012_real`) evaluates with its multi-hot "real" labels:
 a prediction is right when it is one of an image's real labels, and images without
-real labels are not counted (`noah_jax.metrics.real_accuracy_sums`).
+real labels are not counted (`noah_jax.train.metrics.real_accuracy_sums`).
 """
 
 from __future__ import annotations

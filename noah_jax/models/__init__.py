@@ -7,7 +7,7 @@ variants of a backbone share its name and differ by `head`.
 Adding a family takes one model file and, for training recipes, one config:
 
 1. Write `noah_jax/models/<family>.py` with a linen module that subclasses
-   `noah_jax.heads.Classifier`, computes its features and ends with
+   `noah_jax.models.heads.Classifier`, computes its features and ends with
    `self.classify(features, train=train, pool=..., linear_init=...)`. Where the
    baseline and NOAH need different features (a class token, pooling before a last
    layer), ask `self.head_wants_positions`, never the head's name. CNN layers with
@@ -39,7 +39,7 @@ import typing
 
 import flax.linen as nn
 
-from noah_jax.heads import HEAD_KINDS, Classifier
+from noah_jax.models.heads import HEAD_KINDS, Classifier
 from noah_jax.errors import ConfigError, UnknownSettingError
 
 Variants = dict[str, tuple[type[nn.Module], dict]]

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from noah_jax.heads import Classifier, noah_lecun_kernel_init
+from noah_jax.models.heads import Classifier, noah_lecun_kernel_init
 from noah_jax.models.input_preprocessing import InputPreprocessing
 from noah_jax.models.layers import drop_path
 from noah_jax.models.torch_names import TorchNames

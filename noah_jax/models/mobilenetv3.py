@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from noah_jax.heads import Classifier
+from noah_jax.models.heads import Classifier
 from noah_jax.models.input_preprocessing import (IMAGENET_MEAN, IMAGENET_STD,
                                                InputPreprocessing)
 from noah_jax.models.layers import batch_norm, conv

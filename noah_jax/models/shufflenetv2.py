@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from noah_jax.heads import Classifier
+from noah_jax.models.heads import Classifier
 from noah_jax.models import layers
 from noah_jax.models.input_preprocessing import (IMAGENET_MEAN, IMAGENET_STD,
                                                InputPreprocessing)

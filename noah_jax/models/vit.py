@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from noah_jax.heads import Classifier
+from noah_jax.models.heads import Classifier
 from noah_jax.models.input_preprocessing import (IMAGENET_MEAN, IMAGENET_STD,
                                                InputPreprocessing)
 from noah_jax.models.layers import Mlp, attend, dense, dense_init, drop_path, patch_embed_init

@@ -1,0 +1,46 @@
+"""Extensions written from outside the package, as a user's project would write them:
+a model family (ToyNet). The tests that add them (test_families.py, test_benchmark.py)
+register them and clean up after themselves."""
+
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from noah_jax.models.heads import Classifier
+from noah_jax.models.layers import batch_norm, conv
+from noah_jax.models.torch_names import TorchNames
+
+
+class ToyNet(Classifier):
+    """Two conv + BN stages, then a 1x1 projection that the baseline applies after
+    pooling and NOAH on every position (as MobileNetV3 does), so the two heads' torch
+    names and module indices differ."""
+
+    width: int = 8
+    last: int = 16
+    dtype: Any = jnp.float32
+
+    # The torch model would hold `features` (an nn.Sequential) and `classifier`; its
+    # baseline classifier is Sequential(Flatten, Linear), torchvision-style `fc` accepted.
+    torch_names: ClassVar[TorchNames] = TorchNames(noah_head=("classifier",),
+                                                   linear_head=("classifier.1", "fc"))
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.astype(self.dtype)
+        for i in range(2):
+            x = conv(self.width * (i + 1), 3, 2, self.dtype, f"features_{i}_0")(x)
+            x = nn.relu(batch_norm(train, self.dtype, f"features_{i}_1")(x))
+        index = 2
+        if not self.head_wants_positions:
+            x = x.mean(axis=(1, 2), keepdims=True)  # torch: features.2 is the pooling
+            index = 3
+        x = nn.relu(conv(self.last, 1, 1, self.dtype, f"features_{index}", use_bias=True)(x))
+        return self.classify(x, train=train, pool="avg", linear_init=nn.initializers.normal(0.01))
+
+
+VARIANTS = {
+    "toynet_8": (ToyNet, dict(width=8, num_heads=2, key_ratio=0.5, dropout=0.0)),
+    "toynet_4": (ToyNet, dict(width=4, num_heads=2, key_ratio=0.5, dropout=0.0)),
+}
