@@ -59,6 +59,9 @@ def main(argv):
         sys.exit(f"error: {cli.one_line(str(e))}")
     except KeyboardInterrupt:  # Ctrl-C before training began (in training, it saves)
         sys.exit("interrupted before training started; nothing was saved")
+    if not FLAGS.config.eval_only:  # the figure of the trained model, if the config asks
+        from noah_jax import visualize
+        visualize.run_attention_figure(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
         if "eval/mAP" in results:
             print(f"test mAP: {100 * results['eval/mAP']:.2f}%, CF1 "

@@ -6,8 +6,9 @@ time, FLOPs, model FLOP utilisation and memory.
 
 What is timed is what users run: the train step is `noah_jax.train.trainer.jit_train_step` (the
 trainer's own update, with its NaN guard, metrics, sharding and donated state) on a
-recipe's optimiser (`--config`, default the ResNet recipe's SGD), and inference is the
-single-label evaluator's step (`noah_jax.train.evaluators`). The data is synthetic (random
+recipe's optimiser (`--config`, default the ResNet recipe's SGD), built by the trainer's
+`setup`, and inference is the single-label evaluator's step (`Evaluator.step`,
+`noah_jax.train.evaluators`). The data is synthetic (random
 images and labels made once on the host and placed on the devices), so nothing here
 needs TensorFlow and the input pipeline is not part of the time.
 
@@ -27,7 +28,8 @@ not pay.
   --devices 1,8             the same global batch on the first 1 and 8 devices (on CPU,
               fake devices: XLA_FLAGS=--xla_force_host_platform_device_count=8).
   --depthwise grouped,shifted   both formulations of the depthwise convolutions
-              (`noah_jax.models.layers.DepthwiseConv`; default: this backend's choice).
+              (the `depthwise` setting of the models that have them,
+              `noah_jax.models.layers.DepthwiseConv`; default auto: this backend's choice).
 
 FLOPs are XLA's cost analysis of the compiled step: it counts the program one device runs,
 so a step's FLOPs are that times the device count. XLA counts a depthwise (grouped)
@@ -59,11 +61,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from noah_jax import cli
-from noah_jax.train import evaluators, optim, sharding, trainer
+from noah_jax.train import evaluators, sharding, trainer
 from noah_jax.errors import ConfigError, UserError
 from noah_jax.models import create_model, layers, list_models, model_overrides
 
@@ -197,31 +200,44 @@ def minimal_train_step(model, tx: optax.GradientTransformation, config) -> Calla
     return step
 
 
+def benchmark_config(config, model_name: str, head: str, num_devices: int, image_size: int,
+                     depthwise: str = "auto"):
+    """`config` (the recipe's optimiser, loss and dtype) for this model and head on a
+    mesh over `num_devices` devices; the model's overrides are only the image size
+    (where it has one) and the depthwise formulation (where it has depthwise
+    convolutions), not the recipe's."""
+    names = model_overrides(model_name)
+    overrides = {}
+    if "img_size" in names:
+        overrides["img_size"] = image_size
+    if "depthwise" in names:
+        overrides["depthwise"] = depthwise
+    config = config.copy_and_resolve_references()
+    config.model.name, config.model.head = model_name, head
+    config.model.overrides = ml_collections.ConfigDict(overrides)
+    config.mesh.data, config.mesh.model = num_devices, 1
+    return config
+
+
 def build_variants(config, model_name: str, head: str, modes: Sequence[str], batch: int,
                    num_devices: int, dtype: str, image_size: Optional[int],
-                   minimal: bool, num_classes: int = 1000, seed: int = 0) -> list[Variant]:
-    """Compiled train / inference / minimal steps of one model with one head."""
+                   minimal: bool, num_classes: int = 1000, seed: int = 0,
+                   depthwise: str = "auto") -> list[Variant]:
+    """Compiled train / inference / minimal steps of one model with one head, built by
+    the trainer's own `setup`."""
     devices = jax.devices()[:num_devices]
     if len(devices) < num_devices:
         raise ConfigError(f"--devices {num_devices}: only {jax.device_count()} devices here")
     if batch % num_devices:
         raise ConfigError(f"--batch {batch} is not divisible by {num_devices} devices")
-    mesh = sharding.create_mesh(num_devices, 1, devices=devices)
     probe = create_model(model_name, num_classes=num_classes, head=head)
     size = image_size or getattr(probe, "img_size", 224)
-    overrides = {"img_size": size} if "img_size" in model_overrides(model_name) else {}
-    model = create_model(model_name, num_classes=num_classes, head=head,
-                         dtype=DTYPES[dtype], **overrides)
-    schedule = optim.learning_rate_schedule(config, total_steps=1_000_000,
-                                            steps_per_epoch=1000)
-    tx = optim.make_optimizer(config, schedule, model)
+    config = benchmark_config(config, model_name, head, num_devices, size, depthwise)
+    config.dtype = dtype
     image_shape = (size, size, 3)
-    init = lambda rng: trainer.init_train_state(model, tx, image_shape, rng,  # noqa: E731
-                                              ema=config.ema_decay > 0)
-    abstract = jax.eval_shape(init, jax.random.key(seed))
-    state_sharding = sharding.state_shardings(abstract, mesh, fsdp=config.fsdp,
-                                              fsdp_min_size=config.fsdp_min_size)
-    data_sharding = sharding.batch_sharding(mesh)
+    built = trainer.setup(config, num_classes=num_classes, image_shape=image_shape,
+                          total_steps=1_000_000, steps_per_epoch=1000, devices=devices)
+    data_sharding = sharding.batch_sharding(built.mesh)
     rng = np.random.default_rng(seed)
     batch_arrays = {"image": rng.standard_normal((batch, *image_shape), np.float32),
                     "label": rng.integers(0, num_classes, (batch,)).astype(np.int32),
@@ -229,19 +245,22 @@ def build_variants(config, model_name: str, head: str, modes: Sequence[str], bat
     on_devices = jax.device_put(batch_arrays, data_sharding)
     train_batch = {k: on_devices[k] for k in ("image", "label")}
     describe = dict(model=model_name, head=head, batch=batch, devices=num_devices, dtype=dtype,
-                    image_size=size, depthwise=layers.depthwise_formulation())
+                    image_size=size, depthwise=layers.depthwise_formulation(depthwise))
+
+    def fresh_state():
+        return jax.jit(built.init_state, out_shardings=built.state_sharding)(
+            jax.random.key(seed))
 
     variants = []
     wanted = [m for m in modes if m == "train"] + (["minimal"] if minimal else [])
     for mode in wanted:
-        state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(seed))
+        state = fresh_state()
         if mode == "train":
-            step = trainer.jit_train_step(model, tx, config, schedule, mesh, state_sharding,
-                                        multilabel=False)
+            step = built.train_step
         else:
-            step = jax.jit(minimal_train_step(model, tx, config),
-                           in_shardings=(state_sharding, data_sharding),
-                           out_shardings=state_sharding, donate_argnums=0)
+            step = jax.jit(minimal_train_step(built.model, built.tx, config),
+                           in_shardings=(built.state_sharding, data_sharding),
+                           out_shardings=built.state_sharding, donate_argnums=0)
         compiled, seconds = _compile(step, state, train_batch)
         holder = {"state": state}
 
@@ -254,10 +273,10 @@ def build_variants(config, model_name: str, head: str, modes: Sequence[str], bat
                                 flops=_step_flops(compiled, num_devices),
                                 memory=memory_bytes(compiled), **describe))
     if "infer" in modes:
-        state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(seed))
-        scorer = evaluators.get("single")(model, mesh)
+        state = fresh_state()
+        scorer = evaluators.get("single")(built.model, built.mesh)
         args = (state["params"], state["batch_stats"], on_devices)
-        compiled, seconds = _compile(scorer._step, *args)
+        compiled, seconds = _compile(scorer.step, *args)
         variants.append(Variant(mode="infer", run=lambda c=compiled, a=args: c(*a),
                                 compile_s=seconds, flops=_step_flops(compiled, num_devices),
                                 memory=memory_bytes(compiled), **describe))
@@ -415,15 +434,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 for batch in batches:
                     for count in device_counts:
                         for depthwise in args.depthwise:
-                            layers.DEPTHWISE_FORMULATION = depthwise  # read when traced
                             print(f"compiling {model} head={head} batch={batch} devices={count}"
-                                  f" depthwise={layers.depthwise_formulation()} ("
+                                  f" depthwise={layers.depthwise_formulation(depthwise)} ("
                                   f"{', '.join(args.mode + ['minimal'] * args.minimal)})",
                                   file=sys.stderr, flush=True)
                             variants += build_variants(config, model, head, args.mode, batch,
                                                        count, args.dtype, args.image_size,
-                                                       args.minimal)
-        layers.DEPTHWISE_FORMULATION = "auto"
+                                                       args.minimal, depthwise=depthwise)
     except (UserError, ValueError) as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     print(f"timing {len(variants)} variants: {args.rounds} rounds of {args.steps} steps",

@@ -243,9 +243,12 @@ def final_metrics(workdir: str) -> tuple[int, dict[str, float]]:
 def train_run(config, workdir: str) -> dict:
     """Trains (or resumes) one run and writes its result.json; returns that record."""
     from noah_jax.train import trainer
+    from noah_jax import visualize
 
     start = time.time()
     results = trainer.train_and_evaluate(config, workdir)
+    if not config.eval_only:
+        visualize.run_attention_figure(config, workdir)  # if the config asks for it
     seconds = time.time() - start
     step, logged = final_metrics(workdir)
     # The trainer logs every metric of its last evaluation but the example counts.

@@ -129,6 +129,54 @@ def visualize(checkpoint: str, images: Sequence[str], out: str, *, classes: str 
     return [str(p) for p in written]
 
 
+def run_attention_figure(config, workdir: str) -> Optional[str]:
+    """After a training run (main.py, noah_jax.study): WORKDIR/attention.png, each NOAH
+    head's attention map for the top class of the first `config.attention_figure_images`
+    evaluation images, one row per image, drawn from the run's newest checkpoint (its
+    raw parameters) with the model of `config` (its dtype too). Returns the path, or
+    None where nothing is drawn: no images asked for, a model without a NOAH head, or a
+    run of several processes. Its log lines go to the run's log.txt as well."""
+    num_images = config.attention_figure_images
+    if not num_images:
+        return None
+    import jax
+    from absl import logging
+
+    from noah_jax import data, figures
+    from noah_jax.models import explain, input_preprocessing
+    from noah_jax.train import checkpoint, run_log, trainer
+
+    run_log.attach(workdir)
+    try:
+        if config.model.head != "noah" or jax.process_count() > 1:
+            logging.info("no attention figure: %s", "the model has no NOAH head"
+                         if config.model.head != "noah" else "drawn by one process only; "
+                         "use python -m noah_jax.visualize on the checkpoint")
+            return None
+        # The evaluation images and the model exactly as the trainer built them.
+        config = input_preprocessing.resolve(config)
+        source = data.get_source(config.dataset, seed=config.seed, augment=config.augment,
+                                 label_smoothing=config.label_smoothing)
+        model = trainer.build_model(config, source.num_classes)
+        stored, _ = checkpoint.restore_model(os.path.join(workdir, "checkpoints"))
+        variables = {"params": stored["params"], "batch_stats": stored.get("batch_stats", {})}
+        batch = next(source.eval_batches(local_batch_size=num_images, process_index=0,
+                                         process_count=1))
+        images, labels = batch["image"][:num_images], batch["label"][:num_images]
+        seen = explain.explain(model, variables, images)
+        # A multi-label model scores each class by its own sigmoid, as its evaluation does.
+        scores = (jax.nn.sigmoid(seen.logits) if source.multilabel
+                  else jax.nn.softmax(seen.logits))
+        path = os.path.join(workdir, "attention.png")
+        figures.gallery_figure(path, figures.stretched(images), seen.attention,
+                               seen.contributions, scores, labels=labels,
+                               class_names=source.class_names)
+        logging.info("attention maps of %d evaluation images drawn in %s", len(images), path)
+        return path
+    finally:
+        run_log.detach()
+
+
 def _argument_error(args: argparse.Namespace) -> Optional[str]:
     """What is wrong with the paths and --heads, told before TensorFlow and JAX are
     imported (seconds); the class names and head count need the model."""

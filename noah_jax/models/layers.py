@@ -7,10 +7,12 @@ even input (0, 1)) and starts from the reference's Kaiming-normal (fan_out) init
 with the statistics of groups of the reference's per-GPU batch (`BatchNorm`).
 
 Depthwise convolutions (one filter per channel: MobileNets, ShuffleNetV2) are a
-`DepthwiseConv`, with nn.Conv's parameters. On CPU it computes the convolution as
-k*k shifted multiply-adds, which XLA fuses into one loop: a MobileNet's depthwise
-layers train 3-30x faster than as XLA's grouped convolution on CPU (benchmarks/
-depthwise.py). Accelerators keep the grouped convolution, their fast path.
+`DepthwiseConv`, with nn.Conv's parameters. Its `formulation` says how it computes:
+'shifted' (k*k shifted multiply-adds, which XLA fuses into one loop: on CPU a
+MobileNet's depthwise layers train several times faster so, benchmarks/depthwise.py),
+'grouped' (XLA's grouped convolution, the accelerators' fast path) or 'auto' (shifted
+on CPU, grouped elsewhere). The families with depthwise layers take it as their
+`depthwise` setting (`create_model(..., depthwise='grouped')`).
 """
 
 from __future__ import annotations
@@ -102,13 +104,15 @@ def batch_norm(train: bool, dtype: Any, name: str, group_size: int = 0) -> Batch
 
 
 def conv(features: int, kernel: int, stride: int, dtype: Any, name: str, groups: int = 1,
-         use_bias: bool = False, kernel_init: Any = conv_init) -> nn.Module:
+         use_bias: bool = False, kernel_init: Any = conv_init,
+         depthwise: str = "auto") -> nn.Module:
     """A square conv, PyTorch's padding (k-1)//2; `groups` = features is depthwise (its
-    input must have `features` channels too)."""
+    input must have `features` channels too), computed in the `depthwise` formulation
+    (`DepthwiseConv`)."""
     pad = (kernel - 1) // 2
     if groups == features and groups > 1:
         return DepthwiseConv(features, kernel, stride, use_bias=use_bias, dtype=dtype,
-                             kernel_init=kernel_init, name=name)
+                             kernel_init=kernel_init, formulation=depthwise, name=name)
     return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
                    feature_group_count=groups, use_bias=use_bias, dtype=dtype,
                    kernel_init=kernel_init, name=name)
@@ -168,25 +172,28 @@ class Mlp(nn.Module):
         return dropout(dense(x.shape[-1], self.dtype, "fc2")(y))
 
 
-# How DepthwiseConv computes: 'auto' (shifted multiply-adds on CPU, XLA's grouped
-# convolution elsewhere), 'shifted' or 'grouped'. Read when a model is traced.
-DEPTHWISE_FORMULATION = "auto"
+DEPTHWISE_FORMULATIONS = ("auto", "shifted", "grouped")
 
 
-def depthwise_formulation() -> str:
-    if DEPTHWISE_FORMULATION == "auto":
+def depthwise_formulation(setting: str = "auto") -> str:
+    """How a DepthwiseConv with this `formulation` computes here: 'shifted' or
+    'grouped'; 'auto' is shifted multiply-adds on CPU, XLA's grouped convolution on
+    other backends."""
+    if setting not in DEPTHWISE_FORMULATIONS:
+        raise ConfigError(f"depthwise must be 'auto', 'shifted' or 'grouped', got "
+                          f"{setting!r}")
+    if setting == "auto":
         return "shifted" if jax.default_backend() == "cpu" else "grouped"
-    if DEPTHWISE_FORMULATION not in ("shifted", "grouped"):
-        raise ValueError(f"DEPTHWISE_FORMULATION must be 'auto', 'shifted' or 'grouped', got "
-                         f"{DEPTHWISE_FORMULATION!r}")
-    return DEPTHWISE_FORMULATION
+    return setting
 
 
 class DepthwiseConv(nn.Module):
     """A k x k depthwise convolution with PyTorch's padding, over [B, H, W, C].
 
     Its parameters are nn.Conv's with feature_group_count=C ('kernel' [k, k, 1, C],
-    'bias' [C]), drawn by the same initialisers, so checkpoints do not tell the two apart.
+    'bias' [C]), drawn by the same initialisers, so checkpoints do not tell the two apart;
+    `formulation` ('auto', 'shifted', 'grouped': `depthwise_formulation`) changes only how
+    the output is computed.
     """
 
     features: int
@@ -197,6 +204,7 @@ class DepthwiseConv(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Any = conv_init
     bias_init: Any = nn.initializers.zeros_init()
+    formulation: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -209,7 +217,7 @@ class DepthwiseConv(nn.Module):
         bias: Optional[jax.Array] = (self.param("bias", self.bias_init, (self.features,),
                                                 self.param_dtype) if self.use_bias else None)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if depthwise_formulation() == "grouped":
+        if depthwise_formulation(self.formulation) == "grouped":
             y = jax.lax.conv_general_dilated(
                 x, kernel, (s, s), ((pad, pad), (pad, pad)),
                 dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.features)

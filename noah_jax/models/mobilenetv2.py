@@ -43,9 +43,10 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
 
 def conv_bn_relu6(x, features, kernel, stride, train, dtype, prefix, groups=1,
-                  bn_group_size=0):
+                  bn_group_size=0, depthwise="auto"):
     """The reference's ConvBNReLU: conv `{prefix}_0`, BatchNorm `{prefix}_1`, ReLU6."""
-    x = conv(features, kernel, stride, dtype, f"{prefix}_0", groups=groups)(x)
+    x = conv(features, kernel, stride, dtype, f"{prefix}_0", groups=groups,
+             depthwise=depthwise)(x)
     return nn.relu6(batch_norm(train, dtype, f"{prefix}_1", bn_group_size)(x))
 
 
@@ -55,11 +56,12 @@ class InvertedResidual(nn.Module):
     expand_ratio: int
     dtype: Any = jnp.float32
     bn_group_size: int = 0
+    depthwise: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool):
         layer = functools.partial(conv_bn_relu6, train=train, dtype=self.dtype,
-                                  bn_group_size=self.bn_group_size)
+                                  bn_group_size=self.bn_group_size, depthwise=self.depthwise)
         in_features = x.shape[-1]
         hidden = int(round(in_features * self.expand_ratio))
         y, index = x, 0
@@ -78,6 +80,9 @@ class MobileNetV2(Classifier):
     # BatchNorm statistics over groups of this many examples in training (0 = the whole
     # batch): the reference's per-GPU batch (layers.BatchNorm). Training configs set it.
     bn_group_size: int = 0
+    # How the depthwise convolutions compute: 'auto', 'shifted' or 'grouped'
+    # (layers.DepthwiseConv); the parameters are the same either way.
+    depthwise: str = "auto"
 
     # The reference's main.py:175-193, shared by its CNNs: Normalize(ImageNet mean/std),
     # Resize(256) + CenterCrop(224), torchvision's default (PIL bilinear) interpolation.
@@ -98,7 +103,7 @@ class MobileNetV2(Classifier):
         for t, c, n, s in INVERTED_RESIDUAL_SETTING:
             for i in range(n):
                 x = InvertedResidual(make_divisible(c * self.width), s if i == 0 else 1, t,
-                                     self.dtype, self.bn_group_size,
+                                     self.dtype, self.bn_group_size, self.depthwise,
                                      name=f"features_{index}")(x, train)
                 index += 1
         last_channels = make_divisible(1280 * max(1.0, self.width))

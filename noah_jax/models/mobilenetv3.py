@@ -131,6 +131,7 @@ class Bottleneck(nn.Module):
     stride: int
     dtype: Any = jnp.float32
     bn_group_size: int = 0
+    depthwise: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -138,7 +139,7 @@ class Bottleneck(nn.Module):
         y = conv(self.expanded, 1, 1, self.dtype, "conv_0")(x)
         y = act(batch_norm(train, self.dtype, "conv_1", self.bn_group_size)(y))
         y = conv(self.expanded, self.kernel, self.stride, self.dtype, "conv_3",
-                 groups=self.expanded)(y)
+                 groups=self.expanded, depthwise=self.depthwise)(y)
         y = batch_norm(train, self.dtype, "conv_4", self.bn_group_size)(y)
         if self.squeeze_excite:  # before the activation, as the reference
             y = SqueezeExcitation(dtype=self.dtype, name="conv_5")(y)
@@ -160,6 +161,9 @@ class MobileNetV3(Classifier):
     # BatchNorm statistics over groups of this many examples in training (0 = the whole
     # batch): the reference's per-GPU batch (layers.BatchNorm). Training configs set it.
     bn_group_size: int = 0
+    # How the depthwise convolutions compute: 'auto', 'shifted' or 'grouped'
+    # (layers.DepthwiseConv); the parameters are the same either way.
+    depthwise: str = "auto"
 
     # The reference's main.py:175-193, shared by its CNNs: Normalize(ImageNet mean/std),
     # Resize(256) + CenterCrop(224), torchvision's default (PIL bilinear) interpolation.
@@ -182,7 +186,7 @@ class MobileNetV3(Classifier):
         index = 1
         for kernel, expanded, out, se, act, stride in blocks:
             x = Bottleneck(kernel, round_up(expanded), round_up(out), se, act, stride,
-                           self.dtype, self.bn_group_size,
+                           self.dtype, self.bn_group_size, self.depthwise,
                            name=f"features_{index}")(x, train)
             index += 1
         x = conv(round_up(last_conv), 1, 1, self.dtype, f"features_{index}_0")(x)

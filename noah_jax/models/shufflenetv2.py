@@ -61,6 +61,7 @@ class ShuffleUnit(nn.Module):
     stride: int
     dtype: Any = jnp.float32
     bn_group_size: int = 0
+    depthwise: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -74,7 +75,7 @@ class ShuffleUnit(nn.Module):
         else:
             # branch1: depthwise 3x3 (strided) + BN, then 1x1 + BN + ReLU.
             passed = conv(in_features, 3, self.stride, self.dtype, "branch1_0",
-                          groups=in_features)(x)
+                          groups=in_features, depthwise=self.depthwise)(x)
             passed = batch_norm(train, self.dtype, "branch1_1", self.bn_group_size)(passed)
             passed = conv(branch, 1, 1, self.dtype, "branch1_2")(passed)
             passed = nn.relu(batch_norm(train, self.dtype, "branch1_3", self.bn_group_size)(passed))
@@ -82,7 +83,8 @@ class ShuffleUnit(nn.Module):
         # first ReLU, which holds no parameters).
         y = conv(branch, 1, 1, self.dtype, "branch2_0")(x)
         y = nn.relu(batch_norm(train, self.dtype, "branch2_1", self.bn_group_size)(y))
-        y = conv(branch, 3, self.stride, self.dtype, "branch2_3", groups=branch)(y)
+        y = conv(branch, 3, self.stride, self.dtype, "branch2_3", groups=branch,
+                 depthwise=self.depthwise)(y)
         y = batch_norm(train, self.dtype, "branch2_4", self.bn_group_size)(y)
         y = conv(branch, 1, 1, self.dtype, "branch2_5")(y)
         y = nn.relu(batch_norm(train, self.dtype, "branch2_6", self.bn_group_size)(y))
@@ -98,6 +100,9 @@ class ShuffleNetV2(Classifier):
     # BatchNorm statistics over groups of this many examples in training (0 = the whole
     # batch): the reference's per-GPU batch (layers.BatchNorm). Training configs set it.
     bn_group_size: int = 0
+    # How the depthwise convolutions compute: 'auto', 'shifted' or 'grouped'
+    # (layers.DepthwiseConv); the parameters are the same either way.
+    depthwise: str = "auto"
 
     # The reference's main.py:175-193, shared by its CNNs: Normalize(ImageNet mean/std),
     # Resize(256) + CenterCrop(224), torchvision's default (PIL bilinear) interpolation.
@@ -120,7 +125,7 @@ class ShuffleNetV2(Classifier):
         for stage, (repeats, width) in enumerate(zip(self.stages_repeats, stage_widths), 2):
             for i in range(repeats):
                 x = ShuffleUnit(width, 2 if i == 0 else 1, self.dtype, self.bn_group_size,
-                                name=f"stage{stage}_{i}")(x, train)
+                                self.depthwise, name=f"stage{stage}_{i}")(x, train)
         x = conv(last, 1, 1, self.dtype, "conv5_0")(x)
         x = nn.relu(batch_norm(train, self.dtype, "conv5_1", self.bn_group_size)(x))
         return self.classify(x, train=train, pool="avg", linear_init=torch_default_init)

@@ -60,6 +60,12 @@ class Evaluator:
         self.model, self.mesh = model, mesh
         self._step = jax.jit(self._eval_step, out_shardings=self.out_shardings())
 
+    @property
+    def step(self) -> Callable:
+        """The jitted (params, batch_stats, global batch) -> batch metrics that `evaluate`
+        runs on every batch (noah_jax.benchmark times it)."""
+        return self._step
+
     def out_shardings(self) -> Any:
         return None  # sums come back replicated by jit's default
 

@@ -18,6 +18,7 @@ stops the run (`checkpoint.check_saves`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
@@ -132,6 +133,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             and checkpoint.latest_step(os.path.join(workdir, "checkpoints")) is None):
         raise ConfigError("config.eval_only needs a checkpoint: a workdir with one, or "
                           "config.init_from.path (e.g. the output of noah_jax.convert)")
+    sharding.create_mesh(config.mesh.data, config.mesh.model)  # covers the devices
 
 
 def check_source(config: ml_collections.ConfigDict, source: data.Source) -> None:
@@ -141,8 +143,68 @@ def check_source(config: ml_collections.ConfigDict, source: data.Source) -> None
 
 
 # ----------------------------------------------------------------------------------
-# The train state and the update step.
+# The model, the optimiser, the train state and the update step.
 # ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What `setup` builds from a config: the trainer trains it, noah_jax.benchmark times
+    its `train_step`.
+
+    mesh: the (data, model) device mesh. model: the linen module. overrides: the
+    config.model.overrides that are set (None dropped), as checkpoints' meta records
+    them. schedule, tx: the learning-rate schedule and the optimiser. init_state:
+    rng -> a fresh train state (`init_train_state`). abstract_state: its
+    `jax.eval_shape`. state_sharding: where each of its leaves lives on the mesh.
+    train_step: `jit_train_step`, (state, global batch) -> (state, metrics), donating
+    the state.
+    """
+
+    mesh: jax.sharding.Mesh
+    model: Any
+    overrides: dict
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    init_state: Callable[[jax.Array], dict]
+    abstract_state: dict
+    state_sharding: dict
+    train_step: Callable
+
+
+def set_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """config.model.overrides without those left None (the model's own value)."""
+    return {k: v for k, v in config.model.overrides.to_dict().items() if v is not None}
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+    """config.model (name, head, overrides) in config.dtype, for `num_classes` classes."""
+    return create_model(config.model.name, num_classes=num_classes, head=config.model.head,
+                        dtype=DTYPES[config.dtype], **set_overrides(config))
+
+
+def setup(config: ml_collections.ConfigDict, *, num_classes: int, image_shape,
+          total_steps: int, steps_per_epoch: int, multilabel: bool = False,
+          devices=None) -> Setup:
+    """The mesh (config.mesh over `devices`, all by default), the model, the schedule
+    and optimiser, the abstract train state, its shardings and the jitted train step
+    of a run on images of `image_shape` (H, W, C) with `num_classes` classes. Nothing
+    is allocated on the devices (the state is abstract)."""
+    mesh = sharding.create_mesh(config.mesh.data, config.mesh.model, devices=devices)
+    model = build_model(config, num_classes)
+    schedule = optim.learning_rate_schedule(config, total_steps=total_steps,
+                                            steps_per_epoch=steps_per_epoch)
+    tx = optim.make_optimizer(config, schedule, model)
+    init_state = functools.partial(init_train_state, model, tx, tuple(image_shape),
+                                   ema=config.ema_decay > 0)
+    abstract_state = jax.eval_shape(init_state, jax.random.key(config.seed))
+    state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=config.fsdp,
+                                              fsdp_min_size=config.fsdp_min_size)
+    train_step = jit_train_step(model, tx, config, schedule, mesh, state_sharding,
+                                multilabel=multilabel)
+    return Setup(mesh=mesh, model=model, overrides=set_overrides(config), schedule=schedule,
+                 tx=tx, init_state=init_state, abstract_state=abstract_state,
+                 state_sharding=state_sharding, train_step=train_step)
+
+
 def init_train_state(model, tx: optax.GradientTransformation, image_shape, rng, *,
                      ema: bool) -> dict[str, Any]:
     """The train state at step 0: a dict, as checkpoints store it."""
@@ -378,10 +440,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data.keep_tensorflow_off_accelerators()
     run_log.quiet_library_notices()
 
-    # ----------------------------------------------------------------- Mesh
     check_config(config, workdir)
-    mesh = sharding.create_mesh(config.mesh.data, config.mesh.model)
-    data_sharding = sharding.batch_sharding(mesh)
 
     # ----------------------------------------------------------------- Input
     # The model family's mean/std and evaluation resize wherever the config leaves them
@@ -396,20 +455,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config, source.num_train_examples)
     eval_every = config.eval_every_steps or steps_per_epoch
 
-    # ----------------------------------------------------------------- Model and optimiser
-    overrides = {k: v for k, v in config.model.overrides.to_dict().items() if v is not None}
-    model = create_model(config.model.name, num_classes=source.num_classes,
-                         head=config.model.head, dtype=DTYPES[config.dtype], **overrides)
-    schedule = optim.learning_rate_schedule(config, total_steps=total_steps,
-                                            steps_per_epoch=steps_per_epoch)
-    tx = optim.make_optimizer(config, schedule, model)
-    init_state = functools.partial(init_train_state, model, tx, source.image_shape,
-                                   ema=config.ema_decay > 0)
-
-    # ----------------------------------------------------------------- Sharding
-    abstract_state = jax.eval_shape(init_state, jax.random.key(config.seed))
-    state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=config.fsdp,
-                                              fsdp_min_size=config.fsdp_min_size)
+    # ----------------------------------------------------------------- Model and sharding
+    # The mesh, the model, the optimiser, the abstract train state, its shardings and
+    # the jitted update step (`setup`, which noah_jax.benchmark times the same way).
+    built = setup(config, num_classes=source.num_classes, image_shape=source.image_shape,
+                  total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                  multilabel=source.multilabel)
+    mesh, model, overrides = built.mesh, built.model, built.overrides
+    abstract_state, state_sharding = built.abstract_state, built.state_sharding
+    data_sharding = sharding.batch_sharding(mesh)
 
     # ----------------------------------------------------------------- Workdir
     # The config, the dataset, the model and what the workdir holds are valid: from
@@ -443,8 +497,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 **Preprocess.from_config(config.dataset, config.augment).eval_record()}
 
         # ------------------------------------------------------------- Update step
-        train_step = jit_train_step(model, tx, config, schedule, mesh, state_sharding,
-                                    multilabel=source.multilabel)
+        train_step = built.train_step
         sets = evaluation_sets(source)
         scorers = {kind: evaluators.get(kind)(model, mesh) for kind in {s[1] for s in sets}}
 
@@ -465,8 +518,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         on_exit.callback(mngr.close)
         # Also on errors (the NaN guard, a stop): the last save finishes writing.
         on_exit.push(functools.partial(_finish_saves, mngr))
-        state, _ = restore_or_init(config, mngr, init_state, abstract_state, state_sharding,
-                                   workdir=workdir)
+        state, _ = restore_or_init(config, mngr, built.init_state, abstract_state,
+                                   state_sharding, workdir=workdir)
         start_step = int(state["step"])
         best.resume(run_log.read_metrics(workdir) if jax.process_index() == 0 else {},
                     start_step)
@@ -507,9 +560,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if stop.should_stop(step) and step < total_steps:  # (the last step finishes)
                 raise stop_and_save(state, step, mngr, meta, stop, saved=saved)
         best.log_summary(results, steps_per_epoch)
-        if config.attention_figure_images:
-            draw_attention_figure(model, state, source, config.attention_figure_images,
-                                  os.path.join(workdir, "attention.png"))
         return results
 
 
@@ -554,31 +604,6 @@ class BestScores:
             if key in results:
                 logging.info("%s: best %.4f at step %d (epoch %.1f), last %.4f", key, value,
                              at, at / steps_per_epoch, results[key])
-
-
-def draw_attention_figure(model, state, source: data.Source, num_images: int,
-                          path: str) -> None:
-    """Each NOAH head's attention map for the top class of the first `num_images`
-    evaluation images (noah_jax.models.explain, noah_jax.figures), one row per image."""
-    if model.head != "noah" or jax.process_count() > 1:
-        logging.info("no attention figure: %s", "the model has no NOAH head"
-                     if model.head != "noah" else "drawn by one process only; use "
-                     "python -m noah_jax.visualize on the checkpoint")
-        return
-    from noah_jax.models import explain# matplotlib only when a figure is drawn
-    from noah_jax import figures
-
-    batch = next(source.eval_batches(local_batch_size=num_images, process_index=0,
-                                     process_count=1))
-    images, labels = batch["image"][:num_images], batch["label"][:num_images]
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    seen = explain.explain(model, variables, images)
-    # A multi-label model scores each class by its own sigmoid, as its evaluation does.
-    scores = jax.nn.sigmoid(seen.logits) if source.multilabel else jax.nn.softmax(seen.logits)
-    figures.gallery_figure(path, figures.stretched(images), seen.attention, seen.contributions,
-                           scores, labels=labels,
-                           class_names=source.class_names)
-    logging.info("attention maps of %d evaluation images drawn in %s", len(images), path)
 
 
 def _log_run_description(config, workdir, mesh, source, abstract_state, overrides) -> None:

@@ -22,10 +22,13 @@ from extensions import VARIANTS as TOY_FAMILY
 class DepthwiseToy(Classifier):
     """A stem conv and one depthwise conv: the smallest model with a depthwise layer."""
 
+    depthwise: str = "auto"
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = nn.relu(layers.conv(8, 3, 2, self.dtype, "stem")(x.astype(self.dtype)))
-        x = nn.relu(layers.conv(8, 3, 1, self.dtype, "depthwise", groups=8)(x))
+        x = nn.relu(layers.conv(8, 3, 1, self.dtype, "depthwise", groups=8,
+                                depthwise=self.depthwise)(x))
         return self.classify(x, train=train, pool="avg", linear_init=nn.initializers.zeros)
 
 
@@ -123,7 +126,9 @@ def test_depthwise_formulations_are_compared_in_one_run(toy_family, tmp_path):
     assert ratio["ratio"] == "shifted/grouped" and ratio["model"] == "depthwise_toy"
     assert ratio["value"] == pytest.approx(result["results"][1]["step_s"]
                                            / result["results"][0]["step_s"])
-    assert layers.DEPTHWISE_FORMULATION == "auto"  # restored after the run
+    # The formulation was each variant's own model setting: nothing global changed.
+    assert models.create_model("depthwise_toy", num_classes=2, head="linear").depthwise == "auto"
+    assert not hasattr(layers, "DEPTHWISE_FORMULATION")
 
 
 def test_each_round_settles_a_variant_before_timing_it(monkeypatch):

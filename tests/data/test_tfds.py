@@ -25,7 +25,7 @@ import tfds_fakes  # noqa: E402
 from configs import common  # noqa: E402
 from helpers import assert_follows_source_protocol, free_port, set_fields  # noqa: E402
 from noah_jax.train import checkpoint, trainer# noqa: E402
-from noah_jax import inference
+from noah_jax import inference, visualize
 from noah_jax.data import catalog, get_source, tfds_source  # noqa: E402
 from noah_jax.models import create_model, input_preprocessing  # noqa: E402
 
@@ -401,7 +401,9 @@ def coco_run(data_dir, imagenet_run, tmp_path_factory):
                          init_from__drop_head=True, dataset__image_size=48,
                          model__overrides__img_size=48, augment__train_crop="resize",
                          augment__eval_crop="resize", eval_batch_size=24)
-    return config, workdir, trainer.train_and_evaluate(config, str(workdir))
+    results = trainer.train_and_evaluate(config, str(workdir))
+    visualize.run_attention_figure(config, str(workdir))  # as main.py draws it after a run
+    return config, workdir, results
 
 
 def test_coco_fine_tuning_from_imagenet_and_exact_map(coco_run, imagenet_run):

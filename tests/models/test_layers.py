@@ -10,13 +10,6 @@ import pytest
 from noah_jax.models import layers
 
 
-@pytest.fixture
-def formulation(monkeypatch):
-    def use(name):
-        monkeypatch.setattr(layers, "DEPTHWISE_FORMULATION", name)
-    return use
-
-
 def reference_conv(channels, kernel, stride, use_bias, dtype=jnp.float32):
     pad = (kernel - 1) // 2
     return nn.Conv(channels, (kernel, kernel), (stride, stride), ((pad, pad), (pad, pad)),
@@ -27,12 +20,10 @@ def reference_conv(channels, kernel, stride, use_bias, dtype=jnp.float32):
 @pytest.mark.parametrize("kernel,stride,size,use_bias", [
     (3, 1, 9, False), (3, 2, 9, False), (3, 2, 8, True), (5, 1, 7, True), (5, 2, 10, False)])
 @pytest.mark.parametrize("name", ["shifted", "grouped"])
-def test_depthwise_conv_equals_flax_grouped_conv(formulation, name, kernel, stride, size,
-                                                 use_bias):
-    formulation(name)
+def test_depthwise_conv_equals_flax_grouped_conv(name, kernel, stride, size, use_bias):
     x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
     ours = layers.DepthwiseConv(6, kernel, stride, use_bias=use_bias,
-                                bias_init=nn.initializers.normal(1.0))
+                                bias_init=nn.initializers.normal(1.0), formulation=name)
     reference = reference_conv(6, kernel, stride, use_bias)
     params = reference.init(jax.random.key(1), x)
     # The same parameters from the same key: a checkpoint cannot tell them apart.
@@ -51,10 +42,9 @@ def test_depthwise_conv_equals_flax_grouped_conv(formulation, name, kernel, stri
                  grads, ref_grads)
 
 
-def test_bfloat16_shifted_form_accumulates_in_float32(formulation):
-    formulation("shifted")
+def test_bfloat16_shifted_form_accumulates_in_float32():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
-    module = layers.DepthwiseConv(4, 3, 1, dtype=jnp.bfloat16)
+    module = layers.DepthwiseConv(4, 3, 1, dtype=jnp.bfloat16, formulation="shifted")
     params = module.init(jax.random.key(1), x)
     out = module.apply(params, x)
     assert out.dtype == jnp.bfloat16
@@ -65,16 +55,23 @@ def test_bfloat16_shifted_form_accumulates_in_float32(formulation):
     np.testing.assert_allclose(np.asarray(out, np.float32), exact, rtol=2**-8, atol=1e-6)
 
 
-def test_auto_picks_the_shifted_form_on_cpu_and_rejects_unknown_names(formulation):
+def test_auto_picks_the_shifted_form_on_cpu_and_rejects_unknown_names():
     assert jax.default_backend() == "cpu"
     assert layers.depthwise_formulation() == "shifted"
-    formulation("winograd")
+    assert layers.depthwise_formulation("auto") == "shifted"
     with pytest.raises(ValueError, match="'auto', 'shifted' or 'grouped'"):
-        layers.depthwise_formulation()
+        layers.depthwise_formulation("winograd")
+    # A model's setting reaches its depthwise convolutions when it is traced.
+    x = jnp.ones((1, 8, 8, 4))
+    module = layers.DepthwiseConv(4, 3, 1, formulation="winograd")
+    with pytest.raises(ValueError, match="'auto', 'shifted' or 'grouped'"):
+        module.init(jax.random.key(0), x)
 
 
 def test_conv_builds_a_depthwise_conv_only_for_one_filter_per_channel():
     assert isinstance(layers.conv(8, 3, 1, jnp.float32, "c", groups=8), layers.DepthwiseConv)
+    assert layers.conv(8, 3, 1, jnp.float32, "c", groups=8,
+                       depthwise="grouped").formulation == "grouped"
     assert isinstance(layers.conv(8, 3, 1, jnp.float32, "c", groups=2), nn.Conv)
     assert isinstance(layers.conv(8, 3, 1, jnp.float32, "c"), nn.Conv)
 

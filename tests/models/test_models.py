@@ -13,7 +13,6 @@ from flax.traverse_util import flatten_dict
 
 from noah_jax.errors import ConfigError
 from noah_jax.models import create_model, list_models, model_overrides
-from noah_jax.models import layers
 
 # The official models' parameter counts, kept in the repository (numbers only); the
 # measurements they come from, when a checkout has them, live in ../shared/parity.
@@ -147,9 +146,10 @@ FORWARD_BACKWARD = ([(name, "noah", jnp.float32, "grouped") for name in ALL_MODE
 
 
 @pytest.mark.parametrize("name,head,dtype,depthwise", FORWARD_BACKWARD)
-def test_forward_and_backward(name, head, dtype, depthwise, monkeypatch):
-    monkeypatch.setattr(layers, "DEPTHWISE_FORMULATION", depthwise)  # read when traced
+def test_forward_and_backward(name, head, dtype, depthwise):
     overrides, size = reduced(name)
+    if "depthwise" in model_overrides(name):  # the families with depthwise convolutions
+        overrides = dict(overrides, depthwise=depthwise)
     model = create_model(name, num_classes=10, head=head, dtype=dtype, **overrides)
     images = jax.random.normal(jax.random.key(0), (2, size, size, 3))
     labels = jnp.array([3, 7])

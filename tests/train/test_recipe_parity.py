@@ -20,7 +20,6 @@ import pytest
 from noah_jax import convert
 from noah_jax.train import optim, sharding, trainer
 from noah_jax.models import create_model, model_overrides
-from noah_jax.models import layers
 
 SHARED = pathlib.Path(__file__).resolve().parents[3] / "shared"
 RECIPES = SHARED / "parity" / "recipes"
@@ -71,8 +70,9 @@ def start_weights(meta):
     return state_dict, described["model"].removeprefix("noah_"), head
 
 
-def run_reference_steps(path: pathlib.Path):
-    """Our two steps from the fixture's weights, with the family's recipe config."""
+def run_reference_steps(path: pathlib.Path, depthwise: str = "auto"):
+    """Our two steps from the fixture's weights, with the family's recipe config (and
+    the model's depthwise convolutions in the `depthwise` form, where it has some)."""
     z, meta = load_steps(path)
     config = recipe_config(meta["recipe"])
     state_dict, model_name, head = start_weights(meta)
@@ -80,9 +80,11 @@ def run_reference_steps(path: pathlib.Path):
     overrides = {k: v for k, v in config.model.overrides.to_dict().items() if v is not None}
     fields = model_overrides(model_name)
     overrides.update({k: 0.0 for k in NO_DROPOUT if k in fields})
+    if "depthwise" in fields:
+        overrides["depthwise"] = depthwise
     model = create_model(model_name, num_classes=1000, head=head, **overrides)
     shape_settings = {k: v for k, v in overrides.items()
-                      if k not in NO_DROPOUT and k != "bn_group_size"}
+                      if k not in NO_DROPOUT and k not in ("bn_group_size", "depthwise")}
     variables = convert.torch_to_flax(state_dict, model_name, head=head, **shape_settings)
 
     # The recipe's peak lr is the fixture's; it is held there (the schedule is tested
@@ -137,9 +139,7 @@ def steps(request):
     # about half the time of the CPU's default shifted form at this full size; the two
     # are equal to float noise, values and gradients (test_layers), and test_models
     # runs a train step of every depthwise family in the default form.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(layers, "DEPTHWISE_FORMULATION", "grouped")  # read when traced
-        return run_reference_steps(request.param)
+    return run_reference_steps(request.param, depthwise="grouped")
 
 
 def test_the_fixtures_are_there():

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import common
 from helpers import assert_optimizer_state_fits, demo_config, free_port, set_fields
 from noah_jax.train import checkpoint, durations, optim, sharding, trainer
-from noah_jax import data, errors
+from noah_jax import data, errors, visualize
 from noah_jax.models import create_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -49,6 +49,7 @@ def direct_eval(config, variables):
 def test_demo_run_trains_checkpoints_logs_and_evaluates_every_example_once(tmp_path):
     config = demo_config(attention_figure_images=3)
     results = trainer.train_and_evaluate(config, str(tmp_path))
+    visualize.run_attention_figure(config, str(tmp_path))  # as main.py draws it after a run
     assert jax.device_count() == 8
     # Exact evaluation: 360 digits in padded batches of 48 over 8 devices, each once.
     variables, meta = checkpoint.restore_model(tmp_path / "checkpoints")
