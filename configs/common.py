@@ -165,7 +165,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from.drop_head = False     # keep this model's new head
     c.eval_only = False               # evaluate the workdir's or init_from's checkpoint
     # After training, draw each NOAH head's attention maps for this many evaluation
-    # images into WORKDIR/attention.png (0 = none; one process runs only).
+    # images into WORKDIR/attention.png (0 = none; one process runs only). main.py and
+    # noah_jax.study draw it when the trainer returns (visualize.run_attention_figure).
     c.attention_figure_images = 0
     # A TensorBoard profiler trace of training steps first .. first + count - 1 into
     # WORKDIR/plugins/profile (process 0; TensorBoard's Profile tab reads it). (0, 0) = off.

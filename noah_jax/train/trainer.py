@@ -2,17 +2,19 @@
 
 It calls module-level pieces that take what they use and return what they make:
 `check_config` and `check_workdir` (every check that can fail before anything is
-written), `init_train_state` / `restore_or_init` (resume first: the workdir's newest
-checkpoint, else `config.init_from`, else a fresh start), `make_train_step` (the pure
-update), `evaluate` (every evaluation set, each by the evaluator of its kind in
-`noah_jax.train.evaluators`), `check_finite` (the NaN guard) and `stop_and_save` (a
-signal or preemption notice, `noah_jax.train.preemption`). Data flows one way:
-config -> source -> global batch -> model -> loss/metrics -> optimiser ->
+written), `setup` (the mesh, model, optimiser, abstract state, its shardings and the
+jitted step, built from the config), `init_train_state` / `restore_or_init` (resume
+first: the workdir's newest checkpoint, else `config.init_from`, else a fresh start),
+`make_train_step` (the pure update), `evaluate` (every evaluation set, each by the
+evaluator of its kind in `noah_jax.train.evaluators`), `check_finite` (the NaN guard)
+and `stop_and_save` (a signal or preemption notice, `noah_jax.train.preemption`). Data
+flows one way: config -> source -> global batch -> model -> loss/metrics -> optimiser ->
 checkpoint/logs; the state passes explicitly from piece to piece.
 
 While it writes, a run holds its workdir (`noah_jax.train.workdir_lock`); a damaged newest
 checkpoint falls back to the one before it (`restore_or_init`), and a failed write
-stops the run (`checkpoint.check_saves`).
+stops the run (`checkpoint.check_saves`). It draws no figures: main.py asks for
+WORKDIR/attention.png once it returns (`noah_jax.visualize.run_attention_figure`).
 """
 
 from __future__ import annotations
