@@ -308,7 +308,9 @@ def _check_model_fits(mngr: ocp.CheckpointManager, directory, step: int, meta, w
 def _adapted_shapes(adapt: Adapt, stored: Mapping[str, Any], wanted: Any) -> tuple[Any, bool]:
     """(the shapes `adapt` makes of the stored variables' metadata, whether it changes
     any leaf): `adapt` runs under `jax.eval_shape`, reading no array."""
-    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), stored)
+    # Stored float64 (numpy-written) is float32 to JAX without x64, as once restored.
+    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
+        leaf.shape, jax.dtypes.canonicalize_dtype(leaf.dtype)), stored)
     changed = []
 
     def run(variables):
