@@ -26,6 +26,16 @@ class ToyNet(Classifier):
     torch_names: ClassVar[TorchNames] = TorchNames(noah_head=("classifier",),
                                                    linear_head=("classifier.1", "fc"))
 
+    def adapt_checkpoint(self, variables: dict, target: dict) -> dict:
+        # Its own loading quirk: checkpoints of an older ToyNet named the last 1x1
+        # projection 'proj'; it is 'features_2' (NOAH) or 'features_3' (baseline) now.
+        params = variables.get("params", {})
+        new = next((k for k in ("features_2", "features_3") if k in target["params"]), None)
+        if "proj" not in params or new is None or new in params:
+            return variables
+        params = {(new if k == "proj" else k): v for k, v in params.items()}
+        return {**variables, "params": params}
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = x.astype(self.dtype)

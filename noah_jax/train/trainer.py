@@ -74,13 +74,16 @@ def loss_function(config: ml_collections.ConfigDict
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str, abstract_state,
-                  num_classes: Optional[int] = None) -> None:
+                  num_classes: Optional[int] = None, *,
+                  adapt_checkpoint: Optional[checkpoint.Adapt] = None) -> None:
     """Refuses, from checkpoint metadata alone, a workdir this run cannot continue (its
     newest readable checkpoint is of another model or optimiser, or a model-only one)
     or, with nothing to resume, a `config.init_from` that does not fit the model: a
     refused run writes nothing. Damaged checkpoints are left to `restore_or_init`.
     The refusal names the settings in which the checkpoint's model differs from this
-    run's (config.model, and `num_classes`, the dataset's)."""
+    run's (config.model, and `num_classes`, the dataset's). `adapt_checkpoint`: the
+    model's loading quirks (`Classifier.adapt_checkpoint`), which `config.init_from`
+    goes through."""
     run = checkpoint.model_settings(
         config.model.name, config.model.head, num_classes,
         {k: v for k, v in config.model.overrides.to_dict().items() if v is not None})
@@ -100,7 +103,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, abstract_stat
         checkpoint.check_model_fits(config.init_from.path,
                                     {k: abstract_state[k] for k in checkpoint.MODEL_KEYS},
                                     drop_head=config.init_from.drop_head,
-                                    resize_pos_embed=True, run=run)
+                                    adapt=adapt_checkpoint, run=run)
 
 
 def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -158,7 +161,9 @@ def init_train_state(model, tx: optax.GradientTransformation, image_shape, rng, 
 
 
 def restore_or_init(config: ml_collections.ConfigDict, mngr, init_state, abstract_state,
-                    state_sharding, *, workdir: str) -> tuple[dict[str, Any], int | None]:
+                    state_sharding, *, workdir: str,
+                    adapt_checkpoint: Optional[checkpoint.Adapt] = None
+                    ) -> tuple[dict[str, Any], int | None]:
     """(state, restored step or None): the newest checkpoint in the workdir that
     restores, else a fresh state, initialised from `config.init_from.path` when given.
 
@@ -166,7 +171,9 @@ def restore_or_init(config: ml_collections.ConfigDict, mngr, init_state, abstrac
     reported, moved into `<workdir>/damaged_checkpoints/` once an older one has
     restored, and skipped; if none restores, the run stops and lists why for each,
     moving nothing. A checkpoint of another model or optimiser is not damage: that
-    stops the run at once (CheckpointMismatchError).
+    stops the run at once (CheckpointMismatchError). `config.init_from` goes through
+    `adapt_checkpoint`, the model's loading quirks (e.g. DeiT's position embeddings
+    of another image size).
     """
     target = sharding.with_shardings(abstract_state, state_sharding)
     damaged = []
@@ -207,7 +214,7 @@ def restore_or_init(config: ml_collections.ConfigDict, mngr, init_state, abstrac
         target = {"params": state["params"], "batch_stats": state["batch_stats"]}
         variables, _ = checkpoint.restore_model(config.init_from.path, target,
                                                 drop_head=config.init_from.drop_head,
-                                                resize_pos_embed=True)
+                                                adapt=adapt_checkpoint)
         state = jax.jit(functools.partial(_with_variables, ema="ema_params" in state),
                         out_shardings=state_sharding, donate_argnums=0)(state, variables)
     return state, None
@@ -415,7 +422,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # The config, the dataset, the model and what the workdir holds are valid: from
     # here on the run writes, holding the workdir against a second run (workdir_lock)
     # until it returns.
-    check_workdir(config, workdir, abstract_state, source.num_classes)
+    check_workdir(config, workdir, abstract_state, source.num_classes,
+                  adapt_checkpoint=model.adapt_checkpoint)
     os.makedirs(workdir, exist_ok=True)
     with contextlib.ExitStack() as on_exit:  # run in reverse order, also on errors
         lock = on_exit.enter_context(workdir_lock.WorkdirLock(workdir))
@@ -466,7 +474,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # Also on errors (the NaN guard, a stop): the last save finishes writing.
         on_exit.push(functools.partial(_finish_saves, mngr))
         state, _ = restore_or_init(config, mngr, init_state, abstract_state, state_sharding,
-                                   workdir=workdir)
+                                   workdir=workdir, adapt_checkpoint=model.adapt_checkpoint)
         start_step = int(state["step"])
         best.resume(run_log.read_metrics(workdir) if jax.process_index() == 0 else {},
                     start_step)

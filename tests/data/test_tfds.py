@@ -27,7 +27,7 @@ from helpers import assert_follows_source_protocol, free_port, set_fields  # noq
 from noah_jax.train import checkpoint, trainer# noqa: E402
 from noah_jax import inference
 from noah_jax.data import catalog, get_source, tfds_source  # noqa: E402
-from noah_jax.models import create_model, input_preprocessing  # noqa: E402
+from noah_jax.models import create_model, input_preprocessing, layers  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SPLITS = {
@@ -429,10 +429,10 @@ def test_coco_fine_tuning_from_imagenet_and_exact_map(coco_run, imagenet_run):
                          **config.model.overrides.to_dict())
     target = jax.jit(model.init)(jax.random.key(1), np.zeros((1, 48, 48, 3), np.float32))
     start, _ = checkpoint.restore_model(imagenet_workdir / "checkpoints", target,
-                                        drop_head=True, resize_pos_embed=True)
+                                        drop_head=True, adapt=model.adapt_checkpoint)
     np.testing.assert_allclose(
         start["params"]["pos_embed"],
-        checkpoint.resize_position_embedding(stored["params"]["pos_embed"], 36), rtol=1e-6)
+        layers.resize_position_embedding(stored["params"]["pos_embed"], 36), rtol=1e-6)
     jax.tree.map(np.testing.assert_array_equal, start["params"]["head"],
                  target["params"]["head"])
     np.testing.assert_array_equal(start["params"]["blocks_0"]["attn"]["qkv"]["kernel"],
