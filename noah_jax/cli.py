@@ -256,11 +256,12 @@ class _DeclaringParser:
 
 
 def _declare_on_load(flag_values: flags.FlagValues) -> None:
-    from ml_collections import config_flags
+    # ml_collections documents is_config_flag for callers; its package does not re-export it.
+    from ml_collections.config_flags.config_flags import is_config_flag
 
     for name in list(flag_values):
         flag = flag_values[name]
-        if config_flags.is_config_flag(flag) and not isinstance(flag.parser, _DeclaringParser):
+        if is_config_flag(flag) and not isinstance(flag.parser, _DeclaringParser):
             flag.parser = _DeclaringParser(flag.parser)
 
 
