@@ -76,6 +76,15 @@ def test_listed_overrides_reach_the_model_from_flags(config, overrides, expected
         assert model.drop_path_rate == 0.1 and model.depth == 12
 
 
+def test_the_loaded_config_declares_the_models_overrides_and_stays_locked(monkeypatch):
+    c = parse([f"--config={ROOT / 'configs' / 'vit_noah.py'}"], monkeypatch)
+    assert set(c.model.overrides) == set(model_override_types(c.model.name)) - {"dtype"}
+    assert c.model.overrides.img_size is None and c.model.overrides.drop_path_rate == 0.1
+    with pytest.raises((AttributeError, KeyError)):
+        c.model.overrides.bogus = 1
+    assert cli.load_config(f"{ROOT / 'configs' / 'vit_noah.py'}").to_dict() == c.to_dict()
+
+
 def test_the_pixel_limit_is_set_from_a_flag_and_reaches_the_pipelines(monkeypatch):
     c = parse([f"--config={ROOT / 'configs' / 'resnet18_noah.py'}"], monkeypatch)
     assert c.dataset.max_image_pixels == preprocess.MAX_IMAGE_PIXELS == 89_478_485
