@@ -9,6 +9,8 @@ one place.
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 from noah_jax.data import catalog, preprocess
@@ -39,17 +41,28 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return result
 
 
-def declare_model_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Declares every override that `create_model(c.model.name, ...)` accepts as a field
-    of `c.model.overrides`, None (the model's own value) unless the recipe set it, so that
-    `--config.model.overrides.img_size=384` works from the command line. Every recipe's
-    `get_config` ends with it. The compute dtype is `config.dtype`, not an override."""
-    from noah_jax.models import model_override_types
+def registry_model(argument: str, value, *patterns: str | tuple[str, str]) -> str:
+    """The registered model that a recipe's `argument=value` names.
 
-    for name, kind in model_override_types(c.model.name).items():
-        if name != "dtype" and name not in c.model.overrides:
-            c.model.overrides[name] = ml_collections.config_dict.placeholder(kind)
-    return c
+    Each pattern is a model name with '{}' for the argument's value
+    ('gmlp_{}_224': variant=ti16 is gmlp_ti16_224), or (argument pattern, model pattern)
+    where the value carries more ('{}_384', 'deit_{}_patch16_384': base_384 is
+    deit_base_patch16_384). The valid values are those of the registered models that
+    match (noah_jax.models.list_models); another ends in a ValueError listing them.
+    """
+    from noah_jax.models import list_models  # the registry; configs keep no table of it
+
+    pairs = [("{}", p) if isinstance(p, str) else p for p in patterns]
+    choices = {}
+    for model in list_models():
+        for argument_pattern, model_pattern in pairs:
+            match = re.fullmatch("(.+)".join(map(re.escape, model_pattern.split("{}"))), model)
+            if match:
+                choices.setdefault(argument_pattern.format(match.group(1)), model)
+    name = choices.get(str(value))
+    if name is None:
+        raise ValueError(f"{argument} must be one of {', '.join(choices)}, got {value!r}")
+    return name
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -61,9 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "resnet18"
     c.model.head = "noah"
     # Keyword overrides of create_model (head num_heads/key_ratio/dropout, drop_path_rate,
-    # drop_rate, img_size, architecture fields). Each recipe declares all of its model's
-    # (`declare_model_overrides`), so any can be set from a flag; None keeps the
-    # reference's value.
+    # drop_rate, img_size, architecture fields): a recipe sets those it changes. main.py
+    # declares the model's others when it loads the config (None: the reference's
+    # value), so any can be set from a flag (noah_jax/cli.py declare_model_overrides).
     c.model.overrides = ml_collections.ConfigDict()
     c.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
 
@@ -194,7 +207,7 @@ def apply_demo(c: ml_collections.ConfigDict, image_size: int = 32, dataset: str 
 
     `model_overrides` shrink the recipe's model (patch size, depth, width) so that it
     trains to >= 95% test top-1 in a few minutes on 2 CPU cores. A model built for one
-    input size (ViT, Mixer, PVT: an `img_size` field) is built for `image_size`.
+    input size (ViT, Mixer, PVT) is given `img_size=image_size` among them by its recipe.
 
     dataset='digits_multilabel' trains on the canvases of 1 to 4 digits instead (at
     MULTILABEL_DEMO_IMAGE_SIZE px, given by the recipe): multi-hot labels, so the sigmoid
@@ -205,15 +218,11 @@ def apply_demo(c: ml_collections.ConfigDict, image_size: int = 32, dataset: str 
     """
     if dataset not in DEMO_DATASETS:
         raise ValueError(f"the demo's dataset is one of {DEMO_DATASETS}, got {dataset!r}")
-    from noah_jax.models import model_override_types
-
     multilabel = dataset == "digits_multilabel"
     c.dataset.name = dataset
     c.dataset.extra_evals = ()
     c.dataset.image_size = image_size
     c.dataset.num_classes = 10
-    if "img_size" in model_override_types(c.model.name):
-        model_overrides = dict(img_size=image_size, **model_overrides)
     c.model.overrides.update(model_overrides)
     c.batch_size = 64
     c.eval_batch_size = 120
