@@ -65,6 +65,31 @@ def registry_model(argument: str, value, *patterns: str | tuple[str, str]) -> st
     return name
 
 
+def evaluation(type: str, *, dataset: str = "", split: str = "", prefix: str = "",
+               every_steps=0, final_only: bool = False, skip_if_missing: bool = False,
+               **options) -> ml_collections.ConfigDict:
+    """An entry of config.evals: evaluator `type` (single | real | multilabel, or one
+    registered from outside) on `dataset` ('' = the training dataset's) `split` ('' =
+    its evaluation split), its metrics as eval/<prefix>/<metric>, run every
+    `every_steps` steps (0 = once per epoch) or with `final_only` only at the end;
+    `skip_if_missing` skips a dataset that is not prepared; `options` are the
+    evaluator's own fields."""
+    return ml_collections.ConfigDict(dict(
+        type=type, dataset=dataset, split=split, prefix=prefix, every_steps=every_steps,
+        final_only=final_only, skip_if_missing=skip_if_missing, **options))
+
+
+def imagenet_extra_evals(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds ImageNet-V2 and ImageNet-ReaL (ReaL top-1), scored at the end of training and
+    with eval_only, when prepared in data_dir (else skipped with a log line)."""
+    c.evals.imagenet_v2 = evaluation("single", dataset="imagenet_v2", prefix="imagenet_v2",
+                                     final_only=True, skip_if_missing=True)
+    c.evals.imagenet2012_real = evaluation("real", dataset="imagenet2012_real",
+                                           prefix="imagenet2012_real", final_only=True,
+                                           skip_if_missing=True)
+    return c
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -101,8 +126,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.drop_unlabeled = True   # COCO/VOC: leave out images with no annotated object
     # Images with more pixels are skipped, never decoded (headers give sizes); 0 = no limit.
     c.dataset.max_image_pixels = preprocess.MAX_IMAGE_PIXELS
-    # ('imagenet_v2', 'imagenet2012_real'): scored at the end of training, if prepared.
-    c.dataset.extra_evals = ()
 
     # --- Augmentation of the tf.data sources (noah_jax/data/pipeline.py); the
     # in-memory demo sources ignore it. Every field, with its default (the CNN recipe:
@@ -170,7 +193,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- Loop, logging, checkpoints.
     c.log_every_steps = 100
-    c.eval_every_steps = 0            # 0 = once per epoch
+    c.eval_every_steps = 0            # 0 = once per epoch; the schedule of evals.val
+    # --- Evaluation: named evaluators, each with its data and schedule
+    # (noah_jax/train/evaluators.py); `evaluation` below lists the fields. The training
+    # dataset's evaluation split, top-1/top-5/loss as eval/top1, ..., every
+    # eval_every_steps (a reference: setting either sets both).
+    c.evals = ml_collections.ConfigDict()
+    c.evals.val = evaluation("single", every_steps=c.get_ref("eval_every_steps"))
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.init_from = ml_collections.ConfigDict()
@@ -220,7 +249,6 @@ def apply_demo(c: ml_collections.ConfigDict, image_size: int = 32, dataset: str 
         raise ValueError(f"the demo's dataset is one of {DEMO_DATASETS}, got {dataset!r}")
     multilabel = dataset == "digits_multilabel"
     c.dataset.name = dataset
-    c.dataset.extra_evals = ()
     c.dataset.image_size = image_size
     c.dataset.num_classes = 10
     c.model.overrides.update(model_overrides)
@@ -247,6 +275,10 @@ def apply_demo(c: ml_collections.ConfigDict, image_size: int = 32, dataset: str 
     c.ema_decay = 0.0
     c.log_every_steps = 50
     c.eval_every_steps = 0
+    # The digits' test split only, scored as the labels are.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.val = evaluation("multilabel" if multilabel else "single",
+                             every_steps=c.get_ref("eval_every_steps"))
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 2
     c.attention_figure_images = 4
@@ -260,8 +292,7 @@ def imagenet_config(model: str, head: str) -> ml_collections.ConfigDict:
     c.model.head = head
     # The base config's dataset is ImageNet-1k at 224 px already. Also scored on
     # ImageNet-V2 and ReaL when they are prepared in data_dir.
-    c.dataset.extra_evals = ("imagenet_v2", "imagenet2012_real")
-    return c
+    return imagenet_extra_evals(c)
 
 
 # The reference trains with DistributedDataParallel on 8 GPUs without SyncBN: each
@@ -390,6 +421,7 @@ def multilabel_config(model: str, head: str, dataset: str, init: str
     c.augment.eval_crop = "resize"
     c.augment.rand_augment_layers = 2   # m9 mstd0.5, the base config's magnitude
     c.loss = "sigmoid_xent"
+    c.evals.val.type = "multilabel"     # loss, mAP, CF1/OF1 as eval/mAP, ...
     c.batch_size = 128
     c.eval_batch_size = 128
     c.num_epochs = 40.0

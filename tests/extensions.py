@@ -54,3 +54,27 @@ VARIANTS = {
     "toynet_8": (ToyNet, dict(width=8, num_heads=2, key_ratio=0.5, dropout=0.0)),
     "toynet_4": (ToyNet, dict(width=4, num_heads=2, key_ratio=0.5, dropout=0.0)),
 }
+
+
+# An evaluator (noah_jax.train.evaluators), registered as a user's project would, with an
+# option of its own that its config entry sets: config.evals.<name> = evaluation("topk", k=2).
+import jax  # noqa: E402
+
+from noah_jax import data  # noqa: E402
+from noah_jax.train import evaluators  # noqa: E402
+
+
+@evaluators.register("topk")
+class TopK(evaluators.Evaluator):
+    """Top-k accuracy on class ids, as the metric `top<k>`."""
+
+    label_types = (data.CLASS_IDS,)
+
+    def __init__(self, model, mesh, *, k: int = 2):
+        self.k = k
+        super().__init__(model, mesh)
+
+    def batch_metrics(self, logits, batch):
+        top = jax.lax.top_k(logits, self.k)[1]
+        hits = (top == batch["label"][:, None]).any(-1)
+        return {f"top{self.k}": jnp.sum(hits * batch["mask"]), "count": jnp.sum(batch["mask"])}

@@ -87,7 +87,7 @@ class DigitsMultilabelSource(base.IndexedSource):
 
     name = "digits_multilabel"
     multilabel = True
-    eval_kind = "multilabel"
+    eval_label_type = base.MULTI_HOT
     num_classes = NUM_CLASSES
     num_train_examples = NUM_TRAIN_CANVASES
     num_eval_examples = NUM_TEST_CANVASES

@@ -4,8 +4,8 @@ It calls module-level pieces that take what they use and return what they make:
 `check_config` and `check_workdir` (every check that can fail before anything is
 written), `init_train_state` / `restore_or_init` (resume first: the workdir's newest
 checkpoint, else `config.init_from`, else a fresh start), `make_train_step` (the pure
-update), `evaluate` (every evaluation set, each by the evaluator of its kind in
-`noah_jax.train.evaluators`), `check_finite` (the NaN guard) and `stop_and_save` (a
+update), `evaluate` (the evaluations of config.evals that are due, each by its
+evaluator in `noah_jax.train.evaluators`), `check_finite` (the NaN guard) and `stop_and_save` (a
 signal or preemption notice, `noah_jax.train.preemption`). Data flows one way:
 config -> source -> global batch -> model -> loss/metrics -> optimiser ->
 checkpoint/logs; the state passes explicitly from piece to piece.
@@ -112,6 +112,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if config.dtype not in DTYPES:
         raise ConfigError(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     loss_function(config)
+    evaluators.check_config(config.evals)
     devices, processes = jax.device_count(), jax.process_count()
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % devices or config[name] % processes:
@@ -327,31 +328,28 @@ def jit_train_step(model, tx: optax.GradientTransformation, config: ml_collectio
 # ----------------------------------------------------------------------------------
 # Evaluation and the NaN guard.
 # ----------------------------------------------------------------------------------
-def evaluation_sets(source: data.Source) -> list[tuple[str, str, Callable, bool]]:
-    """(name, kind, batches, final_only) of the source's own evaluation set and of its
-    extra ones (ImageNet-V2 / ReaL), which run only at the end and with eval_only."""
-    return [("", source.eval_kind, source.eval_batches, False),
-            *((f"{name}/", extra.kind, extra.batches, True)
-              for name, extra in source.extra_evals.items())]
-
-
-def evaluate(state: dict[str, Any], sets, scorers: dict[str, evaluators.Evaluator], *,
-             local_batch_size: int, data_sharding, final: bool) -> dict[str, float]:
+def evaluate(state: dict[str, Any], evaluations: list[evaluators.Evaluation], *, step: int,
+             final: bool, local_batch_size: int, data_sharding) -> dict[str, float]:
     """Metrics of the raw (`eval/...`) and, with EMA, the averaged (`eval_ema/...`)
-    parameters on every evaluation set (`final`: the extra ones too)."""
+    parameters on every evaluation due at `step` (`final`: all of them)."""
     weights = {"eval": state["params"]}
     if "ema_params" in state:
         weights["eval_ema"] = state["ema_params"]
-    results = {}
+    results, source_of = {}, {}
     for prefix, params in weights.items():
-        for name, kind, batches, final_only in sets:
-            if final_only and not final:
+        for evaluation in evaluations:
+            if not evaluation.due(step, final):
                 continue
-            scores = scorers[kind].evaluate(
-                params, state["batch_stats"],
-                batches(local_batch_size=local_batch_size, process_index=jax.process_index(),
-                        process_count=jax.process_count()), data_sharding)
-            results.update({f"{prefix}/{name}{k}": v for k, v in scores.items()})
+            scores = evaluation.run(params, state["batch_stats"],
+                                    local_batch_size=local_batch_size,
+                                    data_sharding=data_sharding)
+            for k, v in scores.items():
+                key = "/".join(filter(None, (prefix, evaluation.prefix, k)))
+                if key in source_of:
+                    raise ConfigError(f"config.evals.{source_of[key]} and config.evals."
+                                      f"{evaluation.name} both write {key}: give them "
+                                      "different prefixes")
+                results[key], source_of[key] = v, evaluation.name
     return results
 
 
@@ -401,7 +399,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     local_eval_batch = config.eval_batch_size // jax.process_count()
     total_steps, steps_per_epoch = durations.total_and_epoch_steps(
         config, source.num_train_examples)
-    eval_every = config.eval_every_steps or steps_per_epoch
 
     # ----------------------------------------------------------------- Model and optimiser
     overrides = {k: v for k, v in config.model.overrides.to_dict().items() if v is not None}
@@ -412,6 +409,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx = optim.make_optimizer(config, schedule, model)
     init_state = functools.partial(init_train_state, model, tx, source.image_shape,
                                    ema=config.ema_decay > 0)
+    # Opened here, so that an evaluation dataset that is missing (and not skipped)
+    # refuses the run before anything is written.
+    evaluations = evaluators.from_config(config, source, model, mesh,
+                                         steps_per_epoch=steps_per_epoch)
 
     # ----------------------------------------------------------------- Sharding
     abstract_state = jax.eval_shape(init_state, jax.random.key(config.seed))
@@ -453,14 +454,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # ------------------------------------------------------------- Update step
         train_step = jit_train_step(model, tx, config, schedule, mesh, state_sharding,
                                     multilabel=source.multilabel)
-        sets = evaluation_sets(source)
-        scorers = {kind: evaluators.get(kind)(model, mesh) for kind in {s[1] for s in sets}}
 
         best = BestScores()
 
         def run_evaluation(state, step: int, final: bool) -> dict[str, float]:
-            results = evaluate(state, sets, scorers, local_batch_size=local_eval_batch,
-                               data_sharding=data_sharding, final=final)
+            results = evaluate(state, evaluations, step=step, final=final,
+                               local_batch_size=local_eval_batch, data_sharding=data_sharding)
             results.update(best.update(step, results))
             writer.write_scalars(step, {k: v for k, v in results.items()
                                         if not k.endswith("count")})
@@ -483,8 +482,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             return run_evaluation(state, start_step, final=True)
 
         # ------------------------------------------------------------- Loop
-        logging.info("training for %d steps (%d per epoch) from step %d, evaluating every %d",
-                     total_steps, steps_per_epoch, start_step, eval_every)
+        logging.info("training for %d steps (%d per epoch) from step %d; evaluations: %s",
+                     total_steps, steps_per_epoch, start_step,
+                     "; ".join(e.describe() for e in evaluations) or "none")
         batches = source.train_batches(start_step=start_step, local_batch_size=local_batch,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
@@ -504,7 +504,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 summary = progress.summary(step, jax.device_get(pending))
                 writer.write_scalars(step, summary)
                 pending = []
-            if step % eval_every == 0 or step == total_steps:
+            if any(e.due(step, final=step == total_steps) for e in evaluations):
                 jax.block_until_ready(state["step"])  # the queued steps count as training
                 with progress.evaluating():
                     results = run_evaluation(state, step, final=step == total_steps)
