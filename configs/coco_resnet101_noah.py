@@ -19,4 +19,4 @@ def get_config(arg=None):
     a = common.parse_arg(arg, init="", head="noah", loss="sigmoid_xent", dataset="coco/2017")
     c = common.multilabel_config("resnet101", a.head, a.dataset, a.init)
     c.loss = a.loss
-    return common.declare_model_overrides(c)
+    return c

@@ -22,4 +22,4 @@ def get_config(arg=None):
     c.grad_clip_norm = 1.0
     c.fsdp = True
     c.optimizer.weight_decay = 0.05
-    return common.declare_model_overrides(c)
+    return c

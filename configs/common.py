@@ -9,6 +9,8 @@ one place.
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 from noah_jax.data import catalog, preprocess
@@ -39,16 +41,52 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return result
 
 
-def declare_model_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Declares every override that `create_model(c.model.name, ...)` accepts as a field
-    of `c.model.overrides`, None (the model's own value) unless the recipe set it, so that
-    `--config.model.overrides.img_size=384` works from the command line. Every recipe's
-    `get_config` ends with it. The compute dtype is `config.dtype`, not an override."""
-    from noah_jax.models import model_override_types
+def registry_model(argument: str, value, *patterns: str | tuple[str, str]) -> str:
+    """The registered model that a recipe's `argument=value` names.
 
-    for name, kind in model_override_types(c.model.name).items():
-        if name != "dtype" and name not in c.model.overrides:
-            c.model.overrides[name] = ml_collections.config_dict.placeholder(kind)
+    Each pattern is a model name with '{}' for the argument's value
+    ('gmlp_{}_224': variant=ti16 is gmlp_ti16_224), or (argument pattern, model pattern)
+    where the value carries more ('{}_384', 'deit_{}_patch16_384': base_384 is
+    deit_base_patch16_384). The valid values are those of the registered models that
+    match (noah_jax.models.list_models); another ends in a ValueError listing them.
+    """
+    from noah_jax.models import list_models  # the registry; configs keep no table of it
+
+    pairs = [("{}", p) if isinstance(p, str) else p for p in patterns]
+    choices = {}
+    for model in list_models():
+        for argument_pattern, model_pattern in pairs:
+            match = re.fullmatch("(.+)".join(map(re.escape, model_pattern.split("{}"))), model)
+            if match:
+                choices.setdefault(argument_pattern.format(match.group(1)), model)
+    name = choices.get(str(value))
+    if name is None:
+        raise ValueError(f"{argument} must be one of {', '.join(choices)}, got {value!r}")
+    return name
+
+
+def evaluation(type: str, *, dataset: str = "", split: str = "", prefix: str = "",
+               every_steps=0, final_only: bool = False, skip_if_missing: bool = False,
+               **options) -> ml_collections.ConfigDict:
+    """An entry of config.evals: evaluator `type` (single | real | multilabel, or one
+    registered from outside) on `dataset` ('' = the training dataset's) `split` ('' =
+    its evaluation split), its metrics as eval/<prefix>/<metric>, run every
+    `every_steps` steps (0 = once per epoch) or with `final_only` only at the end;
+    `skip_if_missing` skips a dataset that is not prepared; `options` are the
+    evaluator's own fields."""
+    return ml_collections.ConfigDict(dict(
+        type=type, dataset=dataset, split=split, prefix=prefix, every_steps=every_steps,
+        final_only=final_only, skip_if_missing=skip_if_missing, **options))
+
+
+def imagenet_extra_evals(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds ImageNet-V2 and ImageNet-ReaL (ReaL top-1), scored at the end of training and
+    with eval_only, when prepared in data_dir (else skipped with a log line)."""
+    c.evals.imagenet_v2 = evaluation("single", dataset="imagenet_v2", prefix="imagenet_v2",
+                                     final_only=True, skip_if_missing=True)
+    c.evals.imagenet2012_real = evaluation("real", dataset="imagenet2012_real",
+                                           prefix="imagenet2012_real", final_only=True,
+                                           skip_if_missing=True)
     return c
 
 
@@ -61,9 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "resnet18"
     c.model.head = "noah"
     # Keyword overrides of create_model (head num_heads/key_ratio/dropout, drop_path_rate,
-    # drop_rate, img_size, architecture fields). Each recipe declares all of its model's
-    # (`declare_model_overrides`), so any can be set from a flag; None keeps the
-    # reference's value.
+    # drop_rate, img_size, architecture fields): a recipe sets those it changes. main.py
+    # declares the model's others when it loads the config (None: the reference's
+    # value), so any can be set from a flag (noah_jax/cli.py declare_model_overrides).
     c.model.overrides = ml_collections.ConfigDict()
     c.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
 
@@ -88,8 +126,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.drop_unlabeled = True   # COCO/VOC: leave out images with no annotated object
     # Images with more pixels are skipped, never decoded (headers give sizes); 0 = no limit.
     c.dataset.max_image_pixels = preprocess.MAX_IMAGE_PIXELS
-    # ('imagenet_v2', 'imagenet2012_real'): scored at the end of training, if prepared.
-    c.dataset.extra_evals = ()
 
     # --- Augmentation of the tf.data sources (noah_jax/data/pipeline.py); the
     # in-memory demo sources ignore it. Every field, with its default (the CNN recipe:
@@ -157,7 +193,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- Loop, logging, checkpoints.
     c.log_every_steps = 100
-    c.eval_every_steps = 0            # 0 = once per epoch
+    c.eval_every_steps = 0            # 0 = once per epoch; the schedule of evals.val
+    # --- Evaluation: named evaluators, each with its data and schedule
+    # (noah_jax/train/evaluators.py); `evaluation` below lists the fields. The training
+    # dataset's evaluation split, top-1/top-5/loss as eval/top1, ..., every
+    # eval_every_steps (a reference: setting either sets both).
+    c.evals = ml_collections.ConfigDict()
+    c.evals.val = evaluation("single", every_steps=c.get_ref("eval_every_steps"))
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.init_from = ml_collections.ConfigDict()
@@ -195,7 +237,7 @@ def apply_demo(c: ml_collections.ConfigDict, image_size: int = 32, dataset: str 
 
     `model_overrides` shrink the recipe's model (patch size, depth, width) so that it
     trains to >= 95% test top-1 in a few minutes on 2 CPU cores. A model built for one
-    input size (ViT, Mixer, PVT: an `img_size` field) is built for `image_size`.
+    input size (ViT, Mixer, PVT) is given `img_size=image_size` among them by its recipe.
 
     dataset='digits_multilabel' trains on the canvases of 1 to 4 digits instead (at
     MULTILABEL_DEMO_IMAGE_SIZE px, given by the recipe): multi-hot labels, so the sigmoid
@@ -206,15 +248,10 @@ def apply_demo(c: ml_collections.ConfigDict, image_size: int = 32, dataset: str 
     """
     if dataset not in DEMO_DATASETS:
         raise ValueError(f"the demo's dataset is one of {DEMO_DATASETS}, got {dataset!r}")
-    from noah_jax.models import model_override_types
-
     multilabel = dataset == "digits_multilabel"
     c.dataset.name = dataset
-    c.dataset.extra_evals = ()
     c.dataset.image_size = image_size
     c.dataset.num_classes = 10
-    if "img_size" in model_override_types(c.model.name):
-        model_overrides = dict(img_size=image_size, **model_overrides)
     c.model.overrides.update(model_overrides)
     c.batch_size = 64
     c.eval_batch_size = 120
@@ -239,6 +276,10 @@ def apply_demo(c: ml_collections.ConfigDict, image_size: int = 32, dataset: str 
     c.ema_decay = 0.0
     c.log_every_steps = 50
     c.eval_every_steps = 0
+    # The digits' test split only, scored as the labels are.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.val = evaluation("multilabel" if multilabel else "single",
+                             every_steps=c.get_ref("eval_every_steps"))
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 2
     c.attention_figure_images = 4
@@ -252,8 +293,7 @@ def imagenet_config(model: str, head: str) -> ml_collections.ConfigDict:
     c.model.head = head
     # The base config's dataset is ImageNet-1k at 224 px already. Also scored on
     # ImageNet-V2 and ReaL when they are prepared in data_dir.
-    c.dataset.extra_evals = ("imagenet_v2", "imagenet2012_real")
-    return c
+    return imagenet_extra_evals(c)
 
 
 # The reference trains with DistributedDataParallel on 8 GPUs without SyncBN: each
@@ -382,6 +422,7 @@ def multilabel_config(model: str, head: str, dataset: str, init: str
     c.augment.eval_crop = "resize"
     c.augment.rand_augment_layers = 2   # m9 mstd0.5, the base config's magnitude
     c.loss = "sigmoid_xent"
+    c.evals.val.type = "multilabel"     # loss, mAP, CF1/OF1 as eval/mAP, ...
     c.batch_size = 128
     c.eval_batch_size = 128
     c.num_epochs = 40.0

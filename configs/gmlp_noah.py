@@ -17,18 +17,13 @@ with 16 px patches (the same 4x4 tokens), sigmoid loss, mAP and CF1/OF1.
 
 from configs import common
 
-VARIANTS = ("ti16", "ti16_075", "ti16_050", "s16", "b16")
-
-
 def get_config(arg=None):
     a = common.parse_arg(arg, variant="ti16", head="noah", demo=False, multilabel=False)
     dataset = common.demo_dataset(a.demo, a.multilabel)
-    if a.variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {a.variant!r}")
-    c = common.mlp_recipe(f"gmlp_{a.variant}_224", a.head)
+    c = common.mlp_recipe(common.registry_model("variant", a.variant, "gmlp_{}_224"), a.head)
     if a.demo:
         # The multi-label canvases are 64 px: 16 px patches keep the 4x4 tokens of 32 px.
         size = common.MULTILABEL_DEMO_IMAGE_SIZE if a.multilabel else 32
-        common.apply_demo(c, size, dataset, patch_size=size // 4, num_blocks=4,
+        common.apply_demo(c, size, dataset, img_size=size, patch_size=size // 4, num_blocks=4,
                           drop_rate=0.0, drop_path_rate=0.0)
-    return common.declare_model_overrides(c)
+    return c

@@ -25,15 +25,10 @@ and it catches up late.
 
 from configs import common
 
-WIDTHS = ("035", "050", "075", "100")
-
-
 def get_config(arg=None):
     a = common.parse_arg(arg, width="100", head="noah", demo=False, multilabel=False)
     dataset = common.demo_dataset(a.demo, a.multilabel)
-    if a.width not in WIDTHS:
-        raise ValueError(f"width must be one of {WIDTHS}, got {a.width!r}")
-    c = common.cnn_recipe(f"mobilenetv2_{a.width}", a.head)
+    c = common.cnn_recipe(common.registry_model("width", a.width, "mobilenetv2_{}"), a.head)
     # SGD with momentum 0.9 at batch 256, decay on every parameter, as the base config;
     # these differ from it.
     c.num_epochs = 150.0
@@ -47,4 +42,4 @@ def get_config(arg=None):
         # 15 epochs.
         common.apply_demo(c, image_size=64, dataset=dataset)
         c.num_epochs = 15.0
-    return common.declare_model_overrides(c)
+    return c

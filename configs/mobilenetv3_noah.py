@@ -23,15 +23,11 @@ trains the same network on the 64 px canvases of 1 to 4 digits
 
 from configs import common
 
-VARIANTS = ("small", "large")
-
-
 def get_config(arg=None):
     a = common.parse_arg(arg, variant="small", head="noah", demo=False, multilabel=False)
     dataset = common.demo_dataset(a.demo, a.multilabel)
-    if a.variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {a.variant!r}")
-    c = common.cnn_recipe(f"mobilenetv3_{a.variant}", a.head)
+    c = common.cnn_recipe(common.registry_model("variant", a.variant, "mobilenetv3_{}"),
+                          a.head)
     # SGD with momentum 0.9 at batch 256, as the base config; these differ from it.
     c.optimizer.decay_rule = "nowd_bn"
     c.num_epochs = 150.0
@@ -47,4 +43,4 @@ def get_config(arg=None):
         # test accuracy in well under the other demos' 40 epochs (15 is also what the
         # multi-label demo trains).
         c.num_epochs = 15.0
-    return common.declare_model_overrides(c)
+    return c

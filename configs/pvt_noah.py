@@ -31,21 +31,16 @@ multilabel.
 
 from configs import common
 
-VARIANTS = ("tiny_050", "tiny_075", "tiny", "small", "medium", "large")
-
-
 def get_config(arg=None):
     a = common.parse_arg(arg, variant="tiny", head="noah", demo=False, multilabel=False)
     dataset = common.demo_dataset(a.demo, a.multilabel)
-    if a.variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {a.variant!r}")
     # DeiT's recipe; no EMA and no gradient clipping (the base config's: off).
-    c = common.deit_recipe(f"pvt_{a.variant}", a.head)
+    c = common.deit_recipe(common.registry_model("variant", a.variant, "pvt_{}"), a.head)
 
     if a.demo:
         # The multi-label canvases are 64 px: 4 px patches keep the stage maps of 32 px.
         size = common.MULTILABEL_DEMO_IMAGE_SIZE if a.multilabel else 32
-        common.apply_demo(c, size, dataset, patch_size=size // 16,
+        common.apply_demo(c, size, dataset, img_size=size, patch_size=size // 16,
                           embed_dims=(32, 64, 160, 256), depths=(1, 1, 1, 1),
                           drop_path_rate=0.0)
-    return common.declare_model_overrides(c)
+    return c

@@ -6,7 +6,8 @@
 parameter), lr x0.1 at epochs 30, 60 and 90; RandomResizedCrop 224 and flips;
 evaluation resizes to 256 and centre-crops 224; BatchNorm over 32 images. Head: N=4, r=1/2, dropout 0.1.
 Expected ImageNet top-1 (paper): 71.81% (baseline with head=linear: 70.25%).
-Arguments: head=noah|linear, depth=18|34 (ResNet-34 shares the recipe).
+Arguments: head=noah|linear, depth=18|34 (ResNet-34 shares the recipe, and so do the
+deeper ResNets of configs/resnet50_noah.py).
 """
 
 from configs import common
@@ -14,6 +15,4 @@ from configs import common
 
 def get_config(arg=None):
     a = common.parse_arg(arg, head="noah", depth=18)
-    if a.depth not in (18, 34):
-        raise ValueError(f"depth must be 18 or 34 for this recipe, got {a.depth}")
-    return common.declare_model_overrides(common.resnet_recipe(f"resnet{a.depth}", a.head))
+    return common.resnet_recipe(common.registry_model("depth", a.depth, "resnet{}"), a.head)

@@ -15,6 +15,4 @@ from configs import common
 
 def get_config(arg=None):
     a = common.parse_arg(arg, head="noah", depth=50)
-    if a.depth not in (50, 101, 152):
-        raise ValueError(f"depth must be 50, 101 or 152, got {a.depth}")
-    return common.declare_model_overrides(common.resnet_recipe(f"resnet{a.depth}", a.head))
+    return common.resnet_recipe(common.registry_model("depth", a.depth, "resnet{}"), a.head)

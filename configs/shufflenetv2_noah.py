@@ -25,16 +25,11 @@ the optimiser and schedule of every demo (common.apply_demo: AdamW, 40 epochs).
 
 from configs import common
 
-WIDTHS = ("050", "100", "150", "200")
-
-
 def get_config(arg=None):
     a = common.parse_arg(arg, width=None, head="noah", demo=False, multilabel=False)
     dataset = common.demo_dataset(a.demo, a.multilabel)
     width = a.width or ("050" if a.demo else "100")  # the demo's default is the smallest
-    if width not in WIDTHS:
-        raise ValueError(f"width must be one of {WIDTHS}, got {width!r}")
-    c = common.cnn_recipe(f"shufflenetv2_{width}", a.head)
+    c = common.cnn_recipe(common.registry_model("width", width, "shufflenetv2_{}"), a.head)
     # SGD with momentum 0.9, as the base config; these differ from it.
     c.optimizer.decay_rule = "nowd_bn"
     c.batch_size = 1024
@@ -50,4 +45,4 @@ def get_config(arg=None):
         # 64 px keeps a 2x2 map for the head (at 32 px it would see one position); the
         # multi-label canvases are 64 px too.
         common.apply_demo(c, image_size=64, dataset=dataset)
-    return common.declare_model_overrides(c)
+    return c

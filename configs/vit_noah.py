@@ -36,17 +36,14 @@ multilabel (with demo).
 
 from configs import common
 
-VARIANTS = ("tiny_050", "tiny_075", "tiny", "small", "base", "base_384")
+# variant=tiny is deit_tiny_patch16_224, base_384 is deit_base_patch16_384.
+MODELS = ("deit_{}_patch16_224", ("{}_384", "deit_{}_patch16_384"))
 
 
 def get_config(arg=None):
     a = common.parse_arg(arg, variant="tiny", head="noah", demo=False, multilabel=False)
     dataset = common.demo_dataset(a.demo, a.multilabel)
-    if a.variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {a.variant!r}")
-    model = ("deit_base_patch16_384" if a.variant == "base_384"
-             else f"deit_{a.variant}_patch16_224")
-    c = common.deit_recipe(model, a.head)
+    c = common.deit_recipe(common.registry_model("variant", a.variant, *MODELS), a.head)
     if a.variant == "base_384":
         c.dataset.image_size = 384
     c.ema_decay = 0.99996
@@ -55,6 +52,6 @@ def get_config(arg=None):
         # The multi-label canvases are 64 px: 16 px patches keep the digits demo's 4x4
         # tokens and its cost per step (8 px patches: 64 tokens, 3.5 times slower).
         size = common.MULTILABEL_DEMO_IMAGE_SIZE if a.multilabel else 32
-        common.apply_demo(c, size, dataset, patch_size=size // 4, depth=4,
+        common.apply_demo(c, size, dataset, img_size=size, patch_size=size // 4, depth=4,
                           drop_path_rate=0.0)
-    return common.declare_model_overrides(c)
+    return c

@@ -17,10 +17,9 @@ Every variant (model x head x mode x batch size x device count) is compiled firs
 round running every variant for `--steps` steps in a rotated order, so that a slow
 minute of the machine hits all variants alike. The step time is the median over rounds.
 Before its timed steps in a round, a variant runs `--settle` untimed steps (default 1):
-on CPU, the first step of a program that follows another program is slower (measured:
-a Mixer-S NOAH step after a linear-head step, 2.52-2.59 s against 2.36-2.38 s, with
-three times the kernel time), a cost that a training run, repeating one program, does
-not pay.
+on CPU, the first step of a program that follows another program is slower (README.md,
+"Performance", gives the measurement), a cost that a training run, repeating one
+program, does not pay.
 
   --minimal   also times a bare step of the same model, loss and optimiser (no NaN
               guard, no metrics, no schedule read), for the trainer's own cost.

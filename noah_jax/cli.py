@@ -3,13 +3,16 @@
 ml_collections reports a mistyped config field (`--config.batchsize=16`) or an
 unknown recipe argument (`configs/resnet18_noah.py:dept=18`) as a traceback with the
 useful part at its end. `parse_flags` turns any flag or config mistake into one line
-that names the valid fields, for `app.run(main, flags_parser=cli.parse_flags)`.
+that names the valid fields, for `app.run(main, flags_parser=cli.parse_flags)`; it
+also declares the chosen model's overrides on the loaded config
+(`declare_model_overrides`), so that every one can be set from a flag.
 For the other commands: `ArgumentParser` (argparse, one-line mistakes),
 `int_at_least` (an argparse type for counts and sizes), and path checks that run
 before TensorFlow and JAX are imported (`checkpoint_path_error`, `nearest_existing`, ...).
 
 It imports no other module of the package and no JAX or TensorFlow, so every layer may
-use it (the trainer checks its workdir path with `nearest_existing`).
+use it (the trainer checks its workdir path with `nearest_existing`); only loading a
+config imports the model registry, inside the functions that do it.
 """
 
 from __future__ import annotations
@@ -158,6 +161,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None, *,
             doc = getattr(sys.modules.get("__main__"), "__doc__", None)
         sys.stdout.write(help_text(values, doc, full=wanted == "full"))
         sys.exit(0)
+    _declare_on_load(values)
     try:
         spec = config_spec(argv)
         if spec is not None:  # config_flags would defer this error to the first use
@@ -199,7 +203,8 @@ def _check_config_path(spec: str) -> None:
 
 
 def load_config(spec: str):
-    """Runs a config file's `get_config(arg)` as config_flags does ('path.py:arg')."""
+    """Runs a config file's `get_config(arg)` as config_flags does ('path.py:arg'), and
+    declares its model's overrides as `parse_flags` does: the config main.py loads."""
     _check_config_path(spec)
     path, _, arg = spec.partition(":")
     # Configs import `configs.common`: make the folder above configs/ importable.
@@ -209,7 +214,55 @@ def load_config(spec: str):
     module_spec = importlib.util.spec_from_file_location("_noah_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    return declare_model_overrides(module.get_config(arg) if arg else module.get_config())
+
+
+# ----------------------------------------------------------------------------------
+# The model's overrides as config fields. A recipe sets only the overrides it uses;
+# ml_collections refuses a flag for a field the config lacks, so the loaded config
+# gets every other override of its model declared (None: the model's own value)
+# before the `--config.model.overrides.X=...` flags are applied.
+# ----------------------------------------------------------------------------------
+def declare_model_overrides(config):
+    """Declares every override that `create_model(config.model.name, ...)` accepts as a
+    field of `config.model.overrides`, None where the recipe set none; the compute dtype
+    is `config.dtype`, not an override. Returns `config` (a locked one stays locked).
+    Imports the model registry, and with it JAX."""
+    import ml_collections
+    from noah_jax.models import model_override_types
+
+    if not isinstance(config, ml_collections.ConfigDict):
+        return config  # config_flags' stand-in for a file it could not read
+    overrides = config.model.overrides
+    with overrides.unlocked():
+        for name, kind in model_override_types(config.model.name).items():
+            if name != "dtype" and name not in overrides:
+                overrides[name] = ml_collections.config_dict.placeholder(kind)
+    return config
+
+
+class _DeclaringParser:
+    """A config flag's file parser, followed by `declare_model_overrides`; config_flags
+    types each `--config.X` flag from the config this returns."""
+
+    def __init__(self, parser):
+        self.parser = parser
+
+    def parse(self, argument):
+        return declare_model_overrides(self.parser.parse(argument))
+
+    def __getattr__(self, name):
+        return getattr(self.parser, name)
+
+
+def _declare_on_load(flag_values: flags.FlagValues) -> None:
+    # ml_collections documents is_config_flag for callers; its package does not re-export it.
+    from ml_collections.config_flags.config_flags import is_config_flag
+
+    for name in list(flag_values):
+        flag = flag_values[name]
+        if is_config_flag(flag) and not isinstance(flag.parser, _DeclaringParser):
+            flag.parser = _DeclaringParser(flag.parser)
 
 
 def _missing_field(config, path: str) -> str | None:

@@ -497,7 +497,8 @@ def load(checkpoint_path: str | os.PathLike, *, ema: bool = True,
                                                jnp.zeros((1, size, size, 3)), train=False))
     target = {"params": target["params"], "batch_stats": target.get("batch_stats", {})}
     try:
-        variables, _ = checkpoint.restore_model(directory, target, step=step)
+        variables, _ = checkpoint.restore_model(directory, target, step=step,
+                                                adapt=model.adapt_checkpoint)
         ema_params = (checkpoint.restore_ema_params(directory, target["params"], step=step)
                       if ema else None)
     except UserError:

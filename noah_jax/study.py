@@ -43,13 +43,10 @@ Written after each completed seed (every head of it finished), and at the end:
                   from the lowest to the highest seed (the NOAH paper's Figure 3).
 All numbers are the ones the runs logged: read back from their metrics.jsonl.
 
-Time: a run takes as long as main.py's; on CPU each begins with 15-60 s of compiling,
-less from the second seed of a head on (the compilation cache; NOAH's train step is
-compiled again for each seed, which it holds as a constant). On the 2-core CPU machine
-with nothing else running (2026-11-26, huge pages: noah_jax/train/host_memory.py), 2 heads x 5
-seeds took 7m17s for the ViT demo on the digits at 15 epochs (about 44 s a run), 8m42s for
-it on the multi-label canvases at 6 epochs, and 12-13 minutes for MobileNetV2 x0.35 at
-64 px (15 epochs of digits, 5 of canvases); README.md has the results.
+Time: a run takes as long as main.py's, and on CPU each begins by compiling, less from
+the second seed of a head on (the compilation cache; NOAH's train step is compiled again
+for each seed, which it holds as a constant). README.md ("Does NOAH help?") gives the
+measured times and results of the studies it shows.
 
 Exit status: 0 when the study is complete; 2 for a mistake on the command line (one
 line saying what is wrong); 1 when a run stops on an error of the config, the data or

@@ -10,7 +10,6 @@ import pathlib
 import re
 import shlex
 import socket
-from collections.abc import Mapping
 
 import chex
 import jax
@@ -87,7 +86,7 @@ def assert_follows_source_protocol(source, *, name: str, num_classes: int,
     assert (source.num_train_examples, source.num_eval_examples) == (
         num_train_examples, num_eval_examples)
     assert source.multilabel is multilabel
-    assert isinstance(source.extra_evals, Mapping)
+    assert source.eval_label_type == ("multi_hot" if multilabel else "class_ids")
     b = local_batch_size
 
     def check_labels(labels):

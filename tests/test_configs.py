@@ -124,3 +124,61 @@ def test_a_family_field_set_in_the_config_is_kept():
     assert resolved.dataset.std == (0.5, 0.5, 0.5) and resolved.dataset.eval_interpolation == (
         "bicubic")
     assert c.dataset.std is None  # the config itself is left as it was
+
+
+# The recipes (not common.py) with arguments that build each: the COCO ones need init=.
+RECIPE_FILES = [p for p in CONFIG_FILES if p.name not in ("__init__.py", "common.py")]
+RECIPE_ARG = {"coco_resnet101_noah": "init=/ckpt", "coco_vit_large_noah": "init=/ckpt"}
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=[p.name for p in RECIPE_FILES])
+def test_recipes_name_the_model_and_set_only_the_overrides_they_use(path):
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+    assert imported == {"configs"}, imported  # nothing of noah_jax.models
+    for arg in (RECIPE_ARG.get(path.stem), "demo"):
+        if arg == "demo" and "demo" not in path.read_text():
+            continue
+        c = importlib.import_module(f"configs.{path.stem}").get_config(arg)
+        # main.py declares the others (noah_jax/cli.py declare_model_overrides).
+        assert None not in c.model.overrides.values(), c.model.overrides
+
+
+@pytest.mark.parametrize("module,arg,message", [
+    ("vit_noah", "variant=large", "variant must be one of tiny_050, tiny_075, tiny, small, "
+                                  "base, base_384, got 'large'"),
+    ("resnet18_noah", "depth=20", "depth must be one of 18, 34, 50, 101, 152, got 20"),
+    ("mobilenetv2_noah", "width=140", "width must be one of 035, 050, 075, 100, got '140'"),
+    ("shufflenetv2_noah", "demo,width=075", "width must be one of 050, 100, 150, 200, got"),
+    ("mixer_noah", "variant=ti16", "variant must be one of s16, s16_075, s16_050, b16, got"),
+    ("gmlp_noah", "variant=s16_075", "variant must be one of ti16, ti16_075, ti16_050, s16,"),
+    ("mobilenetv3_noah", "variant=huge", "variant must be one of small, large, got 'huge'"),
+    ("pvt_noah", "variant=huge", "variant must be one of tiny_050, tiny_075, tiny, small, "
+                                 "medium, large, got 'huge'"),
+])
+def test_an_unknown_variant_is_refused_naming_the_registrys_choices(module, arg, message):
+    with pytest.raises(ValueError) as error:
+        importlib.import_module(f"configs.{module}").get_config(arg)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_recipes_variants_are_the_registered_models_its_names_match():
+    from extensions import VARIANTS as TOY_FAMILY
+    from noah_jax import models
+
+    family = {"pvt_toy": TOY_FAMILY["toynet_8"]}
+    models.register_family(family)
+    try:
+        c = importlib.import_module("configs.pvt_noah").get_config("variant=toy")
+        assert c.model.name == "pvt_toy"
+    finally:
+        models.unregister_family(family)
+    with pytest.raises(ValueError, match="variant must be one of .*large, got 'toy'"):
+        importlib.import_module("configs.pvt_noah").get_config("variant=toy")
+    vit = importlib.import_module("configs.vit_noah")
+    assert [vit.get_config(f"variant={v}").model.name for v in ("tiny_050", "base_384")] == [
+        "deit_tiny_050_patch16_224", "deit_base_patch16_384"]

@@ -16,7 +16,7 @@ padded and masked `eval_batches`. Names:
   TFDS names imagenet2012, coco/2017, voc/2007, cifar10, cifar100, imagenette,
              oxford_iiit_pet, or any TFDS image-classification dataset
              (noah_jax/data/tfds_source.py); imagenet_v2 and imagenet2012_real as
-             dataset.extra_evals.
+             evaluation sets (`get_eval_set`, named by config.evals).
 
 The TFDS and folder sources run tf.data pipelines (noah_jax/data/pipeline.py) with
 the augmentation of config.augment. Submodules are imported on demand, so asking for
@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import ml_collections
 
-from noah_jax.data.base import Batch, Source
+from noah_jax.data.base import (CLASS_IDS, LABEL_TYPES, MULTI_HOT, REAL_LABELS, Batch,
+                                Source)
 from noah_jax.errors import ConfigError
 
-__all__ = ["Batch", "Source", "get_source", "keep_tensorflow_off_accelerators"]
+__all__ = ["Batch", "CLASS_IDS", "LABEL_TYPES", "MULTI_HOT", "REAL_LABELS", "Source",
+           "get_eval_set", "get_source", "keep_tensorflow_off_accelerators"]
 
 
 def keep_tensorflow_off_accelerators() -> None:
@@ -116,5 +118,22 @@ def get_source(dataset_config: ml_collections.ConfigDict, *, seed: int,
         data_dir=dataset_config.data_dir, train_split=dataset_config.train_split,
         eval_split=dataset_config.eval_split, shuffle_buffer=dataset_config.shuffle_buffer,
         shuffle_pieces=dataset_config.shuffle_pieces,
-        drop_unlabeled=dataset_config.drop_unlabeled,
-        extra_evals=tuple(dataset_config.extra_evals))
+        drop_unlabeled=dataset_config.drop_unlabeled)
+
+
+def get_eval_set(dataset_config: ml_collections.ConfigDict, name: str, split: str = "", *,
+                 augment: ml_collections.ConfigDict):
+    """A split of the TFDS dataset `name` (its evaluation split unless `split` is given)
+    as an evaluation set: `.label_type` (a label type of noah_jax/data/base.py),
+    `.num_examples` and `.batches(...)`, like a source's eval_batches. Images are
+    preprocessed as the training dataset's evaluation images (`dataset_config`); raises
+    a DatasetNotPreparedError if `name` is not prepared in dataset.data_dir."""
+    if name in ("digits", "digits_multilabel", "synthetic", "folder"):
+        raise ConfigError(f"only TFDS datasets can be evaluated on besides the training "
+                          f"dataset's own evaluation split, not {name!r}")
+    from noah_jax.data import pipeline, tfds_source
+
+    preprocess = pipeline.Preprocess.from_config(dataset_config, augment)
+    return tfds_source.eval_set(name, preprocess, num_classes=dataset_config.num_classes,
+                                data_dir=dataset_config.data_dir, split=split,
+                                drop_unlabeled=dataset_config.drop_unlabeled)

@@ -24,7 +24,6 @@ any example's randomness is computed directly, without replaying a stream.
 from __future__ import annotations
 
 import functools
-import types
 from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
@@ -34,6 +33,14 @@ Batch = dict[str, np.ndarray]
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 _GOLDEN = np.uint64(0x9E37_79B9_7F4A_7C15)
 _PERMUTATION_TAG = 0x5045_524D  # "PERM": keeps the shuffle apart from other hash uses
+
+# What the 'label' of an evaluation set's batches holds; each evaluator
+# (noah_jax.train.evaluators) says which of these it scores.
+CLASS_IDS = "class_ids"      # int32 [b]: the image's one class
+MULTI_HOT = "multi_hot"      # float32 [b, K]: every class the image shows (COCO, VOC)
+REAL_LABELS = "real_labels"  # float32 [b, K]: every class that is a right answer
+                             # (ImageNet-ReaL); a row of zeros: none is
+LABEL_TYPES = (CLASS_IDS, MULTI_HOT, REAL_LABELS)
 
 
 @runtime_checkable
@@ -48,8 +55,7 @@ class Source(Protocol):
     num_train_examples: int
     num_eval_examples: int
     multilabel: bool            # labels are multi-hot float32 [b, K] (COCO, VOC)
-    eval_kind: str              # which evaluator scores eval_batches (noah_jax.train.evaluators)
-    extra_evals: dict           # name -> further evaluation sets, each with .kind, .batches
+    eval_label_type: str        # what eval_batches' labels hold: one of LABEL_TYPES
 
     def train_batches(self, *, start_step: int, local_batch_size: int, process_index: int,
                       process_count: int) -> Iterator[Batch]:
@@ -202,8 +208,7 @@ class IndexedSource:
     num_train_examples: int
     num_eval_examples: int
     multilabel = False
-    eval_kind = "single"
-    extra_evals = types.MappingProxyType({})  # read-only: shared by every instance
+    eval_label_type = CLASS_IDS
 
     def train_examples(self, indices: np.ndarray, positions: np.ndarray) -> Batch:
         raise NotImplementedError

@@ -1,5 +1,5 @@
 """The TFDS datasets this project knows, without importing TensorFlow: their splits,
-class counts, label kinds and what preparing them needs (archives, disk).
+class counts, labels and what preparing them needs (archives, disk).
 
 `noah_jax/data/tfds_source.py` reads them, `noah_jax/prepare.py` builds them, and the
 configs take class counts from here.
@@ -11,8 +11,7 @@ import dataclasses
 import importlib.util
 import os
 
-# How each label kind turns a record into (encoded image, label) is tfds_source's.
-SINGLE, COCO, VOC, REAL = "single", "coco", "voc", "real"
+from noah_jax.data.base import CLASS_IDS, MULTI_HOT, REAL_LABELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +20,11 @@ class DatasetSpec:
     train_split: str | None   # None: evaluation only
     eval_split: str
     num_classes: int
-    kind: str = SINGLE
+    # What the labels are (noah_jax/data/base.py's label types) and the record feature
+    # that holds them: a ClassLabel, or a sequence of ClassLabel ids ('/' walks into a
+    # nested feature) that tfds_source turns into multi-hot rows.
+    label_type: str = CLASS_IDS
+    label_feature: str = "label"
     # Preparing it (`python -m noah_jax.prepare`): the archives that must already lie in
     # manual_dir (ImageNet's cannot be downloaded), those that may lie there instead of
     # being downloaded (TFDS's own file names), where they come from, and the disk space
@@ -34,7 +37,7 @@ class DatasetSpec:
 
     @property
     def multilabel(self) -> bool:
-        return self.kind in (COCO, VOC)
+        return self.label_type == MULTI_HOT
 
 
 _IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
@@ -49,19 +52,19 @@ DATASETS: dict[str, DatasetSpec] = {
     "imagenet_v2": DatasetSpec("imagenet_v2", None, "test", 1000,
                                disk="about 2.5 GB (1.2 GB download)", disk_gb=2.5),
     "imagenet2012_real": DatasetSpec(
-        "imagenet2012_real", None, "validation", 1000, REAL,
+        "imagenet2012_real", None, "validation", 1000, REAL_LABELS, "real_label",
         manual_files=("ILSVRC2012_img_val.tar",), optional_manual_files=("real.json",),
         source="https://image-net.org/download-images, and the ReaL labels from "
                "https://github.com/google-research/reassessed-imagenet",
         disk="about 7 GB of TFRecords besides the 6.7 GB validation archive", disk_gb=14),
     "coco/2017": DatasetSpec(
-        "coco/2017", "train", "validation", 80, COCO,
+        "coco/2017", "train", "validation", 80, MULTI_HOT, "objects/label",
         optional_manual_files=("train2017.zip", "val2017.zip", "test2017.zip",
                                "annotations_trainval2017.zip", "image_info_test2017.zip"),
         source="https://cocodataset.org/#download",
         disk="about 54 GB: 27 GB of archives plus about 27 GB of TFRecords", disk_gb=54),
     "voc/2007": DatasetSpec(
-        "voc/2007", "train+validation", "test", 20, VOC,
+        "voc/2007", "train+validation", "test", 20, MULTI_HOT, "labels",
         optional_manual_files=("VOCtrainval_06-Nov-2007.tar", "VOCtest_06-Nov-2007.tar"),
         source="http://host.robots.ox.ac.uk/pascal/VOC/voc2007/",
         disk="about 2 GB: 0.9 GB of archives plus about 0.9 GB of TFRecords", disk_gb=2),

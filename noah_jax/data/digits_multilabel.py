@@ -43,10 +43,8 @@ the counter-based `base.hash_u64`: every run and every seed sees the same canvas
 computed on its own (`layout`, `render`).
 
 Cost: only the layouts are kept (four boxes per canvas); canvases are drawn per
-batch from them. On one CPU core at 64 px, building a source (load_digits, the
-layouts, the exact mean and std) takes 0.06 s, rendering all 5,000 canvases 0.05 s
-more, and a normalised training batch of 64 about 1 ms. Needs scikit-learn (about
-1 s to import, once) when a source is built; never TensorFlow.
+batch from them, in numpy, a small part of a demo step. Needs scikit-learn (imported
+once) when a source is built; never TensorFlow.
 """
 
 from __future__ import annotations
@@ -89,7 +87,7 @@ class DigitsMultilabelSource(base.IndexedSource):
 
     name = "digits_multilabel"
     multilabel = True
-    eval_kind = "multilabel"
+    eval_label_type = base.MULTI_HOT
     num_classes = NUM_CLASSES
     num_train_examples = NUM_TRAIN_CANVASES
     num_eval_examples = NUM_TEST_CANVASES

@@ -129,13 +129,12 @@ class FolderSource:
     Attributes besides the `Source` ones: `root`, `train_split`, `eval_split` (the
     resolved folder names), `class_names` (label k is class_names[k]), `skipped`
     (split folder name -> paths that could not be decoded or have more than
-    preprocess.max_image_pixels pixels; the log says which), `multilabel` (False) and
-    `extra_evals` (none).
+    preprocess.max_image_pixels pixels; the log says which), and `multilabel` (False).
     """
 
     name = "folder"
     multilabel = False
-    eval_kind = "single"
+    eval_label_type = base.CLASS_IDS
 
     def __init__(self, root: str, preprocess: pipeline.Preprocess, *, seed: int,
                  num_classes: int, train_split: str = "", eval_split: str = "",
@@ -174,7 +173,6 @@ class FolderSource:
                 f" (rename or remove these)")
         self.num_classes = num_classes
         self.image_shape = (preprocess.image_size, preprocess.image_size, 3)
-        self.extra_evals: dict = {}
 
         self.skipped: dict[str, list[str]] = {}
         self._train_paths, self._train_labels = self._valid_files(self.train_split)

@@ -13,8 +13,8 @@ noisy class template), which lets a benchmark's loss go down. Training batches
 visit the examples in the shared per-epoch shuffled order (`noah_jax.data.base`).
 
 Cost: the random numbers are per grid cell (g*g*3 = 192 per example); the rest is one
-upsampling copy, about 60 ms for 256 images at 224 px on one CPU core. Imports
-neither TensorFlow nor scikit-learn, so it runs on bare accelerator machines.
+upsampling copy. Imports neither TensorFlow nor scikit-learn, so it runs on bare
+accelerator machines.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ from the TFDS metadata (`num_train_examples`, `num_eval_examples`) still count t
 Class names (`class_names`) come from the label's ClassLabel feature: ImageNet's are
 WordNet synset ids, as TFDS ships them (`catalog.imagenet_class_names`).
 
+Evaluation sets of other datasets (`eval_set`: ImageNet-V2 and ReaL for an ImageNet
+model) are named by the config's evaluators (config.evals).
 ImageNet-ReaL (`imagenet2012_real`) evaluates with its multi-hot "real" labels:
 a prediction is right when it is one of an image's real labels, and images without
 real labels are not counted (`noah_jax.train.metrics.real_accuracy_sums`).
@@ -38,13 +40,11 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from absl import logging
 
 from noah_jax.data import pipeline
-from noah_jax.data.base import Batch
+from noah_jax.data.base import CLASS_IDS, MULTI_HOT, Batch
 from noah_jax.errors import DataError, UserError
 
-from noah_jax.data.catalog import COCO as _COCO, REAL as _REAL, SINGLE as _SINGLE, VOC as _VOC
 # Re-exported: tools and tests read the catalog through this module too.
 from noah_jax.data.catalog import (  # noqa: F401
     DATASETS, DatasetSpec, default_data_dir, default_manual_dir, prepare_command)
@@ -124,35 +124,40 @@ def prepared_builder(name: str, data_dir: str = "", spec: DatasetSpec | None = N
 # ----------------------------------------------------------------------------------
 # Records and labels.
 # ----------------------------------------------------------------------------------
-def _label_features(kind: str) -> dict:
-    return {_SINGLE: {"label": True}, _COCO: {"objects": {"label": True}},
-            _VOC: {"labels": True}, _REAL: {"real_label": True}}[kind]
+def _label_features(spec: DatasetSpec) -> dict:
+    """The features to decode for the label: 'objects/label' -> {'objects': {'label': True}}."""
+    features = True
+    for key in reversed(spec.label_feature.split("/")):
+        features = {key: features}
+    return features
 
 
-def _label_ids(kind: str, record: dict) -> tf.Tensor:
-    """The class ids of a multi-label record (int64 [n], possibly empty)."""
-    if kind == _COCO:
-        return record["objects"]["label"]
-    return record["labels" if kind == _VOC else "real_label"]
+def _label_ids(spec: DatasetSpec, record: dict) -> tf.Tensor:
+    """The label feature of a record: an int class id, or the class ids of a multi-label
+    record (int64 [n], possibly empty)."""
+    for key in spec.label_feature.split("/"):
+        record = record[key]
+    return record
 
 
-def class_names(features: tfds.features.FeaturesDict, kind: str) -> list[str]:
+def class_names(features: tfds.features.FeaturesDict, spec: DatasetSpec) -> list[str]:
     """The names of the label's classes, from the dataset's ClassLabel feature:
     ImageNet's WordNet synset ids ('n01440764', ...; TFDS ships no other names), the
     COCO and VOC category names ('person', 'aeroplane', ...), CIFAR's ('airplane', ...).
     A ClassLabel built without names gives '0', '1', ..."""
-    feature = {_SINGLE: lambda: features["label"], _COCO: lambda: features["objects"]["label"],
-               _VOC: lambda: features["labels"], _REAL: lambda: features["real_label"]}[kind]()
+    feature = features
+    for key in spec.label_feature.split("/"):
+        feature = feature[key]
     while isinstance(feature, tfds.features.Sequence):  # VOC's labels, ReaL's
         feature = feature.feature
     return [str(name) for name in feature.names]
 
 
-def make_parse(kind: str, num_classes: int) -> pipeline.Parse:
+def make_parse(spec: DatasetSpec, num_classes: int) -> pipeline.Parse:
     def parse(record):
-        if kind == _SINGLE:
-            return record["image"], tf.cast(record["label"], tf.int32)
-        ids = _label_ids(kind, record)
+        ids = _label_ids(spec, record)
+        if spec.label_type == CLASS_IDS:
+            return record["image"], tf.cast(ids, tf.int32)
         multi_hot = tf.reduce_sum(tf.one_hot(ids, num_classes, dtype=tf.float32), axis=0)
         return record["image"], tf.minimum(multi_hot, 1.0)
     return parse
@@ -161,9 +166,9 @@ def make_parse(kind: str, num_classes: int) -> pipeline.Parse:
 class _Split:
     """One TFDS split as sharded records, with per-shard sizes (filtered if asked)."""
 
-    def __init__(self, builder, split: str, kind: str, drop_unlabeled: bool):
-        self.builder, self.split, self.kind = builder, split, kind
-        self.drop_unlabeled = drop_unlabeled and kind in (_COCO, _VOC)
+    def __init__(self, builder, split: str, spec: DatasetSpec, drop_unlabeled: bool):
+        self.builder, self.split, self.spec = builder, split, spec
+        self.drop_unlabeled = drop_unlabeled and spec.label_type == MULTI_HOT
         try:
             self.raw_size = builder.info.splits[split].num_examples
         except (KeyError, ValueError) as e:
@@ -181,7 +186,7 @@ class _Split:
             decoders=tfds.decode.PartialDecoding(features, decoders=decoders),
             read_config=tfds.ReadConfig(try_autocache=False))
         if self.drop_unlabeled:
-            ds = ds.filter(lambda r: tf.size(_label_ids(self.kind, r)) > 0)
+            ds = ds.filter(lambda r: tf.size(_label_ids(self.spec, r)) > 0)
         return ds
 
     def records(self, process_index: int, process_count: int) -> tf.data.Dataset:
@@ -189,7 +194,7 @@ class _Split:
 
     @property
     def _features(self) -> dict:
-        return {"image": True, **_label_features(self.kind)}
+        return {"image": True, **_label_features(self.spec)}
 
     def pieces(self, process_index: int, process_count: int, num_pieces: int
                ) -> list[tuple[tf.data.Dataset, int]]:
@@ -206,7 +211,7 @@ class _Split:
     def _count(self, split) -> int:
         if not self.drop_unlabeled:
             return self.builder.info.splits[split].num_examples
-        ds = self._read(split, _label_features(self.kind))
+        ds = self._read(split, _label_features(self.spec))
         return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
 
     def size(self, process_index: int, process_count: int) -> int:
@@ -220,12 +225,13 @@ class _Split:
 # The source.
 # ----------------------------------------------------------------------------------
 class EvalSet:
-    """A finite evaluation set: `kind` is 'single', 'multilabel' or 'real'."""
+    """A finite evaluation set; `label_type` says what its labels hold (a label type of
+    noah_jax/data/base.py)."""
 
     def __init__(self, split: _Split, preprocess: pipeline.Preprocess, num_classes: int):
         self._split, self._preprocess, self.num_classes = split, preprocess, num_classes
-        self.kind = {_SINGLE: "single", _REAL: "real"}.get(split.kind, "multilabel")
-        self._parse = make_parse(split.kind, num_classes)
+        self.label_type = split.spec.label_type
+        self._parse = make_parse(split.spec, num_classes)
 
     @property
     def num_examples(self) -> int:
@@ -235,7 +241,7 @@ class EvalSet:
                 ) -> Iterator[Batch]:
         sizes = [self._split.size(i, process_count) for i in range(process_count)]
         num_batches = max(-(-n // local_batch_size) for n in sizes)
-        single = self.kind == "single"
+        single = self.label_type == CLASS_IDS
         ds = pipeline.eval_dataset(
             self._split.records(process_index, process_count), sizes[process_index],
             self._parse, self._preprocess, num_batches=num_batches,
@@ -253,11 +259,11 @@ class TfdsSource:
     def __init__(self, name: str, preprocess: pipeline.Preprocess, *, seed: int,
                  num_classes: int, data_dir: str = "", train_split: str = "",
                  eval_split: str = "", shuffle_buffer: int = 50_000, shuffle_pieces: int = 16,
-                 drop_unlabeled: bool = True, extra_evals: tuple[str, ...] = ()):
+                 drop_unlabeled: bool = True):
         spec = spec_for(name, data_dir)
         if spec.train_split is None:
             raise DataError(f"{name!r} is an evaluation-only dataset; train on imagenet2012 "
-                            f"and list it in dataset.extra_evals")
+                            f"and name it in an evaluator's dataset (config.evals)")
         if num_classes != spec.num_classes:
             raise DataError(f"dataset {name!r} has {spec.num_classes} classes, but "
                             f"dataset.num_classes = {num_classes}; set it to "
@@ -265,36 +271,18 @@ class TfdsSource:
         builder = prepared_builder(name, data_dir, spec)
         self.name = name
         self.num_classes = num_classes
-        self.class_names = class_names(builder.info.features, spec.kind)
+        self.class_names = class_names(builder.info.features, spec)
         self.multilabel = spec.multilabel
         self.image_shape = (preprocess.image_size, preprocess.image_size, 3)
         self.seed, self._preprocess, self._shuffle_buffer = seed, preprocess, shuffle_buffer
         self._shuffle_pieces = shuffle_pieces
-        self._train = _Split(builder, train_split or spec.train_split, spec.kind,
-                             drop_unlabeled)
-        eval_split = eval_split or spec.eval_split or next(
-            (s for s in ("validation", "test") if s in builder.info.splits), "validation")
-        self._eval = EvalSet(_Split(builder, eval_split, spec.kind,
+        self._train = _Split(builder, train_split or spec.train_split, spec, drop_unlabeled)
+        self._eval = EvalSet(_Split(builder, _eval_split(spec, builder, eval_split), spec,
                                     drop_unlabeled), preprocess, num_classes)
-        self.eval_kind = self._eval.kind
-        self._parse = make_parse(spec.kind, num_classes)
+        self.eval_label_type = self._eval.label_type
+        self._parse = make_parse(spec, num_classes)
         self.num_train_examples = self._train.raw_size
         self.num_eval_examples = self._eval.num_examples
-
-        self.extra_evals: dict[str, EvalSet] = {}
-        for extra in extra_evals:
-            extra_spec = spec_for(extra)
-            if extra_spec.num_classes != num_classes or extra_spec.multilabel:
-                raise DataError(f"extra evaluation {extra!r} does not share the label "
-                                f"space of {name!r}")
-            try:
-                extra_builder = prepared_builder(extra, data_dir, extra_spec)
-            except DatasetNotPreparedError as e:
-                logging.warning("skipping the extra evaluation on %s: %s", extra, e)
-                continue
-            self.extra_evals[extra] = EvalSet(
-                _Split(extra_builder, extra_spec.eval_split, extra_spec.kind, False),
-                preprocess, num_classes)
 
     def train_batches(self, *, start_step: int, local_batch_size: int, process_index: int,
                       process_count: int) -> Iterator[Batch]:
@@ -310,3 +298,23 @@ class TfdsSource:
                      process_count: int) -> Iterator[Batch]:
         return self._eval.batches(local_batch_size=local_batch_size,
                                   process_index=process_index, process_count=process_count)
+
+
+def _eval_split(spec: DatasetSpec, builder, split: str) -> str:
+    return split or spec.eval_split or next(
+        (s for s in ("validation", "test") if s in builder.info.splits), "validation")
+
+
+def eval_set(name: str, preprocess: pipeline.Preprocess, *, num_classes: int,
+             data_dir: str = "", split: str = "", drop_unlabeled: bool = True) -> EvalSet:
+    """A split of any known TFDS dataset as an evaluation set (its eval split unless
+    `split` is given), e.g. ImageNet-V2 for a model trained on ImageNet. Raises a
+    DatasetNotPreparedError that says how to prepare it if it is not in data_dir."""
+    spec = spec_for(name, data_dir)
+    if spec.num_classes != num_classes:
+        raise DataError(f"dataset {name!r} has {spec.num_classes} classes, but the model "
+                        f"predicts {num_classes} (dataset.num_classes): it cannot be "
+                        "evaluated on it")
+    builder = prepared_builder(name, data_dir, spec)
+    return EvalSet(_Split(builder, _eval_split(spec, builder, split), spec, drop_unlabeled),
+                   preprocess, num_classes)

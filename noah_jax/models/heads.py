@@ -551,6 +551,16 @@ class Classifier(nn.Module):
         decay rule of noah_jax.train.optim). None here; DeiT and PVT name theirs."""
         return frozenset()
 
+    def adapt_checkpoint(self, variables: dict, target: dict) -> dict:
+        """A family's loading quirks: stored `variables` ({'params', 'batch_stats'}, as
+        the checkpoint holds them) made to fit `target` (the model's variables or their
+        eval_shape) where the family knows how, e.g. DeiT's position embeddings of
+        another image size. Returns `variables` itself when nothing needs adapting,
+        and leaves what it cannot adapt for the loading check to report. Written with
+        jax.numpy: the check runs it on shapes (`jax.eval_shape`). None here."""
+        del target
+        return variables
+
     def classify(self, features: Array, *, train: bool, pool: str, linear_init: Initializer,
                  noah_init: Optional[Initializer] = None) -> Array:
         """Builds the head 'head' on `features` ([B, h, w, C] or [B, L, C]; for a head

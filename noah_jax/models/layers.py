@@ -1,5 +1,7 @@
 """Layers several families share: PyTorch-initialised convolutions and BatchNorm (the
-CNNs), and timm's Linear, MLP and patch-embedding init (DeiT and PVT).
+CNNs), timm's Linear, MLP and patch-embedding init (DeiT and PVT), and the resize of
+learned position embeddings that lets DeiT and PVT load a checkpoint trained at another
+image size.
 
 `conv` pads as PyTorch does ((k-1)//2 on each side, where XLA's 'SAME' would pad an
 even input (0, 1)) and starts from the reference's Kaiming-normal (fan_out) init;
@@ -17,7 +19,8 @@ on CPU, grouped elsewhere). The families with depthwise layers take it as their
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, Iterable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -245,3 +248,57 @@ def _shifted_depthwise(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -
             term = window * kernel[i, j, 0]
             y = term if y is None else y + term
     return y.astype(dtype)
+
+
+# --- Loading a checkpoint trained at another image size (DeiT, PVT) -----------------------
+
+def resize_position_embedding(pos_embed: jax.Array, num_tokens: int, method: str = "bicubic",
+                              antialias: bool = True) -> jax.Array:
+    """Position embeddings [1, P + g*g, D] -> [1, P + G*G, D] for G*G = num_tokens - P.
+
+    The P prefix tokens (a class token) are kept; the g x g grid is resized by
+    `jax.image.resize(method, antialias)` to G x G, in float32, as when fine-tuning at
+    another resolution (ImageNet 224 px -> COCO 448 px). P is what the square grids
+    leave over. Written with jax.numpy, so `jax.eval_shape` can run it on shapes.
+    """
+    stored = pos_embed.shape[1]
+    prefix, new_g = _grid_resize(stored, num_tokens)
+    if new_g is None:
+        raise ValueError(f"cannot resize position embeddings of {stored} tokens to {num_tokens}")
+    g = math.isqrt(stored)
+    grid = jnp.reshape(pos_embed[0, prefix:], (g, g, -1)).astype(jnp.float32)
+    grid = jax.image.resize(grid, (new_g, new_g, grid.shape[-1]), method, antialias=antialias)
+    out = jnp.concatenate([pos_embed[0, :prefix].astype(jnp.float32),
+                           grid.reshape(new_g * new_g, -1)], axis=0)
+    return out[None].astype(pos_embed.dtype)
+
+
+def _grid_resize(stored: int, num_tokens: int) -> tuple[int, Optional[int]]:
+    """(P, G) for resizing `stored` = P + g*g tokens to `num_tokens` = P + G*G, G None
+    where num_tokens is not P plus a square."""
+    prefix = stored - math.isqrt(stored) ** 2
+    new_g = math.isqrt(max(num_tokens - prefix, 0))
+    if num_tokens <= prefix or new_g * new_g != num_tokens - prefix:
+        return prefix, None
+    return prefix, new_g
+
+
+def resize_position_embeddings(variables: Mapping[str, Any], target: Mapping[str, Any],
+                               names: Iterable[str], method: str = "bicubic",
+                               antialias: bool = True) -> Mapping[str, Any]:
+    """`variables` with each params[name] of `names` that the checkpoint holds at
+    another token count resized to the target's (`resize_position_embedding`); the
+    same `variables` where none differs. An embedding that cannot be resized (another
+    width, not a square grid) is left as stored, for the loading check to report."""
+    params, wanted = variables.get("params", {}), target.get("params", {})
+    resized = {}
+    for name in names:
+        if name not in params or name not in wanted:
+            continue
+        have, want = tuple(params[name].shape), tuple(wanted[name].shape)
+        if (have != want and len(have) == len(want) == 3 and have[0] == want[0] == 1
+                and have[2] == want[2] and _grid_resize(have[1], want[1])[1] is not None):
+            resized[name] = resize_position_embedding(params[name], want[1], method, antialias)
+    if not resized:
+        return variables
+    return {**variables, "params": {**params, **resized}}

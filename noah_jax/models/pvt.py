@@ -29,7 +29,9 @@ rejects other inputs with a ValueError. The reference instead resizes its positi
 embeddings bilinearly to whatever grid the input gives; it decides by comparing each
 stage's token count with the *first* stage's, so stages 2-4 always go through that
 resize, an identity at the size the model was built for. To run at another size, build
-the model with that `img_size` (a converted checkpoint gets its own from pos_embed1).
+the model with that `img_size` (a converted checkpoint gets its own from pos_embed1);
+a checkpoint of another size loads into it (config.init_from) with its position
+embeddings resized so (`adapt_checkpoint`).
 Stage grids after the first halve with floor, as the reference's stride-2 convs (and,
 for its only patch size 4, its pos-embed sizes) do.
 """
@@ -50,7 +52,7 @@ from noah_jax.models.torch_names import TorchNames
 # pos_embed, cls_token: normal(0.02); convs: PyTorch's default, zero bias) and the MLP
 # (fc1, exact GELU, fc2, dropout after each).
 from noah_jax.models.layers import (Mlp, attend, dense, dense_init, drop_path,
-                                    patch_embed_init as conv_init)
+                                    patch_embed_init as conv_init, resize_position_embeddings)
 
 # LayerNorm eps: the reference builds the blocks and the final norm with eps 1e-6, but
 # the patch embeddings' and the spatial reductions' norms with PyTorch's default.
@@ -175,6 +177,15 @@ class PyramidVisionTransformer(Classifier):
         # vit/pvt/classification/noah_pvt.py:187 returns {} (the position embeddings are
         # decayed); the baseline's pvt.py:187 {'cls_token'}.
         return frozenset() if self.head_wants_positions else frozenset({"cls_token"})
+
+    def adapt_checkpoint(self, variables: dict, target: dict) -> dict:
+        # A checkpoint trained at another image size: each stage's position embedding
+        # resized to this model's grid as the reference resizes them at run time
+        # (F.interpolate, bilinear, half-pixel centres, no antialiasing), the class
+        # token's entry of the baseline's pos_embed4 kept.
+        return resize_position_embeddings(
+            variables, target, [f"pos_embed{i + 1}" for i in range(len(self.depths))],
+            "bilinear", antialias=False)
 
     def stage_grids(self) -> list[int]:
         """The side of each stage's token map at `img_size`."""

@@ -29,7 +29,8 @@ import numpy as np
 from noah_jax.models.heads import Classifier
 from noah_jax.models.input_preprocessing import (IMAGENET_MEAN, IMAGENET_STD,
                                                InputPreprocessing)
-from noah_jax.models.layers import Mlp, attend, dense, dense_init, drop_path, patch_embed_init
+from noah_jax.models.layers import (Mlp, attend, dense, dense_init, drop_path, patch_embed_init,
+                                    resize_position_embeddings)
 from noah_jax.models.torch_names import TorchNames
 
 # The reference adds pre_logits (Linear(D, 192) + tanh) when embed_dim is below this.
@@ -120,6 +121,11 @@ class VisionTransformer(Classifier):
         if self.head_wants_positions:
             return frozenset({"pos_embed"})
         return frozenset({"pos_embed", "cls_token"})
+
+    def adapt_checkpoint(self, variables: dict, target: dict) -> dict:
+        # A checkpoint trained at another image size (init_from a 224 px checkpoint at
+        # 384 or 448 px): its pos_embed grid resized bicubically, the class token kept.
+        return resize_position_embeddings(variables, target, ["pos_embed"], "bicubic")
 
     @nn.compact
     def __call__(self, x, train: bool = False):

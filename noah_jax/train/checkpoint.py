@@ -12,17 +12,18 @@ Loading checks the structure against the model it goes into; what does not fit i
 refused with a CheckpointMismatchError whose `problems` list every missing key,
 unexpected key and shape mismatch by name (nothing is skipped silently), and whose
 message, one line for the console, names the model the checkpoint holds, what to do,
-and counts the differences with three keys of each kind.
+and counts the differences with three keys of each kind. A model family's loading
+quirks (its `adapt_checkpoint`, e.g. DeiT's position embeddings of another image size)
+are the family's; loading runs the hook it is given (`adapt`) and knows no family.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import time
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import jax
 import numpy as np
@@ -31,6 +32,11 @@ import orbax.checkpoint as ocp
 from noah_jax import errors
 from noah_jax.errors import (CheckpointError, CheckpointMismatchError,  # noqa: F401
                              CheckpointNotFoundError, CheckpointWriteError)
+
+
+# A model family's loading quirks (`Classifier.adapt_checkpoint`): (stored variables,
+# target) -> variables that fit the target.
+Adapt = Callable[[Mapping[str, Any], Any], Mapping[str, Any]]
 
 
 def manager(directory: str | os.PathLike, *, max_to_keep: Optional[int] = None,
@@ -173,26 +179,6 @@ def read_meta(directory: str | os.PathLike, *, step: int) -> dict:
             meta=ocp.args.JsonRestore())).meta)
 
 
-def resize_position_embedding(pos_embed: np.ndarray, num_tokens: int) -> np.ndarray:
-    """ViT position embeddings [1, P + g*g, D] -> [1, P + G*G, D] for G*G = num_tokens - P.
-
-    The P prefix tokens (the class token) are kept; the g x g grid is resized
-    bicubically to G x G, as when fine-tuning at another resolution (ImageNet 224 px
-    -> COCO 448 px). P is what the square grids leave over.
-    """
-    stored = pos_embed.shape[1]
-    g = math.isqrt(stored)
-    prefix = stored - g * g
-    new_g = math.isqrt(num_tokens - prefix)
-    if num_tokens <= prefix or new_g * new_g != num_tokens - prefix:
-        raise ValueError(f"cannot resize position embeddings of {stored} tokens to {num_tokens}")
-    grid = pos_embed[0, prefix:].reshape(g, g, -1).astype(np.float32)
-    grid = np.asarray(jax.image.resize(grid, (new_g, new_g, grid.shape[-1]), "bicubic"))
-    out = np.concatenate([pos_embed[0, :prefix].astype(np.float32),
-                          grid.reshape(new_g * new_g, -1)], axis=0)
-    return out[None].astype(pos_embed.dtype)
-
-
 def _place(value: np.ndarray, like: Any) -> jax.Array:
     """A host array as a (possibly multi-host) global array shaped and sharded like `like`."""
     sharding = getattr(like, "sharding", None)
@@ -204,7 +190,7 @@ def _place(value: np.ndarray, like: Any) -> jax.Array:
 
 def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
                   step: Optional[int] = None, drop_head: bool = False,
-                  resize_pos_embed: bool = False):
+                  adapt: Optional[Adapt] = None):
     """Restores the 'model' item (and 'meta') of a checkpoint.
 
     target: the model's variables, or their `jax.eval_shape` (optionally carrying
@@ -213,9 +199,10 @@ def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
       target, arrays come back as stored.
     drop_head: restore everything but the 'head' and keep the target's head
       (fine-tuning on another label set); the target then needs concrete head values.
-    resize_pos_embed: a stored ViT 'pos_embed' of another token count (another image
-      size) is resized to the target's (`resize_position_embedding`) instead of being
-      a mismatch.
+    adapt: the model family's loading quirks, `model.adapt_checkpoint`
+      (`Classifier.adapt_checkpoint`): it makes the stored variables fit the target
+      where the family knows how (DeiT's and PVT's position embeddings of another
+      image size); what it leaves unfit is a mismatch. Checked on shapes first.
 
     Returns (variables, meta).
     """
@@ -223,24 +210,14 @@ def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
     with manager(directory, read_only=True) as mngr:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if target is None:  # as stored, as host numpy arrays, whatever wrote it
-            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                    dict(mngr.item_metadata(step)["model"]))
-            restored = mngr.restore(step, args=ocp.args.Composite(
-                model=ocp.args.PyTreeRestore(restore_args=as_numpy)))
-            return dict(restored.model), meta
+            return _restore_as_stored(mngr, step), meta
         target = _model_target(target)
         wanted = _without_head(target) if drop_head else target
-        resize = _check_model_fits(mngr, directory, step, meta, wanted, drop_head=drop_head,
-                                   resize_pos_embed=resize_pos_embed)
-        if resize:
-            # Everything as stored (host numpy), then resized and placed like the target.
-            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                    dict(mngr.item_metadata(step)["model"]))
-            raw = dict(mngr.restore(step, args=ocp.args.Composite(
-                model=ocp.args.PyTreeRestore(restore_args=as_numpy))).model)
-            raw = {col: dict(raw.get(col) or {}) for col in wanted}
-            raw["params"]["pos_embed"] = resize_position_embedding(
-                raw["params"]["pos_embed"], wanted["params"]["pos_embed"].shape[1])
+        adapted = _check_model_fits(mngr, directory, step, meta, wanted, drop_head=drop_head,
+                                    adapt=adapt)
+        if adapted:
+            # Everything as stored (host numpy), adapted, then placed like the target.
+            raw = adapt(_nonempty(_restore_as_stored(mngr, step)), wanted)
             restored = jax.tree.map(_place, {col: {k: raw[col][k] for k in tree}
                                              for col, tree in wanted.items()}, wanted)
         else:
@@ -254,8 +231,21 @@ def restore_model(directory: str | os.PathLike, target: Optional[Any] = None, *,
     return restored, meta
 
 
+def _restore_as_stored(mngr: ocp.CheckpointManager, step: int) -> dict:
+    """The 'model' item of `step` as host numpy arrays, whatever wrote it."""
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                            dict(mngr.item_metadata(step)["model"]))
+    return dict(mngr.restore(step, args=ocp.args.Composite(
+        model=ocp.args.PyTreeRestore(restore_args=as_numpy))).model)
+
+
+def _nonempty(variables: Mapping[str, Any]) -> dict:
+    # A model without BatchNorm stores an empty 'batch_stats'; the hooks see none.
+    return {col: dict(tree) for col, tree in variables.items() if tree}
+
+
 def check_model_fits(directory: str | os.PathLike, target: Any, *, drop_head: bool = False,
-                     resize_pos_embed: bool = False, run: Optional[Mapping[str, Any]] = None
+                     adapt: Optional[Adapt] = None, run: Optional[Mapping[str, Any]] = None
                      ) -> None:
     """Raises what `restore_model(directory, target, ...)` would refuse with (no
     checkpoint there, or variables that do not fit `target`), reading only metadata:
@@ -270,8 +260,7 @@ def check_model_fits(directory: str | os.PathLike, target: Any, *, drop_head: bo
                   "config.model to the checkpoint's")
         _check_model_fits(mngr, directory, step, meta,
                           _without_head(target) if drop_head else target,
-                          drop_head=drop_head, resize_pos_embed=resize_pos_embed,
-                          run=run, advice=advice)
+                          drop_head=drop_head, adapt=adapt, run=run, advice=advice)
 
 
 def _step_to_restore(directory: str | os.PathLike, step: Optional[int]) -> int:
@@ -295,19 +284,14 @@ def _model_target(target: Mapping[str, Any]) -> dict:
 
 
 def _check_model_fits(mngr: ocp.CheckpointManager, directory, step: int, meta, wanted, *,
-                      drop_head: bool, resize_pos_embed: bool,
+                      drop_head: bool, adapt: Optional[Adapt] = None,
                       run: Optional[Mapping[str, Any]] = None, advice: str = "") -> bool:
-    """Raises CheckpointMismatchError unless the stored 'model' item fits `wanted`;
-    returns whether its ViT position embeddings are to be resized."""
-    stored = mngr.item_metadata(step)["model"]
-    stored = {col: tree for col, tree in stored.items() if tree}
-    resize = bool(resize_pos_embed and "pos_embed" in wanted["params"]
-                  and "pos_embed" in stored.get("params", {})
-                  and tuple(stored["params"]["pos_embed"].shape)
-                  != tuple(wanted["params"]["pos_embed"].shape))
-    if resize:
-        stored = dict(stored, params=dict(stored["params"]))
-        stored["params"]["pos_embed"] = wanted["params"]["pos_embed"]
+    """Raises CheckpointMismatchError unless the stored 'model' item, after `adapt`
+    (run on its shapes), fits `wanted`; returns whether `adapt` changes it."""
+    stored = _nonempty(mngr.item_metadata(step)["model"])
+    adapted = False
+    if adapt is not None:
+        stored, adapted = _adapted_shapes(adapt, stored, wanted)
     differences = _differences(wanted, _without_head(stored) if drop_head else stored)
     if advice and not drop_head and all(key.split("/")[1:2] == ["head"] for listed in
                                         differences.values() for key, _ in listed):
@@ -318,7 +302,27 @@ def _check_model_fits(mngr: ocp.CheckpointManager, directory, step: int, meta, w
                             "does not fit the model", differences, advice=advice)
     if error:
         raise error
-    return resize
+    return adapted
+
+
+def _adapted_shapes(adapt: Adapt, stored: Mapping[str, Any], wanted: Any) -> tuple[Any, bool]:
+    """(the shapes `adapt` makes of the stored variables' metadata, whether it changes
+    any leaf): `adapt` runs under `jax.eval_shape`, reading no array."""
+    # Stored float64 (numpy-written) is float32 to JAX without x64, as once restored.
+    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
+        leaf.shape, jax.dtypes.canonicalize_dtype(leaf.dtype)), stored)
+    changed = []
+
+    def run(variables):
+        out = adapt(variables, wanted)
+        before = dict(jax.tree_util.tree_flatten_with_path(variables)[0])
+        after = dict(jax.tree_util.tree_flatten_with_path(out)[0])
+        changed.append(before.keys() != after.keys()
+                       or any(after[k] is not before[k] for k in after))
+        return out
+
+    shapes = jax.eval_shape(run, abstract)
+    return shapes, changed[0]
 
 
 def restore_ema_params(directory: str | os.PathLike, target: Any, *, step: int) -> Optional[Any]:

@@ -1,13 +1,13 @@
 """Transparent huge pages for the host buffers of XLA's CPU programs.
 
 XLA on CPU allocates the temporary buffers of each run of a compiled program afresh
-(1.7 GB for a Mixer-S/16 training step at batch 16), and glibc serves allocations that
-large with a new memory mapping each time, so every step touches every page of them for
-the first time: about 460,000 page faults per Mixer-S step, some 15% of its time on this
-project's 2-core machine. With the glibc tunable `glibc.malloc.hugetlb=1` (glibc 2.35
-and later) malloc asks for transparent huge pages on those mappings (2 MiB pages instead
-of 4 KiB), which the kernel grants where its THP mode is `madvise`, the usual default:
-about 1,500 faults per step instead.
+(gigabytes for a training step of the larger models), and glibc serves allocations
+that large with a new memory mapping each time, so every step touches every page of
+them for the first time, one 4 KiB page fault at a time. With the glibc tunable
+`glibc.malloc.hugetlb=1` (glibc 2.35 and later) malloc asks for transparent huge pages
+on those mappings (2 MiB pages), which the kernel grants where its THP mode is
+`madvise`, the usual default. README.md ("Performance") and
+benchmarks/results/cpu_huge_pages/ give the measured faults and step times.
 
 glibc reads its tunables once, when a process starts. So `use_huge_pages()`, called
 first thing by the command-line entry points (main.py, `noah_jax.study`,

@@ -5,11 +5,11 @@ It calls module-level pieces that take what they use and return what they make:
 written), `setup` (the mesh, model, optimiser, abstract state, its shardings and the
 jitted step, built from the config), `init_train_state` / `restore_or_init` (resume
 first: the workdir's newest checkpoint, else `config.init_from`, else a fresh start),
-`make_train_step` (the pure update), `evaluate` (every evaluation set, each by the
-evaluator of its kind in `noah_jax.train.evaluators`), `check_finite` (the NaN guard)
-and `stop_and_save` (a signal or preemption notice, `noah_jax.train.preemption`). Data
-flows one way: config -> source -> global batch -> model -> loss/metrics -> optimiser ->
-checkpoint/logs; the state passes explicitly from piece to piece.
+`make_train_step` (the pure update), `evaluate` (the evaluations of config.evals that
+are due, each by its evaluator in `noah_jax.train.evaluators`), `check_finite` (the NaN
+guard) and `stop_and_save` (a signal or preemption notice, `noah_jax.train.preemption`).
+Data flows one way: config -> source -> global batch -> model -> loss/metrics ->
+optimiser -> checkpoint/logs; the state passes explicitly from piece to piece.
 
 While it writes, a run holds its workdir (`noah_jax.train.workdir_lock`); a damaged newest
 checkpoint falls back to the one before it (`restore_or_init`), and a failed write
@@ -77,13 +77,16 @@ def loss_function(config: ml_collections.ConfigDict
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str, abstract_state,
-                  num_classes: Optional[int] = None) -> None:
+                  num_classes: Optional[int] = None, *,
+                  adapt_checkpoint: Optional[checkpoint.Adapt] = None) -> None:
     """Refuses, from checkpoint metadata alone, a workdir this run cannot continue (its
     newest readable checkpoint is of another model or optimiser, or a model-only one)
     or, with nothing to resume, a `config.init_from` that does not fit the model: a
     refused run writes nothing. Damaged checkpoints are left to `restore_or_init`.
     The refusal names the settings in which the checkpoint's model differs from this
-    run's (config.model, and `num_classes`, the dataset's)."""
+    run's (config.model, and `num_classes`, the dataset's). `adapt_checkpoint`: the
+    model's loading quirks (`Classifier.adapt_checkpoint`), which `config.init_from`
+    goes through."""
     run = checkpoint.model_settings(
         config.model.name, config.model.head, num_classes,
         {k: v for k, v in config.model.overrides.to_dict().items() if v is not None})
@@ -103,7 +106,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, abstract_stat
         checkpoint.check_model_fits(config.init_from.path,
                                     {k: abstract_state[k] for k in checkpoint.MODEL_KEYS},
                                     drop_head=config.init_from.drop_head,
-                                    resize_pos_embed=True, run=run)
+                                    adapt=adapt_checkpoint, run=run)
 
 
 def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -112,6 +115,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if config.dtype not in DTYPES:
         raise ConfigError(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     loss_function(config)
+    evaluators.check_config(config.evals)
     devices, processes = jax.device_count(), jax.process_count()
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % devices or config[name] % processes:
@@ -222,7 +226,9 @@ def init_train_state(model, tx: optax.GradientTransformation, image_shape, rng, 
 
 
 def restore_or_init(config: ml_collections.ConfigDict, mngr, init_state, abstract_state,
-                    state_sharding, *, workdir: str) -> tuple[dict[str, Any], int | None]:
+                    state_sharding, *, workdir: str,
+                    adapt_checkpoint: Optional[checkpoint.Adapt] = None
+                    ) -> tuple[dict[str, Any], int | None]:
     """(state, restored step or None): the newest checkpoint in the workdir that
     restores, else a fresh state, initialised from `config.init_from.path` when given.
 
@@ -230,7 +236,9 @@ def restore_or_init(config: ml_collections.ConfigDict, mngr, init_state, abstrac
     reported, moved into `<workdir>/damaged_checkpoints/` once an older one has
     restored, and skipped; if none restores, the run stops and lists why for each,
     moving nothing. A checkpoint of another model or optimiser is not damage: that
-    stops the run at once (CheckpointMismatchError).
+    stops the run at once (CheckpointMismatchError). `config.init_from` goes through
+    `adapt_checkpoint`, the model's loading quirks (e.g. DeiT's position embeddings
+    of another image size).
     """
     target = sharding.with_shardings(abstract_state, state_sharding)
     damaged = []
@@ -271,7 +279,7 @@ def restore_or_init(config: ml_collections.ConfigDict, mngr, init_state, abstrac
         target = {"params": state["params"], "batch_stats": state["batch_stats"]}
         variables, _ = checkpoint.restore_model(config.init_from.path, target,
                                                 drop_head=config.init_from.drop_head,
-                                                resize_pos_embed=True)
+                                                adapt=adapt_checkpoint)
         state = jax.jit(functools.partial(_with_variables, ema="ema_params" in state),
                         out_shardings=state_sharding, donate_argnums=0)(state, variables)
     return state, None
@@ -384,31 +392,28 @@ def jit_train_step(model, tx: optax.GradientTransformation, config: ml_collectio
 # ----------------------------------------------------------------------------------
 # Evaluation and the NaN guard.
 # ----------------------------------------------------------------------------------
-def evaluation_sets(source: data.Source) -> list[tuple[str, str, Callable, bool]]:
-    """(name, kind, batches, final_only) of the source's own evaluation set and of its
-    extra ones (ImageNet-V2 / ReaL), which run only at the end and with eval_only."""
-    return [("", source.eval_kind, source.eval_batches, False),
-            *((f"{name}/", extra.kind, extra.batches, True)
-              for name, extra in source.extra_evals.items())]
-
-
-def evaluate(state: dict[str, Any], sets, scorers: dict[str, evaluators.Evaluator], *,
-             local_batch_size: int, data_sharding, final: bool) -> dict[str, float]:
+def evaluate(state: dict[str, Any], evaluations: list[evaluators.Evaluation], *, step: int,
+             final: bool, local_batch_size: int, data_sharding) -> dict[str, float]:
     """Metrics of the raw (`eval/...`) and, with EMA, the averaged (`eval_ema/...`)
-    parameters on every evaluation set (`final`: the extra ones too)."""
+    parameters on every evaluation due at `step` (`final`: all of them)."""
     weights = {"eval": state["params"]}
     if "ema_params" in state:
         weights["eval_ema"] = state["ema_params"]
-    results = {}
+    results, source_of = {}, {}
     for prefix, params in weights.items():
-        for name, kind, batches, final_only in sets:
-            if final_only and not final:
+        for evaluation in evaluations:
+            if not evaluation.due(step, final):
                 continue
-            scores = scorers[kind].evaluate(
-                params, state["batch_stats"],
-                batches(local_batch_size=local_batch_size, process_index=jax.process_index(),
-                        process_count=jax.process_count()), data_sharding)
-            results.update({f"{prefix}/{name}{k}": v for k, v in scores.items()})
+            scores = evaluation.run(params, state["batch_stats"],
+                                    local_batch_size=local_batch_size,
+                                    data_sharding=data_sharding)
+            for k, v in scores.items():
+                key = "/".join(filter(None, (prefix, evaluation.prefix, k)))
+                if key in source_of:
+                    raise ConfigError(f"config.evals.{source_of[key]} and config.evals."
+                                      f"{evaluation.name} both write {key}: give them "
+                                      "different prefixes")
+                results[key], source_of[key] = v, evaluation.name
     return results
 
 
@@ -455,7 +460,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     local_eval_batch = config.eval_batch_size // jax.process_count()
     total_steps, steps_per_epoch = durations.total_and_epoch_steps(
         config, source.num_train_examples)
-    eval_every = config.eval_every_steps or steps_per_epoch
 
     # ----------------------------------------------------------------- Model and sharding
     # The mesh, the model, the optimiser, the abstract train state, its shardings and
@@ -466,12 +470,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh, model, overrides = built.mesh, built.model, built.overrides
     abstract_state, state_sharding = built.abstract_state, built.state_sharding
     data_sharding = sharding.batch_sharding(mesh)
+    # Opened here, so that an evaluation dataset that is missing (and not skipped)
+    # refuses the run before anything is written.
+    evaluations = evaluators.from_config(config, source, model, mesh,
+                                         steps_per_epoch=steps_per_epoch)
 
     # ----------------------------------------------------------------- Workdir
     # The config, the dataset, the model and what the workdir holds are valid: from
     # here on the run writes, holding the workdir against a second run (workdir_lock)
     # until it returns.
-    check_workdir(config, workdir, abstract_state, source.num_classes)
+    check_workdir(config, workdir, abstract_state, source.num_classes,
+                  adapt_checkpoint=model.adapt_checkpoint)
     os.makedirs(workdir, exist_ok=True)
     with contextlib.ExitStack() as on_exit:  # run in reverse order, also on errors
         lock = on_exit.enter_context(workdir_lock.WorkdirLock(workdir))
@@ -500,14 +509,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         # ------------------------------------------------------------- Update step
         train_step = built.train_step
-        sets = evaluation_sets(source)
-        scorers = {kind: evaluators.get(kind)(model, mesh) for kind in {s[1] for s in sets}}
 
         best = BestScores()
 
         def run_evaluation(state, step: int, final: bool) -> dict[str, float]:
-            results = evaluate(state, sets, scorers, local_batch_size=local_eval_batch,
-                               data_sharding=data_sharding, final=final)
+            results = evaluate(state, evaluations, step=step, final=final,
+                               local_batch_size=local_eval_batch, data_sharding=data_sharding)
             results.update(best.update(step, results))
             writer.write_scalars(step, {k: v for k, v in results.items()
                                         if not k.endswith("count")})
@@ -521,7 +528,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # Also on errors (the NaN guard, a stop): the last save finishes writing.
         on_exit.push(functools.partial(_finish_saves, mngr))
         state, _ = restore_or_init(config, mngr, built.init_state, abstract_state,
-                                   state_sharding, workdir=workdir)
+                                   state_sharding, workdir=workdir,
+                                   adapt_checkpoint=model.adapt_checkpoint)
         start_step = int(state["step"])
         best.resume(run_log.read_metrics(workdir) if jax.process_index() == 0 else {},
                     start_step)
@@ -530,8 +538,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             return run_evaluation(state, start_step, final=True)
 
         # ------------------------------------------------------------- Loop
-        logging.info("training for %d steps (%d per epoch) from step %d, evaluating every %d",
-                     total_steps, steps_per_epoch, start_step, eval_every)
+        logging.info("training for %d steps (%d per epoch) from step %d; evaluations: %s",
+                     total_steps, steps_per_epoch, start_step,
+                     "; ".join(e.describe() for e in evaluations) or "none")
         batches = source.train_batches(start_step=start_step, local_batch_size=local_batch,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
@@ -551,7 +560,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 summary = progress.summary(step, jax.device_get(pending))
                 writer.write_scalars(step, summary)
                 pending = []
-            if step % eval_every == 0 or step == total_steps:
+            if any(e.due(step, final=step == total_steps) for e in evaluations):
                 jax.block_until_ready(state["step"])  # the queued steps count as training
                 with progress.evaluating():
                     results = run_evaluation(state, step, final=step == total_steps)

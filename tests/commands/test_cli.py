@@ -33,7 +33,9 @@ RECIPE_ARGS = [
 
 @pytest.mark.parametrize("name,arg", RECIPE_ARGS)
 def test_every_recipe_declares_every_override_of_its_model(name, arg):
-    config = importlib.import_module(f"configs.{name}").get_config(arg or None)
+    # As main.py loads it: the recipe's config with its model's overrides declared.
+    config = cli.declare_model_overrides(
+        importlib.import_module(f"configs.{name}").get_config(arg or None))
     declared = set(config.model.overrides)
     assert declared == set(model_override_types(config.model.name)) - {"dtype"}
     # Unset ones are None, which create_model reads as "the model's own value".
@@ -44,12 +46,12 @@ def test_every_recipe_declares_every_override_of_its_model(name, arg):
 
 
 def parse(argv, monkeypatch):
-    """config_flags on a fresh flag registry, as main.py parses its command line (it
-    reads the overrides from sys.argv)."""
+    """config_flags on a fresh flag registry, parsed as main.py parses its command line
+    (cli.parse_flags; config_flags reads the overrides from sys.argv)."""
     monkeypatch.setattr(sys, "argv", ["main.py", *argv])
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
-    values(sys.argv)
+    cli.parse_flags(sys.argv, values)
     return values.config
 
 
@@ -72,6 +74,15 @@ def test_listed_overrides_reach_the_model_from_flags(config, overrides, expected
     # The recipe's own choices stay where no flag touched them.
     if "vit_noah" in config:
         assert model.drop_path_rate == 0.1 and model.depth == 12
+
+
+def test_the_loaded_config_declares_the_models_overrides_and_stays_locked(monkeypatch):
+    c = parse([f"--config={ROOT / 'configs' / 'vit_noah.py'}"], monkeypatch)
+    assert set(c.model.overrides) == set(model_override_types(c.model.name)) - {"dtype"}
+    assert c.model.overrides.img_size is None and c.model.overrides.drop_path_rate == 0.1
+    with pytest.raises((AttributeError, KeyError)):
+        c.model.overrides.bogus = 1
+    assert cli.load_config(f"{ROOT / 'configs' / 'vit_noah.py'}").to_dict() == c.to_dict()
 
 
 def test_the_pixel_limit_is_set_from_a_flag_and_reaches_the_pipelines(monkeypatch):

@@ -15,7 +15,7 @@ from PIL import Image
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from noah_jax import prepare# noqa: E402
+from noah_jax import prepare  # noqa: E402
 
 IMAGES_PER_SYNSET = 4
 NUM_VAL = 6

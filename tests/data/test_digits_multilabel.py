@@ -159,7 +159,7 @@ def test_the_demo_config_gives_this_source_with_masked_multi_hot_batches():
     assert (config.loss, config.label_smoothing, config.model.overrides.patch_size) == (
         "sigmoid_xent", 0.0, 16)
     s = get_source(config.dataset, seed=config.seed)
-    assert isinstance(s, DigitsMultilabelSource) and s.eval_kind == "multilabel"
+    assert isinstance(s, DigitsMultilabelSource) and s.eval_label_type == "multi_hot"
     # 1000 test canvases in batches of 6: the last batch has 2 of padding.
     assert_follows_source_protocol(
         s, name="digits_multilabel", num_classes=10, image_shape=(S, S, 3),

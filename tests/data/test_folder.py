@@ -109,7 +109,7 @@ def test_attributes_counts_and_skipped(tree, source):
                                    image_shape=(SIZE, SIZE, 3), num_train_examples=13,
                                    num_eval_examples=7, class_names=list(CLASSES))
     assert source.train_split == "train" and source.eval_split == "val"
-    assert source.extra_evals == {}
+    assert source.eval_label_type == "class_ids"
     assert {split: sorted(paths) for split, paths in source.skipped.items()} == skipped
 
 

@@ -24,10 +24,10 @@ tfds = pytest.importorskip("tensorflow_datasets")
 import tfds_fakes  # noqa: E402
 from configs import common  # noqa: E402
 from helpers import assert_follows_source_protocol, free_port, set_fields  # noqa: E402
-from noah_jax.train import checkpoint, trainer# noqa: E402
+from noah_jax.train import checkpoint, trainer  # noqa: E402
 from noah_jax import inference, visualize
-from noah_jax.data import catalog, get_source, tfds_source  # noqa: E402
-from noah_jax.models import create_model, input_preprocessing  # noqa: E402
+from noah_jax.data import catalog, get_eval_set, get_source, tfds_source  # noqa: E402
+from noah_jax.models import create_model, input_preprocessing, layers  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SPLITS = {
@@ -60,6 +60,12 @@ def source_of(c):
     c = input_preprocessing.resolve(c)  # the model's mean/std and eval resize, as training
     return get_source(c.dataset, seed=c.seed, augment=c.augment,
                       label_smoothing=c.label_smoothing)
+
+
+def eval_set_of(c, name):
+    """Dataset `name`'s evaluation split, preprocessed as `c`'s evaluation images."""
+    c = input_preprocessing.resolve(c)
+    return get_eval_set(c.dataset, name, augment=c.augment)
 
 
 def eval_rows(batches_fn, process_count, local_batch_size):
@@ -267,12 +273,11 @@ def test_cifar_png_images_through_the_non_jpeg_path(data_dir):
 
 
 def test_imagenet_real_labels_and_metric(data_dir):
-    c = dataset_config(data_dir, "imagenet2012",
-                       dataset__extra_evals=("imagenet_v2", "imagenet2012_real"))
-    source = source_of(c)
-    assert list(source.extra_evals) == ["imagenet2012_real"]  # imagenet_v2 is not prepared
-    real = source.extra_evals["imagenet2012_real"]
-    assert real.kind == "real" and real.num_examples == 13
+    c = dataset_config(data_dir, "imagenet2012")
+    with pytest.raises(tfds_source.DatasetNotPreparedError):
+        eval_set_of(c, "imagenet_v2")  # not prepared
+    real = eval_set_of(c, "imagenet2012_real")
+    assert real.label_type == "real_labels" and real.num_examples == 13
     labels, _ = eval_rows(real.batches, 2, 4)
     truth = [tfds_fakes.example("imagenet2012_real", "validation", i)["real_label"]
              for i in range(13)]
@@ -361,24 +366,25 @@ def direct_logits(config, variables, batches_fn):
 @pytest.fixture(scope="module")
 def imagenet_run(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("imagenet_run")
-    config = tiny_config(data_dir, "imagenet2012",
-                         dataset__extra_evals=("imagenet2012_real",),
-                         augment__rand_augment_layers=2, augment__mixup_alpha=0.8,
-                         augment__cutmix_alpha=1.0, augment__random_erasing=0.25,
-                         augment__repeats=3)
+    # ImageNet's evaluations: ImageNet-V2 is not prepared (skipped), ReaL is.
+    config = tiny_config(data_dir, "imagenet2012", augment__rand_augment_layers=2,
+                         augment__mixup_alpha=0.8, augment__cutmix_alpha=1.0,
+                         augment__random_erasing=0.25, augment__repeats=3)
+    common.imagenet_extra_evals(config)
     return config, workdir, trainer.train_and_evaluate(config, str(workdir))
 
 
 def test_imagenet_training_and_exact_evaluation(imagenet_run):
     config, workdir, results = imagenet_run
     assert results["eval/count"] == 13 and results["eval/imagenet2012_real/count"] == 9
+    assert not any("imagenet_v2" in key for key in results)  # not prepared: skipped
     variables, meta = checkpoint.restore_model(workdir / "checkpoints")
     assert meta["class_names"] == catalog.imagenet_class_names()  # the synsets TFDS ships
     source = source_of(config)
     logits, labels = direct_logits(config, variables, source.eval_batches)
     assert results["eval/top1"] == pytest.approx(np.mean(logits.argmax(1) == labels), abs=1e-9)
     logits, real = direct_logits(config, variables,
-                                 source.extra_evals["imagenet2012_real"].batches)
+                                 eval_set_of(config, "imagenet2012_real").batches)
     has = real.sum(1) > 0
     hits = real[np.arange(len(real)), logits.argmax(1)] > 0
     assert results["eval/imagenet2012_real/top1"] == pytest.approx(hits[has].mean(), abs=1e-9)
@@ -397,6 +403,7 @@ def coco_run(data_dir, imagenet_run, tmp_path_factory):
     _, imagenet_workdir, _ = imagenet_run
     workdir = tmp_path_factory.mktemp("coco_run")
     config = tiny_config(data_dir, "coco/2017", loss="sigmoid_xent",
+                         evals__val__type="multilabel",
                          init_from__path=str(imagenet_workdir / "checkpoints"),
                          init_from__drop_head=True, dataset__image_size=48,
                          model__overrides__img_size=48, augment__train_crop="resize",
@@ -431,10 +438,10 @@ def test_coco_fine_tuning_from_imagenet_and_exact_map(coco_run, imagenet_run):
                          **config.model.overrides.to_dict())
     target = jax.jit(model.init)(jax.random.key(1), np.zeros((1, 48, 48, 3), np.float32))
     start, _ = checkpoint.restore_model(imagenet_workdir / "checkpoints", target,
-                                        drop_head=True, resize_pos_embed=True)
+                                        drop_head=True, adapt=model.adapt_checkpoint)
     np.testing.assert_allclose(
         start["params"]["pos_embed"],
-        checkpoint.resize_position_embedding(stored["params"]["pos_embed"], 36), rtol=1e-6)
+        layers.resize_position_embedding(stored["params"]["pos_embed"], 36), rtol=1e-6)
     jax.tree.map(np.testing.assert_array_equal, start["params"]["head"],
                  target["params"]["head"])
     np.testing.assert_array_equal(start["params"]["blocks_0"]["attn"]["qkv"]["kernel"],

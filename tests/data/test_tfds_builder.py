@@ -58,7 +58,7 @@ def config(data_dir, **dataset):
     c = common.base_config()
     c.dataset.update(dict(name="tiny_shapes", data_dir=data_dir, image_size=16,
                           num_classes=NUM_CLASSES, shuffle_buffer=8, shuffle_pieces=4,
-                          eval_crop_ratio=1.0, extra_evals=(), **dataset))
+                          eval_crop_ratio=1.0, **dataset))
     c.augment.flip = False
     return input_preprocessing.resolve(c)  # the model's mean/std and eval resize, as training
 

@@ -289,9 +289,10 @@ def test_unknown_mode_is_refused():
 ])
 def test_recipe_builds_its_model_with_every_override_declared(arg, name, head):
     from configs import mobilenetv3_noah
+    from noah_jax import cli
     from noah_jax.models import model_override_types
 
-    c = mobilenetv3_noah.get_config(arg or None)
+    c = cli.declare_model_overrides(mobilenetv3_noah.get_config(arg or None))  # as main.py
     assert (c.model.name, c.model.head) == (name, head)
     assert set(c.model.overrides) == set(model_override_types(name)) - {"dtype"}
     model = create_model(name, num_classes=c.dataset.num_classes, head=head,

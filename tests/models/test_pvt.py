@@ -269,3 +269,50 @@ def test_mismatching_inputs_and_impossible_settings_fail_clearly():
                            sr_ratios=(8, 4, 2, 2), **SMALL)
     with pytest.raises(ValueError, match="class token"):
         jax.eval_shape(no_room.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+
+
+# ---------------------------------------------------------------------------------------
+# Loading a checkpoint trained at another image size (the family's adapt_checkpoint).
+# ---------------------------------------------------------------------------------------
+
+def torch_bilinear(grid, side):
+    """[g, g, D] -> [side, side, D] as torch's F.interpolate(mode='bilinear',
+    align_corners=False) computes it (source index clamped at 0, no antialiasing)."""
+    g = grid.shape[0]
+    src = np.maximum((np.arange(side) + 0.5) * g / side - 0.5, 0.0)
+    low = np.floor(src).astype(int)
+    high = np.minimum(low + 1, g - 1)
+    weights = np.zeros((side, g))
+    np.add.at(weights, (np.arange(side), low), 1 - (src - low))
+    np.add.at(weights, (np.arange(side), high), src - low)
+    return np.einsum("oi,pj,ijd->opd", weights, weights, grid.astype(np.float64))
+
+
+@pytest.mark.parametrize("head", ["linear", "noah"])
+@pytest.mark.parametrize("stored_size,size", [(64, 96), (64, 32)])
+def test_a_checkpoint_of_another_size_loads_with_its_pos_embeds_resized(tmp_path, head,
+                                                                         stored_size, size):
+    from noah_jax.train import checkpoint
+    stored_model = create_model("pvt_tiny_050", num_classes=6, head=head,
+                                **dict(SMALL, img_size=stored_size))
+    model = create_model("pvt_tiny_050", num_classes=6, head=head, **dict(SMALL, img_size=size))
+    stored = random_variables(stored_model, stored_size)
+    checkpoint.save_model(tmp_path, stored, checkpoint.model_settings("pvt_tiny_050", head, 6))
+    target = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="4 of another shape"):
+        checkpoint.restore_model(tmp_path, target)
+    restored, _ = checkpoint.restore_model(tmp_path, target, adapt=model.adapt_checkpoint)
+
+    prefix = {"pos_embed4": int(head == "linear")}
+    for i, side in enumerate(model.stage_grids()):
+        name, g = f"pos_embed{i + 1}", stored_model.stage_grids()[i]
+        p = prefix.get(name, 0)
+        old, new = stored["params"][name], np.asarray(restored["params"][name])
+        chex.assert_shape(new, (1, p + side * side, old.shape[-1]))
+        np.testing.assert_array_equal(new[0, :p], old[0, :p])  # the class token's entry
+        np.testing.assert_allclose(new[0, p:].reshape(side, side, -1),
+                                   torch_bilinear(old[0, p:].reshape(g, g, -1), side),
+                                   rtol=1e-5, atol=1e-5)
+    others = {k: v for k, v in flatten_dict(restored, sep="/").items() if "pos_embed" not in k}
+    assert_variables_equal(others, {k: v for k, v in flatten_dict(stored, sep="/").items()
+                                    if "pos_embed" not in k})

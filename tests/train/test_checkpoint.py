@@ -13,11 +13,15 @@ import numpy as np
 import optax
 import pytest
 
+from noah_jax.models import layers
+from noah_jax.models.vit import VisionTransformer
 from noah_jax.train import checkpoint, sharding
 
 FEATURES = 8  # divisible by the 8 fake devices, so FSDP shards the kernels
 META = {"model": "tiny", "head": "linear", "num_classes": 10, "overrides": {"depth": 1},
         "dataset": "digits"}
+# DeiT's loading quirk (its pos_embed resized to another image size) on TinyNet's pos_embed.
+VIT = VisionTransformer()
 
 
 class TinyNet(nn.Module):
@@ -277,7 +281,7 @@ def test_resize_position_embedding_keeps_the_class_token_and_resizes_the_grid():
     grid = rng.normal(size=(3, 3, 4)).astype(np.float32)
     cls = rng.normal(size=(1, 4)).astype(np.float32)
     stored = np.concatenate([cls, grid.reshape(9, 4)])[None]
-    out = checkpoint.resize_position_embedding(stored, 1 + 36)
+    out = layers.resize_position_embedding(stored, 1 + 36)
     chex.assert_shape(out, (1, 37, 4))
     chex.assert_type(out, np.float32)
     np.testing.assert_array_equal(out[0, 0], cls[0])
@@ -285,18 +289,18 @@ def test_resize_position_embedding_keeps_the_class_token_and_resizes_the_grid():
                                rtol=1e-5, atol=1e-5)
     # A constant grid stays constant; a same-size resize is the identity.
     const = np.ones((1, 1 + 16, 2), np.float32)
-    np.testing.assert_allclose(checkpoint.resize_position_embedding(const, 1 + 49), 1.0,
+    np.testing.assert_allclose(layers.resize_position_embedding(const, 1 + 49), 1.0,
                                rtol=1e-6)
-    np.testing.assert_allclose(checkpoint.resize_position_embedding(stored, 10), stored,
+    np.testing.assert_allclose(layers.resize_position_embedding(stored, 10), stored,
                                atol=1e-6)
     with pytest.raises(ValueError, match="cannot resize"):
-        checkpoint.resize_position_embedding(stored, 1 + 30)
+        layers.resize_position_embedding(stored, 1 + 30)
 
 
 def test_resize_position_embedding_without_a_class_token_keeps_the_dtype():
     # The NOAH ViTs have no class token: 16 tokens are a 4 x 4 grid, all of it resized.
     grid = np.random.default_rng(1).normal(size=(4, 4, 3)).astype(np.float16)
-    out = checkpoint.resize_position_embedding(grid.reshape(1, 16, 3), 49)
+    out = layers.resize_position_embedding(grid.reshape(1, 16, 3), 49)
     chex.assert_shape(out, (1, 49, 3))
     chex.assert_type(out, np.float16)
     np.testing.assert_allclose(out[0].reshape(7, 7, 3), bicubic_upsample(grid, 7),
@@ -313,7 +317,7 @@ def test_restore_model_resizes_a_stored_position_embedding_on_request(tmp_path):
         f"shape mismatch: params/pos_embed: model (1, 17, {FEATURES}), "
         f"checkpoint (1, 5, {FEATURES})"]
 
-    restored, _ = checkpoint.restore_model(tmp_path, target, resize_pos_embed=True)
+    restored, _ = checkpoint.restore_model(tmp_path, target, adapt=VIT.adapt_checkpoint)
     stored_pos_embed = np.asarray(saved["params"]["pos_embed"])
     np.testing.assert_array_equal(restored["params"]["pos_embed"][0, 0], stored_pos_embed[0, 0])
     np.testing.assert_allclose(

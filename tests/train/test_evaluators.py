@@ -1,5 +1,5 @@
-"""Evaluators: exact metrics over padded, sharded batches, and a new evaluation kind
-added by registering one class, with no change to the trainer."""
+"""Evaluators: exact metrics over padded, sharded batches; config.evals chooses them, and
+a new evaluator is one registered class named there, with no change to the trainer."""
 
 import flax.linen as nn
 import jax
@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
+import extensions
 from configs import common
-from noah_jax.train import checkpoint, evaluators, sharding, trainer
-from noah_jax import data
-from noah_jax.data import synthetic
+from helpers import demo_config
+from noah_jax.train import checkpoint, evaluators, run_log, sharding, trainer
+from noah_jax.data import digits, synthetic
+from noah_jax.errors import ConfigError
 from noah_jax.models import create_model
 
 
@@ -85,11 +87,7 @@ class MeanConfidence(evaluators.Evaluator):
                 "count": jnp.sum(batch["mask"])}
 
 
-class ConfidenceScoredSource(synthetic.SyntheticSource):
-    eval_kind = "test_confidence"
-
-
-def test_a_registered_evaluator_runs_in_the_trainer_unchanged(tmp_path, monkeypatch):
+def test_a_registered_evaluator_runs_in_the_trainer_unchanged(tmp_path):
     c = common.base_config()
     c.model.name = "deit_tiny_patch16_224"
     c.model.overrides.update(img_size=16, patch_size=8, depth=1, embed_dim=48, attn_heads=3)
@@ -100,9 +98,9 @@ def test_a_registered_evaluator_runs_in_the_trainer_unchanged(tmp_path, monkeypa
     c.optimizer.name = "adamw"
     c.schedule.name = "constant"
     c.schedule.base_lr = 1e-3
-    source = ConfidenceScoredSource(seed=0, image_size=16, num_classes=4,
-                                    num_train_examples=64, num_eval_examples=44)
-    monkeypatch.setattr(data, "get_source", lambda *args, **kwargs: source)
+    c.evals.val.type = "test_confidence"
+    source = synthetic.SyntheticSource(seed=0, image_size=16, num_classes=4,
+                                       num_train_examples=64, num_eval_examples=44)
     results = trainer.train_and_evaluate(c, str(tmp_path))
     assert set(results) == {"eval/confidence", "eval/count"}
 
@@ -113,3 +111,60 @@ def test_a_registered_evaluator_runs_in_the_trainer_unchanged(tmp_path, monkeypa
     probs = jax.nn.softmax(model.apply(variables, batch["image"], train=False))
     assert results["eval/count"] == 44
     assert results["eval/confidence"] == pytest.approx(float(probs.max(-1).mean()), rel=1e-5)
+
+
+def test_an_evaluator_from_outside_is_named_in_config_evals(tmp_path):
+    """tests/extensions.py's TopK, built with k=2 from its config entry, on its own
+    schedule beside the demo's own evaluation."""
+    c = demo_config(total_steps=2, log_every_steps=1, eval_every_steps=1,
+                    checkpoint_every_steps=2)
+    c.evals.top2 = common.evaluation("topk", prefix="top2", every_steps=2, k=2)
+    results = trainer.train_and_evaluate(c, str(tmp_path))
+    history = run_log.read_metrics(str(tmp_path))
+    assert [step for step, _ in history["eval/top1"]] == [1, 2]
+    assert [step for step, _ in history["eval/top2/top2"]] == [2]
+    assert results["eval/top2/count"] == 360
+
+    variables, _ = checkpoint.restore_model(tmp_path / "checkpoints")
+    model = create_model(c.model.name, num_classes=10, head=c.model.head,
+                         **c.model.overrides.to_dict())
+    batch = digits.DigitsSource(seed=c.seed, image_size=c.dataset.image_size).eval_examples(
+        np.arange(360))
+    logits = np.asarray(model.apply(variables, batch["image"], train=False))
+    top2 = np.argsort(-logits, axis=-1)[:, :2]
+    expected = np.mean((top2 == batch["label"][:, None]).any(-1))
+    assert results["eval/top2/top2"] == pytest.approx(expected, abs=1e-9)
+    assert results["eval/top2/top2"] >= results["eval/top1"]
+
+
+@pytest.mark.parametrize("entry, message", [
+    (dict(type="top10"), r"config.evals.val.type='top10' is not an evaluator; registered: "
+                         r"multilabel, real, single"),
+    (dict(type="single", evry_steps=5), r"config.evals.val has no field 'evry_steps'; valid "
+                                        r"for type 'single': type, dataset, split, prefix"),
+    (dict(type="topk", kk=3), r"no field 'kk'; valid .*skip_if_missing, k$"),
+    (dict(type="single", every_steps=-1), r"every_steps must be an int >= 0"),
+])
+def test_a_wrong_evaluator_type_or_field_is_one_line_naming_the_valid_ones(entry, message):
+    c = common.base_config()
+    c.evals.val = common.evaluation(**entry) if "evry_steps" not in entry and "kk" not in entry \
+        else entry
+    with pytest.raises(ConfigError, match=message) as e:
+        trainer.check_config(c, "/tmp/unused-workdir")
+    assert "\n" not in str(e.value)
+
+
+def test_an_evaluator_refuses_labels_it_does_not_score():
+    c = demo_config()
+    c.dataset.name, c.dataset.image_size = "digits_multilabel", 64  # multi-hot labels
+    source = data_source(c)
+    with pytest.raises(ConfigError, match=r"config.evals.val.type='single' scores class_ids "
+                                          r"labels, but 'digits_multilabel' evaluation split "
+                                          r"has multi_hot labels; use one of multilabel"):
+        evaluators.from_config(c, source, Linear(10), sharding.create_mesh(-1, 1),
+                               steps_per_epoch=1)
+
+
+def data_source(c):
+    from noah_jax import data
+    return data.get_source(c.dataset, seed=c.seed, augment=c.augment)
