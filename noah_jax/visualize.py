@@ -93,7 +93,7 @@ def visualize(checkpoint: str, images: Sequence[str], out: str, *, classes: str 
     paths = inference.image_files(images)
     chosen = class_indices(classes, loaded.class_names)
     model, variables, names = loaded.model, loaded.variables, loaded.class_names
-    noah = loaded.meta.get("head", "noah") == "noah"
+    noah = model.head_class.attention_maps  # the head sows attention maps
     written = []
     for i, path in enumerate(paths):
         image = loaded.preprocess([path])

@@ -37,7 +37,7 @@ class ToyNet(Classifier):
             x = x.mean(axis=(1, 2), keepdims=True)  # torch: features.2 is the pooling
             index = 3
         x = nn.relu(conv(self.last, 1, 1, self.dtype, f"features_{index}", use_bias=True)(x))
-        return self.classify(x, train=train, pool="avg", linear_init=nn.initializers.normal(0.01))
+        return self.classify(x, train=train, dense_init=nn.initializers.normal(0.01))
 
 
 VARIANTS = {

@@ -560,9 +560,10 @@ def draw_attention_figure(model, state, source: data.Source, num_images: int,
                           path: str) -> None:
     """Each NOAH head's attention map for the top class of the first `num_images`
     evaluation images (noah_jax.models.explain, noah_jax.figures), one row per image."""
-    if model.head != "noah" or jax.process_count() > 1:
-        logging.info("no attention figure: %s", "the model has no NOAH head"
-                     if model.head != "noah" else "drawn by one process only; use "
+    maps = model.head_class.attention_maps
+    if not maps or jax.process_count() > 1:
+        logging.info("no attention figure: %s", f"the model's head ({model.head}) draws no "
+                     "attention maps" if not maps else "drawn by one process only; use "
                      "python -m noah_jax.visualize on the checkpoint")
         return
     from noah_jax.models import explain# matplotlib only when a figure is drawn
