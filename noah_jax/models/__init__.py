@@ -195,19 +195,19 @@ def create_model(name: str, *, num_classes: int, head: str = "noah", **overrides
     chosen = heads.head_class(head)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     valid = model_overrides(name, head)
-    other_heads = set(model_override_types(name, None)) - set(valid)
+    other_heads = {setting for other in heads.registered_heads() if other != head
+                   for setting in heads.head_class(other).settings} - set(chosen.settings)
     unknown = sorted(set(overrides) - set(valid) - other_heads)
     if unknown:
         raise UnknownSettingError(f"create_model({name!r}): unknown override(s) {unknown}; "
                                   f"valid overrides for this model: {valid}")
     backbone = set(_backbone_fields(cls))
-    clash = sorted(backbone & set(model_override_types(name, None)) - set(_backbone_fields(
-        Classifier)))
+    clash = sorted(backbone & (other_heads | set(chosen.settings)))
     if clash:
         raise TypeError(f"{cls.__name__}: field(s) {clash} are also head settings; rename them")
     settings = {**defaults, **overrides}
     head_settings = tuple(sorted((k, v) for k, v in settings.items() if k in chosen.settings))
     # What is neither the chosen head's nor the backbone's is another head's setting.
-    kwargs = {k: v for k, v in settings.items() if k not in chosen.settings
-              and (k in backbone or k not in other_heads)}
+    kwargs = {k: v for k, v in settings.items()
+              if k not in chosen.settings and k not in other_heads}
     return cls(num_classes=num_classes, head=head, head_settings=head_settings, **kwargs)
