@@ -1,6 +1,6 @@
 """Extensions written from outside the package, as a user's project would write them:
-a model family (ToyNet). The tests that add them (test_families.py, test_benchmark.py)
-register them and clean up after themselves."""
+a model family (ToyNet) and a head (MlpHead). The tests that add them (test_families.py,
+test_benchmark.py, test_head_registry.py) register them and clean up after themselves."""
 
 from typing import Any, ClassVar
 
@@ -44,3 +44,28 @@ VARIANTS = {
     "toynet_8": (ToyNet, dict(width=8, num_heads=2, key_ratio=0.5, dropout=0.0)),
     "toynet_4": (ToyNet, dict(width=4, num_heads=2, key_ratio=0.5, dropout=0.0)),
 }
+
+
+class MlpHead(nn.Module):
+    """Global average pooling, then a 2-layer MLP: a head that is not the package's."""
+
+    # What the registry asks of a head (noah_jax.models.heads).
+    wants_positions: ClassVar[bool] = False   # one vector per image will do
+    attention_maps: ClassVar[bool] = False
+    init_role: ClassVar[str] = "dense"        # takes the family's linear-classifier init
+    settings: ClassVar[tuple[str, ...]] = ("hidden",)
+
+    num_classes: int
+    hidden: int = 32
+    dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        if x.ndim > 2:  # a map or tokens: average the positions
+            x = x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1)
+        x = nn.gelu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=self.kernel_init,
+                     name="fc2")(x)
+        return x.astype(jnp.float32)
