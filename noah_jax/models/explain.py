@@ -114,8 +114,9 @@ def explain(model: nn.Module, variables, images: Array,
     (`create_model(..., head='noah')`) on `images` [B, H, W, 3]; see `Explanation`."""
     head, head_variables, features = split_at_head(model, variables, images)
     if not type(head).attention_maps:
-        raise ValueError(f"attention maps need a head that draws them (such as NOAH); this "
-                         f"model's head is a {type(head).__name__} (build it with head='noah')")
+        raise ValueError(f"attention maps need a NOAH head (or another head that sows "
+                         f"them); this model's head is a {type(head).__name__} (build it "
+                         f"with head='noah')")
     logits, state = head.apply(head_variables, features, train=False, mutable=["intermediates"])
     (attention,) = state["intermediates"]["attention"]  # [B, N, K, L]
     (values,) = state["intermediates"]["values"]
