@@ -27,9 +27,10 @@ Adding a family takes one model file and, for training recipes, one config:
 
 Every module of this package with a `VARIANTS` table is found on first use; a family
 defined elsewhere (a test, a user's project) joins with `register_family(VARIANTS)`.
-Heads are a registry too (`noah_jax.models.heads.register_head`): a head registered
-from outside the package is chosen with `create_model(..., head=its name)` and takes its
-own settings as overrides.
+Heads are a registry too (`register_head(name, HeadClass)`, here or in
+`noah_jax.models.heads`, whose registry comment says what a head class declares): a head
+registered from outside the package is chosen with `create_model(..., head=name)` and
+takes its own settings as overrides.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from typing import Optional
 import flax.linen as nn
 
 from noah_jax.models import heads
-from noah_jax.models.heads import Classifier
+from noah_jax.models.heads import (Classifier, register_head, registered_heads,  # noqa: F401
+                                   unregister_head)
 from noah_jax.errors import ConfigError, UnknownSettingError
 
 Variants = dict[str, tuple[type[nn.Module], dict]]
@@ -207,7 +209,7 @@ def create_model(name: str, *, num_classes: int, head: str = "noah", **overrides
         raise TypeError(f"{cls.__name__}: field(s) {clash} are also head settings; rename them")
     settings = {**defaults, **overrides}
     head_settings = tuple(sorted((k, v) for k, v in settings.items() if k in chosen.settings))
-    # What is neither the chosen head's nor the backbone's is another head's setting.
+    # Other heads' settings (a VARIANTS table's NOAH ones under another head) stay out.
     kwargs = {k: v for k, v in settings.items()
               if k not in chosen.settings and k not in other_heads}
     return cls(num_classes=num_classes, head=head, head_settings=head_settings, **kwargs)
