@@ -578,7 +578,8 @@ def registered_heads() -> tuple[str, ...]:
 def head_class(name: str) -> type[nn.Module]:
     """The head class registered as `name`; ConfigError naming the registered heads."""
     if name not in _HEADS:
-        raise ConfigError(f"unknown head {name!r}; registered heads: {', '.join(_HEADS)}")
+        raise ConfigError(f"unknown head {name!r}: head must be one of the registered heads "
+                          f"({', '.join(_HEADS)})")
     return _HEADS[name]
 
 

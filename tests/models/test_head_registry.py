@@ -29,7 +29,8 @@ def test_the_package_heads_are_registered_with_their_capabilities():
     assert heads.head_class("noah") is heads.NOAHHead
     assert (heads.NOAHHead.wants_positions, heads.NOAHHead.attention_maps) == (True, True)
     assert (heads.LinearHead.wants_positions, heads.LinearHead.attention_maps) == (False, False)
-    with pytest.raises(ConfigError, match=r"^unknown head 'mlp'; registered heads: noah, linear"):
+    with pytest.raises(ConfigError, match=r"^unknown head 'mlp': head must be one of the "
+                       r"registered heads \(noah, linear\)$"):
         heads.head_class("mlp")
 
 
