@@ -468,13 +468,14 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_heads(values: Sequence[str]) -> list[str]:
-    from noah_jax.models.heads import HEAD_KINDS
+    from noah_jax.models.heads import registered_heads
 
     given = ",".join(values)
-    unknown = [h for h in values if h not in HEAD_KINDS]
+    known = registered_heads()
+    unknown = [h for h in values if h not in known]
     if unknown or not values:
         raise cli.UsageError(f"--heads={given}: unknown head {unknown[0] if unknown else ''!r}"
-                             f"; valid: {', '.join(HEAD_KINDS)}")
+                             f"; valid: {', '.join(known)}")
     if len(set(values)) < len(values):
         raise cli.UsageError(f"--heads={given}: a head is repeated")
     return list(values)

@@ -93,7 +93,7 @@ def visualize(checkpoint: str, images: Sequence[str], out: str, *, classes: str 
     paths = inference.image_files(images)
     chosen = class_indices(classes, loaded.class_names)
     model, variables, names = loaded.model, loaded.variables, loaded.class_names
-    noah = loaded.meta.get("head", "noah") == "noah"
+    noah = model.head_class.attention_maps  # the head sows attention maps
     written = []
     for i, path in enumerate(paths):
         image = loaded.preprocess([path])
@@ -134,8 +134,8 @@ def run_attention_figure(config, workdir: str) -> Optional[str]:
     head's attention map for the top class of the first `config.attention_figure_images`
     evaluation images, one row per image, drawn from the run's newest checkpoint (its
     raw parameters) with the model of `config` (its dtype too). Returns the path, or
-    None where nothing is drawn: no images asked for, a model without a NOAH head, or a
-    run of several processes. Its log lines go to the run's log.txt as well."""
+    None where nothing is drawn: no images asked for, a head that draws no attention
+    maps (its class's `attention_maps`), or a run of several processes. Its log lines go to the run's log.txt as well."""
     num_images = config.attention_figure_images
     if not num_images:
         return None
@@ -144,14 +144,16 @@ def run_attention_figure(config, workdir: str) -> Optional[str]:
 
     from noah_jax import data, figures
     from noah_jax.models import explain, input_preprocessing
+    from noah_jax.models.heads import head_class
     from noah_jax.train import checkpoint, run_log, trainer
 
     run_log.attach(workdir)
     try:
-        if config.model.head != "noah" or jax.process_count() > 1:
-            logging.info("no attention figure: %s", "the model has no NOAH head"
-                         if config.model.head != "noah" else "drawn by one process only; "
-                         "use python -m noah_jax.visualize on the checkpoint")
+        maps = head_class(config.model.head).attention_maps
+        if not maps or jax.process_count() > 1:
+            logging.info("no attention figure: %s", f"the model's head ({config.model.head}) "
+                         "draws no attention maps" if not maps else "drawn by one process "
+                         "only; use python -m noah_jax.visualize on the checkpoint")
             return None
         # The evaluation images and the model exactly as the trainer built them.
         config = input_preprocessing.resolve(config)

@@ -1,6 +1,6 @@
 """Extensions written from outside the package, as a user's project would write them:
-a model family (ToyNet). The tests that add them (test_families.py, test_benchmark.py)
-register them and clean up after themselves."""
+a model family (ToyNet) and a head (MlpHead). The tests that add them (test_families.py,
+test_benchmark.py, test_head_registry.py) register them and clean up after themselves."""
 
 from typing import Any, ClassVar
 
@@ -47,7 +47,7 @@ class ToyNet(Classifier):
             x = x.mean(axis=(1, 2), keepdims=True)  # torch: features.2 is the pooling
             index = 3
         x = nn.relu(conv(self.last, 1, 1, self.dtype, f"features_{index}", use_bias=True)(x))
-        return self.classify(x, train=train, pool="avg", linear_init=nn.initializers.normal(0.01))
+        return self.classify(x, train=train, dense_init=nn.initializers.normal(0.01))
 
 
 VARIANTS = {
@@ -78,3 +78,28 @@ class TopK(evaluators.Evaluator):
         top = jax.lax.top_k(logits, self.k)[1]
         hits = (top == batch["label"][:, None]).any(-1)
         return {f"top{self.k}": jnp.sum(hits * batch["mask"]), "count": jnp.sum(batch["mask"])}
+
+
+class MlpHead(nn.Module):
+    """Global average pooling, then a 2-layer MLP: a head that is not the package's."""
+
+    # What the registry asks of a head (noah_jax.models.heads).
+    wants_positions: ClassVar[bool] = False   # one vector per image will do
+    attention_maps: ClassVar[bool] = False
+    init_role: ClassVar[str] = "dense"        # takes the family's linear-classifier init
+    settings: ClassVar[tuple[str, ...]] = ("hidden",)
+
+    num_classes: int
+    hidden: int = 32
+    dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        if x.ndim > 2:  # a map or tokens: average the positions
+            x = x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1)
+        x = nn.gelu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=self.kernel_init,
+                     name="fc2")(x)
+        return x.astype(jnp.float32)

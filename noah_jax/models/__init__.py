@@ -8,9 +8,11 @@ Adding a family takes one model file and, for training recipes, one config:
 
 1. Write `noah_jax/models/<family>.py` with a linen module that subclasses
    `noah_jax.models.heads.Classifier`, computes its features and ends with
-   `self.classify(features, train=train, pool=..., linear_init=...)`. Where the
-   baseline and NOAH need different features (a class token, pooling before a last
-   layer), ask `self.head_wants_positions`, never the head's name. CNN layers with
+   `self.classify(features, train=train, dense_init=..., conv_init=...)`, the
+   initialisers its reference gives a linear classifier and a head's 1x1 convolutions
+   (the head takes the one it uses). Where the baseline and NOAH need different
+   features (a class token, pooling before a last layer), ask
+   `self.head_wants_positions`, never the head's name. CNN layers with
    PyTorch's padding, init and BatchNorm settings are in `noah_jax.models.layers`.
 2. Name submodules after the reference's state_dict, integer indices joined by '_'
    (`features.3.conv.1` -> `features_3/conv_1`), and give the module a class attribute
@@ -25,6 +27,10 @@ Adding a family takes one model file and, for training recipes, one config:
 
 Every module of this package with a `VARIANTS` table is found on first use; a family
 defined elsewhere (a test, a user's project) joins with `register_family(VARIANTS)`.
+Heads are a registry too (`register_head(name, HeadClass)`, here or in
+`noah_jax.models.heads`, whose registry comment says what a head class declares): a head
+registered from outside the package is chosen with `create_model(..., head=name)` and
+takes its own settings as overrides.
 """
 
 from __future__ import annotations
@@ -36,10 +42,13 @@ import functools
 import importlib
 import pkgutil
 import typing
+from typing import Optional
 
 import flax.linen as nn
 
-from noah_jax.models.heads import HEAD_KINDS, Classifier
+from noah_jax.models import heads
+from noah_jax.models.heads import (Classifier, register_head, registered_heads,  # noqa: F401
+                                   unregister_head)
 from noah_jax.errors import ConfigError, UnknownSettingError
 
 Variants = dict[str, tuple[type[nn.Module], dict]]
@@ -101,28 +110,46 @@ def list_models() -> list[str]:
     return list(_registry())
 
 
-def model_overrides(name: str) -> list[str]:
-    """The keyword overrides `create_model(name, ...)` accepts."""
-    return sorted(model_override_types(name))
+def model_overrides(name: str, head: Optional[str] = "noah") -> list[str]:
+    """The keyword overrides `create_model(name, head=head, ...)` reads (see
+    `model_override_types`)."""
+    return sorted(model_override_types(name, head))
 
 
-def model_override_types(name: str) -> dict[str, type]:
-    """{override: its Python type} for `create_model(name, ...)`: int, float, bool, str,
-    tuple (sequences), or object (`dtype`)."""
+def model_override_types(name: str, head: Optional[str] = "noah") -> dict[str, type]:
+    """{override: its Python type} for `create_model(name, head=head, ...)`: the
+    backbone's fields and the head's settings; int, float, bool, str, tuple (sequences),
+    or object (`dtype`). head=None: the settings of every registered head (what a config
+    declares, so that one config serves every head)."""
     cls, _ = _lookup(name)
-    hints = typing.get_type_hints(cls)
+    types = _python_types(typing.get_type_hints(cls), _backbone_fields(cls))
+    chosen = heads.registered_heads() if head is None else (head,)
+    for head_name in chosen:
+        hints = heads.head_setting_hints(heads.head_class(head_name))
+        for setting, kind in _python_types(hints, hints).items():
+            types.setdefault(setting, kind)
+    return types
+
+
+# Classifier fields that create_model sets itself.
+_NOT_OVERRIDES = ("parent", "name", "num_classes", "head", "head_settings")
+
+
+def _backbone_fields(cls: type[nn.Module]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name not in _NOT_OVERRIDES]
+
+
+def _python_types(hints: dict, names) -> dict[str, type]:
     types = {}
-    for field in dataclasses.fields(cls):
-        if field.name in ("parent", "name", "num_classes", "head"):
-            continue
-        hint = hints.get(field.name, object)
+    for name in names:
+        hint = hints.get(name, object)
         origin = typing.get_origin(hint)
         if hint in (int, float, bool, str):
-            types[field.name] = hint
+            types[name] = hint
         elif origin is tuple or origin is collections.abc.Sequence:
-            types[field.name] = tuple
+            types[name] = tuple
         else:
-            types[field.name] = object
+            types[name] = object
     return types
 
 
@@ -155,18 +182,34 @@ def create_model(name: str, *, num_classes: int, head: str = "noah", **overrides
     training, pass `train=True`, `rngs={'dropout': key}` and `mutable=['batch_stats']`
     (the CNNs keep BatchNorm statistics there).
 
-    overrides: any field of the family's module, e.g. the head's `num_heads`,
-    `key_ratio`, `dropout`, `head_split`, `kv_split`, `merge`, the backbone's
-    `drop_path_rate` (transformers and MLPs) and the compute `dtype`. An override given
-    as None keeps the model's own value (the configs declare every override that way).
+    head: a registered head (`noah_jax.models.heads.registered_heads()`).
+    overrides: any field of the family's module (the backbone's `drop_path_rate`
+    (transformers and MLPs), the compute `dtype`, ...) or setting of the head (NOAH's
+    `num_heads`, `key_ratio`, `dropout`, `head_split`, `kv_split`, `merge`); each goes
+    to the head if it is one of the head's settings, else to the backbone. The
+    family's VARIANTS table gives the defaults, its head settings applying to whichever
+    head has a setting of that name. An override given as None keeps the model's own
+    value (the configs declare every override that way); a setting of another
+    registered head than `head` is ignored, so that one config serves every head (a
+    study runs both with one config).
     """
     cls, defaults = _lookup(name)
+    chosen = heads.head_class(head)
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if head not in HEAD_KINDS:
-        raise ConfigError(f"head must be one of {HEAD_KINDS}, got {head!r}")
-    valid = model_overrides(name)
-    unknown = sorted(set(overrides) - set(valid))
+    valid = model_overrides(name, head)
+    other_heads = {setting for other in heads.registered_heads() if other != head
+                   for setting in heads.head_class(other).settings} - set(chosen.settings)
+    unknown = sorted(set(overrides) - set(valid) - other_heads)
     if unknown:
         raise UnknownSettingError(f"create_model({name!r}): unknown override(s) {unknown}; "
                                   f"valid overrides for this model: {valid}")
-    return cls(num_classes=num_classes, head=head, **{**defaults, **overrides})
+    backbone = set(_backbone_fields(cls))
+    clash = sorted(backbone & (other_heads | set(chosen.settings)))
+    if clash:
+        raise TypeError(f"{cls.__name__}: field(s) {clash} are also head settings; rename them")
+    settings = {**defaults, **overrides}
+    head_settings = tuple(sorted((k, v) for k, v in settings.items() if k in chosen.settings))
+    # Other heads' settings (a VARIANTS table's NOAH ones under another head) stay out.
+    kwargs = {k: v for k, v in settings.items()
+              if k not in chosen.settings and k not in other_heads}
+    return cls(num_classes=num_classes, head=head, head_settings=head_settings, **kwargs)

@@ -267,13 +267,14 @@ def infer_model_settings(state_dict: Mapping[str, Any], model_name: str, *, head
             f"missing), or drop_head=True to convert the backbone only.")
     rows = state_dict[found].shape[0] if state_dict[found].ndim else 0
     if attends:
-        if rows % model.num_heads:
+        n = model.head_setting("num_heads")
+        if rows % n:
             if drop_head:
                 return None, overrides
             raise ConversionError(
-                f"{found} has {rows} rows, not a multiple of num_heads={model.num_heads}: the "
+                f"{found} has {rows} rows, not a multiple of num_heads={n}: the "
                 f"checkpoint's NOAH head has another number of heads; pass num_heads=N")
-        rows //= model.num_heads
+        rows //= n
     if num_classes is not None and num_classes != rows:
         raise ConversionError(f"num_classes={num_classes} was asked for, but {found} holds a "
                               f"{rows}-class head")

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from noah_jax.models.heads import Classifier, NOAHHead
+from noah_jax.models.heads import Classifier
 
 Array = jax.Array
 
@@ -113,9 +113,10 @@ def explain(model: nn.Module, variables, images: Array,
     """The logits, attention maps, values and per-head contributions of a NOAH model
     (`create_model(..., head='noah')`) on `images` [B, H, W, 3]; see `Explanation`."""
     head, head_variables, features = split_at_head(model, variables, images)
-    if not isinstance(head, NOAHHead):
-        raise ValueError(f"attention maps need a NOAH head; this model's head is a "
-                         f"{type(head).__name__} (build it with head='noah')")
+    if not type(head).attention_maps:
+        raise ValueError(f"attention maps need a NOAH head (or another head that sows "
+                         f"them); this model's head is a {type(head).__name__} (build it "
+                         f"with head='noah')")
     logits, state = head.apply(head_variables, features, train=False, mutable=["intermediates"])
     (attention,) = state["intermediates"]["attention"]  # [B, N, K, L]
     (values,) = state["intermediates"]["values"]
@@ -137,7 +138,7 @@ def attention_maps(model: nn.Module, variables, images: Array,
 
 def head_contributions(model: nn.Module, variables, images: Array) -> tuple[Array, Array]:
     """(logits [B, K], contributions [B, N, K]): head n's logit for class k,
-    sum_l a * v. `heads.merge_blocks(contributions, model.merge)` is the logits."""
+    sum_l a * v. `heads.merge_blocks(contributions, model.head_setting('merge'))` is the logits."""
     e = explain(model, variables, images)
     return e.logits, e.contributions
 

@@ -23,12 +23,16 @@ slice of these tensors (`NOAHHead.head_view`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import typing
 from typing import Any, Callable, ClassVar, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from noah_jax.errors import ConfigError
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -342,6 +346,12 @@ class NOAHHead(nn.Module):
     # It attends over every position, so a backbone hands it all of them (a CNN's map,
     # every token) rather than a pooled vector or a class token.
     wants_positions: ClassVar[bool] = True
+    # It sows 'attention' and 'values' [B, N, K, L]; its logits merge their products.
+    attention_maps: ClassVar[bool] = True
+    # Its projections are 1x1 convolutions: it takes the family's `conv_init`.
+    init_role: ClassVar[str] = "conv"
+    settings: ClassVar[tuple[str, ...]] = ("num_heads", "key_ratio", "dropout", "head_split",
+                                           "kv_split", "merge")
 
     num_heads: int = 4
     key_ratio: float = 0.5
@@ -478,16 +488,20 @@ def merge_blocks(per_head: Array, merge: str) -> Array:
 
 
 class LinearHead(nn.Module):
-    """The baseline head: optional average pooling over positions, then a linear layer.
+    """The baseline head: average pooling over positions if there are any, then a linear
+    layer.
 
-    pool='avg' takes [B, H, W, C] or [B, L, C] and averages the positions
-    (CNNs, MLP-Mixer, gMLP); pool='none' takes pooled features [B, C] (the DeiT
-    class token). Returns float32 logits [B, K].
+    pool='avg' takes [B, H, W, C] or [B, L, C] and averages the positions (CNNs,
+    MLP-Mixer, gMLP), and takes features pooled already, [B, C], as they are (the DeiT
+    class token); pool='none' takes [B, C] only. Returns float32 logits [B, K].
     """
 
-    # One vector per image: it pools positions itself (pool='avg') or is handed a
-    # class token (pool='none').
+    # One vector per image: it pools positions itself or is handed a class token.
     wants_positions: ClassVar[bool] = False
+    attention_maps: ClassVar[bool] = False
+    # A linear classifier: it takes the family's `dense_init`.
+    init_role: ClassVar[str] = "dense"
+    settings: ClassVar[tuple[str, ...]] = ()
 
     num_classes: int
     pool: str = "avg"
@@ -499,10 +513,10 @@ class LinearHead(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         del train  # the baseline heads have no dropout
-        if self.pool == "avg":
-            x = _flatten_positions(x).mean(axis=1)
-        elif self.pool != "none":
+        if self.pool not in ("avg", "none"):
             raise ValueError(f"pool must be 'avg' or 'none', got {self.pool!r}")
+        if self.pool == "avg" and x.ndim != 2:
+            x = _flatten_positions(x).mean(axis=1)
         # Own parameters ('head/kernel' [C, K], 'head/bias' [K]) rather than a nested
         # Dense, so a checkpoint's head maps onto one name per tensor.
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.num_classes),
@@ -512,38 +526,142 @@ class LinearHead(nn.Module):
         return (x @ kernel + bias).astype(jnp.float32)
 
 
-# Head kinds by the name models and configs use (`create_model(..., head=...)`).
-HEADS: dict[str, type[nn.Module]] = {"noah": NOAHHead, "linear": LinearHead}
-HEAD_KINDS = tuple(HEADS)
+# ---------------------------------------------------------------------------------------
+# The head registry: the heads a model can end with, by the name models and configs use
+# (`create_model(..., head=...)`).
+#
+# A head is a linen module built as `cls(num_classes, **settings, dtype=..., name='head',
+# [kernel_init=...])` and called as `head(features, train=train)`, returning float32
+# logits [B, K]. Its class attributes say what other code may ask of it:
+#   settings:        its fields a user may set (create_model overrides), each with a
+#                    default;
+#   wants_positions: True if it reads every position ([B, h, w, C] or [B, L, C]), False
+#                    if one vector per image will do (backbones then may pool, or hand it
+#                    a class token [B, C]);
+#   attention_maps:  True if it sows 'attention' and 'values' [B, N, K, L] into
+#                    'intermediates' and has a `merge` ('sum', 'mean' or 'max') such that
+#                    its logits are merge_blocks(sum_l attention * values, merge)
+#                    (noah_jax.models.explain, the attention figures);
+#   init_role:       which of the family's initialisers its kernel_init takes: 'dense'
+#                    (a linear classifier's) or 'conv' (1x1 convolutions'); see
+#                    `Classifier.classify`.
+# ---------------------------------------------------------------------------------------
+
+INIT_ROLES = ("dense", "conv")
+
+_HEADS: dict[str, type[nn.Module]] = {}
+
+
+def register_head(name: str, cls: Optional[type[nn.Module]] = None):
+    """Adds the head class `cls` under `name` (new); returns `cls`. Without `cls`, a
+    class decorator: `@register_head('toy')`. See the registry's comment for what the
+    class declares."""
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in _HEADS:
+            raise ValueError(f"register_head: head {name!r} is already registered")
+        _check_head(name, cls)
+        _HEADS[name] = cls
+        return cls
+    return add if cls is None else add(cls)
+
+
+def unregister_head(name: str) -> None:
+    """Removes a head added by `register_head` (tests clean up with it)."""
+    _HEADS.pop(name, None)
+
+
+def registered_heads() -> tuple[str, ...]:
+    """The names `create_model(..., head=...)` accepts, in registration order."""
+    return tuple(_HEADS)
+
+
+def head_class(name: str) -> type[nn.Module]:
+    """The head class registered as `name`; ConfigError naming the registered heads."""
+    if name not in _HEADS:
+        raise ConfigError(f"unknown head {name!r}: head must be one of the registered heads "
+                          f"({', '.join(_HEADS)})")
+    return _HEADS[name]
+
+
+def head_setting_defaults(cls: type[nn.Module]) -> dict[str, Any]:
+    """{setting: default} of a head class's `settings`."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return {name: fields[name].default for name in cls.settings}
+
+
+def head_setting_hints(cls: type[nn.Module]) -> dict[str, Any]:
+    """{setting: its type annotation} of a head class's `settings`."""
+    hints = typing.get_type_hints(cls)
+    return {name: hints.get(name, object) for name in cls.settings}
+
+
+def _check_head(name: str, cls: type[nn.Module]) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_head({name!r}): {cls!r} is not a linen Module class")
+    for attribute, kind in (("settings", tuple), ("wants_positions", bool),
+                            ("attention_maps", bool), ("init_role", str)):
+        if not isinstance(getattr(cls, attribute, None), kind):
+            raise TypeError(f"register_head({name!r}): {cls.__name__} must declare "
+                            f"{attribute}: ClassVar[{kind.__name__}]")
+    if cls.init_role not in INIT_ROLES:
+        raise TypeError(f"register_head({name!r}): {cls.__name__}.init_role must be one of "
+                        f"{INIT_ROLES}, got {cls.init_role!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for setting in cls.settings:
+        field = fields.get(setting)
+        if field is None or field.default is dataclasses.MISSING:
+            raise TypeError(f"register_head({name!r}): setting {setting!r} must be a field "
+                            f"of {cls.__name__} with a default")
+
+
+register_head("noah", NOAHHead)
+register_head("linear", LinearHead)
 
 
 class Classifier(nn.Module):
-    """Fields every model of the zoo shares: the class count and the head's settings.
+    """Fields every model of the zoo shares: the class count and the head.
 
     Backbones subclass it, compute their features and call `self.classify`, which
-    builds the head named 'head' (NOAH or the baseline linear head).
+    builds the registered head named by `head` as the submodule 'head'.
+
+    Attributes:
+      num_classes: K.
+      head: a registered head's name (`registered_heads()`).
+      head_settings: (setting, value) pairs of that head's `settings`, sorted by name;
+        the others keep the head's defaults. `create_model` fills it from its overrides
+        and the family's VARIANTS table (which states the reference's NOAH settings).
+      dtype: compute dtype.
     """
 
     num_classes: int = 1000
     head: str = "noah"
-    # The head's settings default to NOAHHead's own; each family's VARIANTS table
-    # (noah_jax/models/) states the reference's N, r and dropout for its models.
-    num_heads: int = NOAHHead.num_heads
-    key_ratio: float = NOAHHead.key_ratio
-    dropout: float = NOAHHead.dropout
-    head_split: bool = NOAHHead.head_split
-    kv_split: bool = NOAHHead.kv_split
-    merge: str = NOAHHead.merge
+    head_settings: tuple[tuple[str, Any], ...] = ()
     dtype: Any = jnp.float32
+
+    @property
+    def head_class(self) -> type[nn.Module]:
+        """The registered class of `head`; ask it what the head can do (`wants_positions`,
+        `attention_maps`), never the head's name."""
+        return head_class(self.head)
 
     @property
     def head_wants_positions(self) -> bool:
         """Whether the head reads every position (NOAH) rather than one vector per image
         (the baseline: pooled features, or a class token). Backbones ask this, never the
         head's name: e.g. DeiT adds a class token only when it is False."""
-        if self.head not in HEADS:
-            raise ValueError(f"head must be one of {HEAD_KINDS}, got {self.head!r}")
-        return HEADS[self.head].wants_positions
+        return self.head_class.wants_positions
+
+    def head_config(self) -> dict[str, Any]:
+        """{setting: value} of every setting of the head, its defaults included."""
+        return {**head_setting_defaults(self.head_class), **dict(self.head_settings)}
+
+    def head_setting(self, name: str) -> Any:
+        """One setting of the head (e.g. 'num_heads' of a NOAH head)."""
+        config = self.head_config()
+        if name not in config:
+            raise KeyError(f"head {self.head!r} has no setting {name!r}; its settings: "
+                           f"{sorted(config)}")
+        return config[name]
 
     def no_weight_decay(self) -> frozenset[str]:
         """The reference model's `no_weight_decay()`: the state_dict keys that timm's
@@ -561,17 +679,19 @@ class Classifier(nn.Module):
         del target
         return variables
 
-    def classify(self, features: Array, *, train: bool, pool: str, linear_init: Initializer,
-                 noah_init: Optional[Initializer] = None) -> Array:
-        """Builds the head 'head' on `features` ([B, h, w, C] or [B, L, C]; for a head
-        that does not want positions also [B, C], with pool='none')."""
-        head_cls = HEADS.get(self.head)
-        if head_cls is NOAHHead:
-            return NOAHHead(self.num_classes, self.num_heads, self.key_ratio, self.dropout,
-                            self.head_split, self.kv_split, self.merge, dtype=self.dtype,
-                            kernel_init=noah_init or noah_kernel_init,
-                            name="head")(features, train=train)
-        if head_cls is LinearHead:
-            return LinearHead(self.num_classes, pool=pool, dtype=self.dtype,
-                              kernel_init=linear_init, name="head")(features)
-        raise ValueError(f"head must be one of {HEAD_KINDS}, got {self.head!r}")
+    def classify(self, features: Array, *, train: bool, dense_init: Optional[Initializer] = None,
+                 conv_init: Optional[Initializer] = None) -> Array:
+        """Builds the head 'head' on `features` ([B, h, w, C] or [B, L, C]; for a head that
+        does not want positions also pooled features [B, C]).
+
+        `dense_init` and `conv_init` are the initialisers the family's reference gives a
+        linear classifier and a 1x1 convolution of its head; the head takes the one of its
+        `init_role`, or keeps its own default where the family gives None.
+        """
+        cls = self.head_class
+        init = {"dense": dense_init, "conv": conv_init}[cls.init_role]
+        kwargs = dict(self.head_settings)
+        if init is not None:
+            kwargs["kernel_init"] = init
+        return cls(self.num_classes, dtype=self.dtype, name="head", **kwargs)(features,
+                                                                             train=train)

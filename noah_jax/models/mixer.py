@@ -211,8 +211,8 @@ class _TokenMlpClassifier(Classifier):
         x = nn.LayerNorm(LAYER_NORM_EPS, dtype=self.dtype, name="norm")(x)
         # The reference re-initialises the NOAH convolutions LeCun-normal (fan_in =
         # Cin/G) and zero-initialises the baseline linear head.
-        return self.classify(x, train=train, pool="avg", linear_init=nn.initializers.zeros_init(),
-                             noah_init=noah_lecun_kernel_init)
+        return self.classify(x, train=train, dense_init=nn.initializers.zeros_init(),
+                             conv_init=noah_lecun_kernel_init)
 
 
 class MlpMixer(_TokenMlpClassifier):

@@ -109,8 +109,7 @@ class MobileNetV2(Classifier):
         last_channels = make_divisible(1280 * max(1.0, self.width))
         x = conv_bn_relu6(x, last_channels, 1, 1, train, self.dtype, f"features_{index}",
                           bn_group_size=self.bn_group_size)
-        return self.classify(x, train=train, pool="avg",
-                             linear_init=nn.initializers.normal(0.01))
+        return self.classify(x, train=train, dense_init=nn.initializers.normal(0.01))
 
 
 def _variant(width):

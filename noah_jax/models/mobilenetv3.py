@@ -202,7 +202,7 @@ class MobileNetV3(Classifier):
         if not self.head_wants_positions:
             x = x.reshape(x.shape[0], LAST_WIDTH)
         # The baseline's features are pooled already; NOAH reads the map.
-        return self.classify(x, train=train, pool="none", linear_init=linear_init)
+        return self.classify(x, train=train, dense_init=linear_init)
 
 
 def _variant(mode):

@@ -257,7 +257,7 @@ class PyramidVisionTransformer(Classifier):
         features = x[:, 0] if use_cls_token else x
         # The NOAH head keeps its own init (the reference's weight init touches only
         # Linear and LayerNorm modules, not NOAH's convs).
-        return self.classify(features, train=train, pool="none", linear_init=dense_init)
+        return self.classify(features, train=train, dense_init=dense_init)
 
 
 def _variant(embed_dims: tuple[int, ...], depths: tuple[int, ...]) -> tuple[type, dict]:

@@ -94,8 +94,7 @@ class ResNet(Classifier):
                 stride = 2 if i > 0 and j == 0 else 1
                 x = block_cls(64 * 2**i, stride, self.dtype, self.bn_group_size,
                               name=f"layer{i + 1}_{j}")(x, train)
-        return self.classify(x, train=train, pool="avg",
-                             linear_init=nn.initializers.normal(0.01))
+        return self.classify(x, train=train, dense_init=nn.initializers.normal(0.01))
 
 
 def _variant(block, stage_sizes, key_ratio):

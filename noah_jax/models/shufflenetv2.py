@@ -128,7 +128,7 @@ class ShuffleNetV2(Classifier):
                                 self.depthwise, name=f"stage{stage}_{i}")(x, train)
         x = conv(last, 1, 1, self.dtype, "conv5_0")(x)
         x = nn.relu(batch_norm(train, self.dtype, "conv5_1", self.bn_group_size)(x))
-        return self.classify(x, train=train, pool="avg", linear_init=torch_default_init)
+        return self.classify(x, train=train, dense_init=torch_default_init)
 
 
 def _variant(stage_widths, last):

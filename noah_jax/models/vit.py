@@ -168,7 +168,7 @@ class VisionTransformer(Classifier):
         if self.embed_dim < PRE_LOGITS_WIDTH:
             features = jnp.tanh(dense(PRE_LOGITS_WIDTH, self.dtype, "pre_logits")(features))
         # The NOAH head keeps its own init (DeiT does not re-initialise it).
-        return self.classify(features, train=train, pool="none", linear_init=dense_init)
+        return self.classify(features, train=train, dense_init=dense_init)
 
 
 def _variant(embed_dim: int, depth: int, attn_heads: int, img_size: int = 224

@@ -29,7 +29,7 @@ class DepthwiseToy(Classifier):
         x = nn.relu(layers.conv(8, 3, 2, self.dtype, "stem")(x.astype(self.dtype)))
         x = nn.relu(layers.conv(8, 3, 1, self.dtype, "depthwise", groups=8,
                                 depthwise=self.depthwise)(x))
-        return self.classify(x, train=train, pool="avg", linear_init=nn.initializers.zeros)
+        return self.classify(x, train=train, dense_init=nn.initializers.zeros)
 
 
 @pytest.fixture

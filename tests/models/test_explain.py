@@ -49,7 +49,7 @@ def numpy_head(features, params, num_heads, key_ratio):
 
 def test_maps_are_softmaxes_over_positions_and_sum_with_the_values_to_the_logits(noah_case):
     model, variables, images, e = noah_case
-    n, k = model.num_heads, model.num_classes
+    n, k = model.head_setting("num_heads"), model.num_classes
     chex.assert_shape(e.logits, (2, k))
     chex.assert_shape([e.attention, e.values], (2, n, k, 3, 3))
     chex.assert_shape(e.contributions, (2, n, k))
@@ -66,7 +66,7 @@ def test_maps_are_softmaxes_over_positions_and_sum_with_the_values_to_the_logits
 
     # Attention and values on the grid, from the head's input and weights.
     expected_attention, expected_values = numpy_head(e.features, variables["params"]["head"],
-                                                     n, model.key_ratio)
+                                                     n, model.head_setting("key_ratio"))
     np.testing.assert_allclose(attention, expected_attention, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(e.values, expected_values, rtol=1e-5, atol=1e-5)
 

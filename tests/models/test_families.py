@@ -30,7 +30,10 @@ def random_variables(model, size=16):
 def test_a_registered_family_is_in_the_zoo(toy_family):
     assert models.list_models()[-2:] == ["toynet_8", "toynet_4"]
     model = models.create_model("toynet_4", num_classes=5, head="linear", last=12)
-    assert (model.width, model.last, model.num_heads) == (4, 12, 2)
+    assert (model.width, model.last) == (4, 12)
+    # The table's head settings are the NOAH head's (the linear head has none).
+    noah = models.create_model("toynet_4", num_classes=5, head="noah", last=12)
+    assert (noah.width, noah.last, noah.head_setting("num_heads")) == (4, 12, 2)
     assert models.model_override_types("toynet_8")["width"] is int
     with pytest.raises(ConfigError, match="valid overrides for this model: .*'width'"):
         models.create_model("toynet_8", num_classes=5, depth=3)

@@ -134,7 +134,7 @@ def test_every_model_has_its_familys_values():
 def test_a_family_that_states_none_gets_torchvisions():
     class Plain(Classifier):
         def __call__(self, x, train=False):
-            return self.classify(x, train=train, pool="avg", linear_init=None)
+            return self.classify(x, train=train, dense_init=None)
 
     register_family({"plain_test_model": (Plain, {})})
     try:

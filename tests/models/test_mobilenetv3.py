@@ -259,7 +259,8 @@ def test_noah_runs_the_last_conv_on_the_map():
     np.testing.assert_allclose(head_input, expected, rtol=1e-4, atol=1e-4)
     # The head attends over the 4 positions, so it is not a function of their mean:
     # the positions' order does not matter, but replacing each by the mean does.
-    noah = NOAHHead(10, num_heads=model.num_heads, key_ratio=model.key_ratio)
+    noah = NOAHHead(10, num_heads=model.head_setting("num_heads"),
+                    key_ratio=model.head_setting("key_ratio"))
 
     def head(features):
         return np.asarray(noah.apply({"params": variables["params"]["head"]}, features))
@@ -313,4 +314,9 @@ def test_recipe_builds_its_model_with_every_override_declared(arg, name, head):
         assert (c.schedule.name, c.schedule.base_lr, c.schedule.base_batch_size) == (
             "cosine", 0.05, 256)
         assert (c.batch_size, c.dataset.image_size) == (256, 224)
-        assert (model.num_heads, model.key_ratio, model.dropout) == (8, 0.25, 0.2)
+        # The reference's NOAH settings (a linear head has none: read them off the NOAH
+        # model the same config builds).
+        noah = create_model(name, num_classes=c.dataset.num_classes, head="noah",
+                            **c.model.overrides)
+        assert (noah.head_setting("num_heads"), noah.head_setting("key_ratio"),
+                noah.head_setting("dropout")) == (8, 0.25, 0.2)

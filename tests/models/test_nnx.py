@@ -86,7 +86,7 @@ def test_training_updates_batch_stats_and_draws_dropout_from_rngs(readme):
     """Two training calls of the bridged ResNet: each equals linen's mutable apply with
     the dropout key the module's Rngs gave, and leaves linen's updated statistics."""
     linen_model, model = readme["linen_model"], nnx.clone(readme["model"])
-    assert linen_model.dropout > 0  # the NOAH head's dropout on the values
+    assert linen_model.head_setting("dropout") > 0  # the NOAH head's dropout on the values
     variables = readme["linen_variables"](model)
     x = images_like(readme, seed=1)
     outputs = []
