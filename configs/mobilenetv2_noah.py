@@ -16,11 +16,10 @@ Arguments: width=035|050|075|100, head=noah|linear, demo, multilabel.
 The demo: MobileNetV2 at the given width, unchanged, with NOAH on the embedded digits
 at 64 px, where its 32x downsampling leaves the head a 2x2 map, for 15 epochs like
 MobileNetV3's demo; with `multilabel` on the 64 px canvases of 1 to 4 digits
-(noah_jax/data/digits_multilabel.py), sigmoid loss, mAP and CF1/OF1. x0.35 trains at
-about 350 images/s on 2 CPU cores. Over 5 seeds at 15 epochs of digits (README, "Does
-NOAH help?"), x0.35 reached 87.2% test top-1 with NOAH and 95.4% with the linear head:
-with 10 classes the reference's head initialisation starts NOAH from large logits,
-and it catches up late.
+(noah_jax/data/digits_multilabel.py), sigmoid loss, mAP and CF1/OF1. Over 5 seeds
+at 15 epochs of digits, x0.35 ends behind the linear head (README, "Does NOAH help?",
+has the numbers): with 10 classes the reference's head initialisation starts NOAH from
+large logits, and it catches up late.
 """
 
 from configs import common

@@ -26,9 +26,8 @@ digits at 32 px; about 96-99% test top-1 in a few minutes on 2 CPU cores.
 The multi-label demo: the same model on 64 px canvases of 1 to 4 digits
 (noah_jax/data/digits_multilabel.py), with 16 px patches so that it keeps the 4x4
 tokens and the cost per step of the digits demo (8 px patches would give 64 tokens,
-3.5 times slower per step), sigmoid loss, 15 epochs (930 steps). Measured: test mAP
-0.746, CF1 0.638, OF1 0.632 (random scores: mAP about 0.23) in 5m31s on 2 CPU cores
-shared with other jobs, still rising at the end.
+3.5 times slower per step), sigmoid loss, 15 epochs (930 steps). Expected: test mAP
+about 0.75 (random scores: about 0.23), still rising at the end.
 
 Arguments: variant=tiny_050|tiny_075|tiny|small|base|base_384, head=noah|linear, demo,
 multilabel (with demo).
