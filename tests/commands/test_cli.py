@@ -1,6 +1,7 @@
 """main.py's command line: every model override a recipe's model accepts can be set
 from a flag, and mistakes on the command line end in one line naming the valid ones."""
 
+import dataclasses
 import importlib
 import pathlib
 import subprocess
@@ -42,7 +43,14 @@ def test_every_recipe_declares_every_override_of_its_model(name, arg):
     model = create_model(config.model.name, num_classes=10, **config.model.overrides)
     for key, value in config.model.overrides.items():
         if value is not None:
-            assert getattr(model, key) == value, key
+            assert setting(model, key) == value, key
+
+
+def setting(model, key):
+    """A model's value of override `key`: a backbone field, else its head's setting."""
+    if key in {f.name for f in dataclasses.fields(model)}:
+        return getattr(model, key)
+    return model.head_setting(key)
 
 
 def parse(argv, monkeypatch):
@@ -70,7 +78,7 @@ def test_listed_overrides_reach_the_model_from_flags(config, overrides, expected
     c = parse([f"--config={ROOT / 'configs' / config}",
                *(f"--config.model.overrides.{o}" for o in overrides)], monkeypatch)
     model = create_model(c.model.name, num_classes=10, **c.model.overrides)
-    assert {k: getattr(model, k) for k in expected} == expected
+    assert {k: setting(model, k) for k in expected} == expected
     # The recipe's own choices stay where no flag touched them.
     if "vit_noah" in config:
         assert model.drop_path_rate == 0.1 and model.depth == 12
