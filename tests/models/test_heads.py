@@ -487,7 +487,21 @@ def test_training_with_dropout_repeats_the_readable_head_draw_for_draw(switches)
         chex.assert_trees_all_close(grads, want_grads, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def assert_close_at_scale(got, want, tolerance):
+    """Every leaf within `tolerance` times the largest magnitude in `want`: the error of a
+    low-precision computation scales with its operands, not with each element (the query
+    bias's gradient, zero in exact arithmetic, is rounding noise of that size)."""
+    scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(want))
+
+    def close(path, a, b):
+        np.testing.assert_allclose(a, b, rtol=0, atol=tolerance * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+    jax.tree_util.tree_map_with_path(close, got, want)
+
+
+# bfloat16 keeps 8 significant bits; the two paths accumulate their products in different
+# orders, so their projections differ by a few of its units.
+@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 4e-2)])
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("switches", SWITCHES)
 def test_both_implementations_give_the_same_logits_gradients_and_maps(switches, train, dtype,
@@ -518,10 +532,10 @@ def test_both_implementations_give_the_same_logits_gradients_and_maps(switches, 
     chex.assert_trees_all_equal_shapes_and_dtypes(maps, want_maps)
     (attention,), (values,) = maps["attention"], maps["values"]
     chex.assert_shape([attention, values], (3, 4, 6, 10))
-    chex.assert_trees_all_close(logits, want_logits, atol=tolerance, rtol=tolerance)
-    chex.assert_trees_all_close(grads, want_grads, atol=tolerance, rtol=tolerance)
-    chex.assert_trees_all_close(maps, want_maps, atol=tolerance, rtol=tolerance)
-    if train:  # the same values are dropped (zero) in both
+    for got, want in ((logits, want_logits), (grads, want_grads), (maps, want_maps)):
+        assert_close_at_scale(got, want, tolerance)
+    if train and dtype == jnp.float32:  # the same values are dropped (zero) in both
+        # (In bfloat16 a kept value may round to zero in one path.)
         np.testing.assert_array_equal(values == 0, want_maps["values"][0] == 0)
         assert 0.15 < float(jnp.mean(values == 0)) < 0.45
 
