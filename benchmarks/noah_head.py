@@ -1,33 +1,34 @@
-"""Training-step time of the NOAH head alone: POCA blocks against the grouped projections.
+"""Training-step time of NOAH's two implementations: readable einsums against the CPU path.
 
-    .venv/bin/python benchmarks/noah_head.py [--repeats 11] [--iters 5] [--batch 32] \
-        [--shapes resnet50,deit_tiny,resnet50_dense]
+    .venv/bin/python benchmarks/noah_head.py [--repeats 5] [--iters 3] [--batch 16] \
+        [--shapes resnet18,deit_tiny] [--models resnet18,deit_tiny_patch16_224] [--out DIR]
 
-`NOAHHead` composes N POCA blocks (one vmapped module working in a classes-first
-[K, B, L] layout, its projections and the weighted sum by `heads.attention_pool` with
-hand-written gradients); it replaced a head that computed all blocks at once with two
-grouped projections and autodiff of softmax and einsum. That head is kept here, as
-`GroupedNOAHHead`, with the same dropout mask (`heads.keep_mask`): both heads take the
-same parameters and give the same logits and gradients (checked before timing, and in
-tests/models/test_heads.py). Measured 2026-11-26 on the 2-core CPU machine, --batch 16, POCA /
-grouped: deit_small 0.455 (321 -> 146 ms), mixer_s16 0.480 (337 -> 161 ms), resnet50
-0.770 (120 -> 92 ms).
+`NOAHHead(implementation="readable")` computes the POCA blocks with `heads.poca_blocks`,
+`implementation="cpu"` with `noah_cpu.poca_blocks`; "auto" picks one per backend. Both take
+the same parameters and dropout mask and give the same logits and gradients (checked here
+before timing, and in tests/models/test_heads.py).
 
-Timed: one jitted forward and backward pass (gradients with respect to the parameters and
-the features, as in training), with dropout 0.1 in training mode. Each repeat runs both
-heads for --iters steps, alternating which goes first; the table gives the median time per
-step over the repeats and the ratio POCA / grouped. Shapes (B = --batch, K = 1000, N = 4):
+Timed, for each of --shapes: the head alone, one jitted forward and backward pass
+(gradients with respect to the parameters and the features, as in training) with dropout
+0.1 in training mode; each repeat runs both implementations for --iters steps, alternating
+which goes first. For each of --models: the trainer's train step of the zoo model with the
+NOAH head (`noah_jax.benchmark.build_variants`, float32, 224 px, the ResNet recipe's
+optimiser), built once with each implementation and timed interleaved
+(`noah_jax.benchmark.time_variants`). The tables give the median time per step and the
+ratio readable / cpu. Head shapes (B = --batch, K = 1000, N = 4):
 
-  resnet50        L=49 (7x7), C=2048, r=1/8
+  resnet18        L=49 (7x7), C=512, r=1/2
+  resnet50        L=49, C=2048, r=1/8
   deit_tiny       L=196 (14x14), C=192, r=1/2
   deit_small      L=196, C=384, r=1/2
-  mixer_s16       L=196, C=512, r=1/2
   resnet50_dense  resnet50 with head_split=False (one dense projection, the ablation)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import statistics
 import sys
@@ -41,43 +42,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from noah_jax.models.heads import GroupedProjection, NOAHHead, _KeepMask  # noqa: E402
+from noah_jax.models.heads import NOAHHead  # noqa: E402
 
+IMPLEMENTATIONS = ("readable", "cpu")
 SHAPES = {  # name: (L, C, key_ratio, head_split)
+    "resnet18": (49, 512, 1 / 2, True),
     "resnet50": (49, 2048, 1 / 8, True),
     "deit_tiny": (196, 192, 1 / 2, True),
     "deit_small": (196, 384, 1 / 2, True),
-    "mixer_s16": (196, 512, 1 / 2, True),
     "resnet50_dense": (49, 2048, 1 / 8, False),
 }
-
-
-class GroupedNOAHHead(NOAHHead):
-    """The head before POCA blocks: both projections of all heads at once, then the
-    attention over [B, L, N, K]. Same parameters and outputs as NOAHHead."""
-
-    @nn.compact
-    def __call__(self, x, train=False):
-        batch, length, channels = x.shape
-        n, k = self.num_heads, self.num_classes
-        ck, _ = self.channel_split(channels)
-        groups = n if self.head_split else 1
-        keys, values = (x[..., :ck], x[..., ck:]) if self.kv_split else (x, x)
-
-        def projection(name):
-            return GroupedProjection(n * k, groups, dtype=self.dtype, param_dtype=self.param_dtype,
-                                     kernel_init=self.kernel_init, bias_init=self.bias_init,
-                                     name=name)
-
-        q = projection("query")(keys).reshape(batch, length, n, k)
-        v = projection("value")(values).reshape(batch, length, n, k)
-        a = jax.nn.softmax(q.astype(jnp.float32), axis=1)
-        self.sow("intermediates", "attention", jnp.transpose(a, (0, 2, 3, 1)))
-        if train and self.dropout > 0:  # NOAHHead's mask: [N, K, B, L], same key
-            keep = _KeepMask(self.dropout, name="Dropout_0")((n, k, batch, length))
-            v = jnp.where(jnp.transpose(keep, (2, 3, 0, 1)), v / (1.0 - self.dropout), 0.0)
-        per_head = jnp.einsum("blnk,blnk->bnk", a, v.astype(jnp.float32))
-        return per_head.sum(axis=1)
 
 
 def training_step(head):
@@ -90,26 +64,23 @@ def training_step(head):
 
 
 def setup(shape: str, batch: int, num_classes: int = 1000, num_heads: int = 4):
-    """(heads {name: module}, params, features) for one shape; the heads' outputs are
-    checked to agree."""
+    """(heads {implementation: module}, params, features) for one shape; the two
+    implementations' initial parameters and training outputs are checked to agree."""
     length, channels, ratio, head_split = SHAPES[shape]
-    kwargs = dict(num_heads=num_heads, key_ratio=ratio, dropout=0.1, head_split=head_split)
-    heads = {"grouped": GroupedNOAHHead(num_classes, **kwargs),
-             "poca": NOAHHead(num_classes, **kwargs)}
+    heads = {name: NOAHHead(num_classes, num_heads=num_heads, key_ratio=ratio, dropout=0.1,
+                            head_split=head_split, implementation=name)
+             for name in IMPLEMENTATIONS}
     x = jax.random.normal(jax.random.key(0), (batch, length, channels))
-    params = heads["poca"].init(jax.random.key(1), x)["params"]
-    params = jax.tree.map(lambda t: t + 0.01, params)  # non-zero biases
-    grouped_tree = jax.tree.map(jnp.shape, heads["grouped"].init(jax.random.key(1), x))
-    assert grouped_tree == jax.tree.map(jnp.shape, {"params": params}), shape
-    outputs = {name: training_step(head.clone(dropout=0.0))(params, x, jax.random.key(2))
-               for name, head in heads.items()}
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5),
-                 outputs["grouped"], outputs["poca"])
+    inits = [head.init(jax.random.key(1), x)["params"] for head in heads.values()]
+    jax.tree.map(np.testing.assert_array_equal, *inits)
+    params = jax.tree.map(lambda t: t + 0.01, inits[0])  # non-zero biases
+    outputs = [training_step(head)(params, x, jax.random.key(2)) for head in heads.values()]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5), *outputs)
     return heads, params, x
 
 
 def time_heads(shape: str, batch: int, repeats: int, iters: int) -> dict[str, float]:
-    """Median seconds per training step of each head."""
+    """Median seconds per training step of the head alone, per implementation."""
     heads, params, x = setup(shape, batch)
     steps = {name: training_step(head) for name, head in heads.items()}
     key = jax.random.key(3)
@@ -127,25 +98,81 @@ def time_heads(shape: str, batch: int, repeats: int, iters: int) -> dict[str, fl
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+@contextlib.contextmanager
+def noah_implementation(name: str):
+    """Every NOAHHead called inside computes with `implementation=name` (the zoo's
+    models build their head with the default, 'auto')."""
+    def choose(next_fun, args, kwargs, context):
+        if isinstance(context.module, NOAHHead) and context.method_name == "__call__":
+            object.__setattr__(context.module, "implementation", name)
+        return next_fun(*args, **kwargs)
+    with nn.intercept_methods(choose):
+        yield
+
+
+def time_models(models: list[str], batch: int, rounds: int, steps: int) -> list[dict]:
+    """The trainer's train step of each model with each implementation: benchmark
+    records with an 'implementation' field."""
+    from noah_jax import benchmark, cli
+    config = cli.load_config(benchmark.DEFAULT_CONFIG)
+    variants, names = [], []
+    for model in models:
+        for name in IMPLEMENTATIONS:
+            print(f"compiling {model} implementation={name}", file=sys.stderr, flush=True)
+            with noah_implementation(name):
+                built = benchmark.build_variants(config, model, "noah", ["train"], batch, 1,
+                                                 "float32", None, minimal=False)
+            variants += built
+            names += [name] * len(built)
+    benchmark.time_variants(variants, steps=steps, rounds=rounds, warmup=1, settle=1)
+    return [dict(v.record(None), implementation=name) for v, name in zip(variants, names)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--repeats", type=int, default=5, help="head alone: repeats")
+    parser.add_argument("--iters", type=int, default=3, help="head alone: steps per repeat")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--shapes", default="resnet18,deit_tiny",
+                        help=f"head shapes, of {', '.join(SHAPES)} (empty: none)")
+    parser.add_argument("--models", default="",
+                        help="zoo models whose full train step to time (empty: none)")
+    parser.add_argument("--rounds", type=int, default=3, help="models: rounds")
+    parser.add_argument("--steps", type=int, default=2, help="models: steps per round")
+    parser.add_argument("--out", default=None, help="folder for noah_head.json")
     args = parser.parse_args(argv)
-    shapes = args.shapes.split(",")
+    shapes = [s for s in args.shapes.split(",") if s]
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown:
         parser.error(f"unknown shapes {unknown}; choose from {sorted(SHAPES)}")
+    models = [m for m in args.models.split(",") if m]
     print(f"machine: {jax.devices()[0].platform}, {os.cpu_count()} CPUs, jax {jax.__version__}; "
-          f"B={args.batch}, K=1000, N=4, median of {args.repeats} x {args.iters} steps")
-    print("| shape | grouped ms/step | POCA ms/step | POCA / grouped |")
-    print("|---|---:|---:|---:|")
+          f"B={args.batch}, K=1000, N=4")
+    result = {"backend": jax.default_backend(), "cpu_count": os.cpu_count(),
+              "jax": jax.__version__, "batch": args.batch, "heads": {}, "models": []}
+    if shapes:
+        print(f"the head alone, median of {args.repeats} x {args.iters} steps")
+        print("| shape | readable ms/step | cpu ms/step | readable / cpu |")
+        print("|---|---:|---:|---:|")
     for shape in shapes:
         t = time_heads(shape, args.batch, args.repeats, args.iters)
-        print(f"| {shape} | {1e3 * t['grouped']:.2f} | {1e3 * t['poca']:.2f} | "
-              f"{t['poca'] / t['grouped']:.3f} |", flush=True)
+        result["heads"][shape] = t
+        print(f"| {shape} | {1e3 * t['readable']:.2f} | {1e3 * t['cpu']:.2f} | "
+              f"{t['readable'] / t['cpu']:.3f} |", flush=True)
+    if models:
+        records = time_models(models, args.batch, args.rounds, args.steps)
+        result["models"] = records
+        print(f"the trainer's train step, median of {args.rounds} rounds of {args.steps} steps")
+        print("| model | readable s/step | cpu s/step | readable / cpu |")
+        print("|---|---:|---:|---:|")
+        for model in models:
+            step = {r["implementation"]: r["step_s"] for r in records if r["model"] == model}
+            print(f"| {model} | {step['readable']:.3f} | {step['cpu']:.3f} | "
+                  f"{step['readable'] / step['cpu']:.3f} |", flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "noah_head.json"), "w") as f:
+            json.dump(result, f, indent=1)
     return 0
 
 

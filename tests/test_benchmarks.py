@@ -36,12 +36,12 @@ def test_benchmark_recipes_are_the_configs_augmentation():
     assert not cnn.mixes and cnn.rand_augment_layers == 0 and cnn.image_size == 224
 
 
-def test_noah_head_benchmark_checks_both_heads_agree_and_prints_a_row(capsys):
+def test_noah_head_benchmark_checks_both_implementations_agree_and_prints_a_row(capsys):
     from benchmarks import noah_head
     assert noah_head.main(["--repeats", "1", "--iters", "1", "--batch", "2",
-                           "--shapes", "deit_tiny"]) == 0  # setup() asserts the heads agree
+                           "--shapes", "deit_tiny"]) == 0  # setup() asserts they agree
     out = capsys.readouterr().out
-    assert "| shape | grouped ms/step | POCA ms/step | POCA / grouped |" in out
+    assert "| shape | readable ms/step | cpu ms/step | readable / cpu |" in out
     assert re.search(r"^\| deit_tiny \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out, re.M)
     with pytest.raises(SystemExit):
         noah_head.main(["--shapes", "resnet50,bogus"])

@@ -27,7 +27,7 @@ state_dict must supply exactly those keys.
                 Linear [out, in] -> [in, out]. DeiT's packed qkv Linear [3D, D] keeps
                        torch's output order (q, k, v; then attention heads), so it is
                        this transpose and nothing more.
-                NOAH   grouped 1x1 conv [N*K, Cin/G, 1, 1] -> GroupedProjection kernel
+                NOAH   grouped 1x1 conv [N*K, Cin/G, 1, 1] -> ProjectionWeights kernel
                        [G, Cin/G, N*K/G]: reshape to [G, N*K/G, Cin/G], swap the last two.
                 everything else (biases, norms, pos_embed, cls_token) unchanged.
 
@@ -89,7 +89,7 @@ def _kernel_layout(path: tuple[str, ...], shape: tuple[int, ...]) -> str:
     if len(shape) == 2:
         return "linear"
     if len(shape) == 3 and len(path) >= 2 and path[-2] in ("query", "value"):
-        return "grouped"  # heads.GroupedProjection, the only 3-D kernel of the zoo
+        return "grouped"  # heads.ProjectionWeights, the only 3-D kernel of the zoo
     raise NotImplementedError(f"no torch layout rule for the kernel {'/'.join(path)} of shape "
                               f"{shape}; add one to noah_jax/convert.py")
 

@@ -7,24 +7,24 @@ block; the N blocks' class logits are merged:
 
   x [B, L, C] --split--> keys x[..., :Ck], values x[..., Ck:]      (Ck = int(C * r))
   each part --split--> N contiguous channel groups, group h -> POCA block h
-  POCA block:  q, v = 1x1 projections (with bias) of its keys, values to K classes  [K, B, L]
+  POCA block h: q, v = 1x1 projections (with bias) of its keys, values to K classes
                a = softmax(q) over the positions L   (float32, no scaling)
-               v = dropout(v)                         (training only; `keep_mask`)
-               logit[b, k] = sum_l a * v              (`attention_pool`: one pass each way;
-                                                       `dropout_attention_pool` in training)
+               v = dropout(v)                         (training only)
+               logit[b, k] = sum_l a[b, l, k] * v[b, l, k]
   logits = merge (sum, mean or max) over the N blocks
 
-Parameter layout. The head stores its blocks' projections together, as the reference's
-grouped 1x1 convolution does: `kernel` [G, Cin/G, N*K/G] (group axis first) and `bias`
-[N*K], ordered head-major (channel h*K + k is head h, class k), so the reference's weight
-[N*K, Cin/G, 1, 1] maps onto it with one reshape and one transpose. Each block sees its
-slice of these tensors (`NOAHHead.head_view`).
+`poca_blocks` is this, in einsums. The parameters are stored as the reference's grouped
+1x1 convolution stores them: `kernel` [G, Cin/G, N*K/G] (G = N groups, or 1 without
+head_split) and `bias` [N*K], ordered head-major (output h*K + k is head h, class k), so
+the reference's weight [N*K, Cin/G, 1, 1] maps onto it with one reshape and one transpose.
+
+On CPU the head computes the same blocks by `noah_cpu.poca_blocks`, which is faster there
+(`NOAHHead.implementation`); both draw the same dropout mask (`noah_cpu.keep_mask`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import typing
 from typing import Any, Callable, ClassVar, Optional
 
@@ -33,11 +33,13 @@ import jax
 import jax.numpy as jnp
 
 from noah_jax.errors import ConfigError
+from noah_jax.models import noah_cpu
 
 Array = jax.Array
 Initializer = Callable[..., Array]
 
 MERGE_OPERATORS = ("sum", "mean", "max")
+IMPLEMENTATIONS = ("auto", "readable", "cpu")
 
 # Kaiming-normal with fan_out = N*K, as the reference initialises its head.
 # On a [G, Cin/G, N*K/G] kernel, variance_scaling's fan_out is the last axis
@@ -59,64 +61,73 @@ def _flatten_positions(x: Array) -> Array:
         f"got an input of shape {x.shape}")
 
 
-class GroupedProjection(nn.Module):
-    """A 1x1 convolution with `groups` contiguous channel groups, over [B, L, Cin].
+def poca_blocks(keys: Array, values: Array, query: tuple[Array, Array],
+                value: tuple[Array, Array], num_heads: int, keep: Optional[Array] = None,
+                rate: float = 0.0, dtype: Any = jnp.float32) -> tuple[Array, Array, Array]:
+    """NOAH's N POCA blocks at once.
 
-    Returns [B, L, features], or with `classes_first` [features, B, L]: the layout in
-    which POCA's softmax and sum over positions read contiguous memory and, on CPU, the
-    matrix products of both directions need no transposed copy of their large operand.
+    keys [B, L, Ck], values [B, L, Cv]; query, value: (kernel [G, Cin/G, N*K/G], bias
+    [N*K]); keep: the dropout mask [N, K, B, L] (True: kept) or None. Returns the blocks'
+    logits [B, N, K], the attention maps a [B, N, K, L] and the values v [B, N, K, L]
+    (float32, after dropout), so that the logits are sum_l a * v.
     """
+    def project(x, kernel, bias):  # grouped 1x1 conv: [B, L, Cin] -> [B, L, N, K]
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+        groups = kernel.shape[0]
+        x = x.reshape(*x.shape[:2], groups, -1)                      # [B, L, G, Cin/G]
+        y = jnp.einsum("blgc,gco->blgo", x, kernel).reshape(*x.shape[:2], -1) + bias
+        return y.reshape(*x.shape[:2], num_heads, -1)
+
+    q = project(keys, *query).astype(jnp.float32)       # attention logits [B, L, N, K]
+    v = project(values, *value).astype(jnp.float32)     # values [B, L, N, K]
+    a = jax.nn.softmax(q, axis=1)                       # over the positions
+    if keep is not None:                                # inverted dropout on the values
+        v = jnp.where(keep.transpose(2, 3, 0, 1), v / (1.0 - rate), 0.0)
+    logits = jnp.einsum("blnk,blnk->bnk", a, v)
+    return logits, a.transpose(0, 2, 3, 1), v.transpose(0, 2, 3, 1)
+
+
+def _blocks_of(implementation: str) -> Callable[..., tuple[Array, Array, Array]]:
+    """The POCA blocks' computation an `implementation` names: 'readable'
+    (`poca_blocks`), 'cpu' (`noah_cpu.poca_blocks`), or 'auto': the backend's."""
+    if implementation == "auto":
+        implementation = "cpu" if jax.default_backend() == "cpu" else "readable"
+    if implementation == "readable":
+        return poca_blocks
+    if implementation == "cpu":
+        return noah_cpu.poca_blocks
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+
+
+class ProjectionWeights(nn.Module):
+    """The parameters of a 1x1 convolution over `groups` contiguous channel groups, as the
+    reference stores them: `kernel` [G, Cin/G, features/G] and `bias` [features]."""
 
     features: int
     groups: int = 1
-    classes_first: bool = False
-    dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = noah_kernel_init
     bias_init: Initializer = nn.initializers.zeros_init()
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        in_features = x.shape[-1]
+    def __call__(self, in_features: int) -> tuple[Array, Array]:
         g = self.groups
         kernel = self.param("kernel", self.kernel_init,
                             (g, in_features // g, self.features // g), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        x = x.reshape(*x.shape[:-1], g, in_features // g)
-        if self.classes_first:
-            y = _classes_first_projection(kernel, x)
-            return y.reshape(self.features, *y.shape[2:]) + bias[:, None, None]
-        y = jnp.einsum("blgc,gco->blgo", x, kernel)
-        return y.reshape(*y.shape[:-2], self.features) + bias
+        return kernel, bias
 
 
-@jax.custom_vjp
-def _classes_first_projection(kernel: Array, x: Array) -> Array:
-    """kernel [G, c, O], x [B, L, G, c] -> [G, O, B, L], the per-group products.
+class _KeepMask(nn.Module):
+    """Draws `noah_cpu.keep_mask` of `shape` from the 'dropout' stream. Named 'Dropout_0'
+    (the nn.Dropout whose key the mask has always been drawn from), so the masks, and
+    training, repeat across versions."""
 
-    Its gradient is written out so that each of the three matrix products has the
-    [G, O, B*L] array as a plain (untransposed) operand: autodiff asks for dx in x's
-    layout, and XLA on CPU then copies the large array into [G, B*L, O] first.
-    """
-    return jax.lax.dot_general(kernel, x, (((1,), (3,)), ((0,), (2,))))
+    rate: float
 
-
-def _classes_first_projection_forward(kernel, x):
-    return _classes_first_projection(kernel, x), (kernel, x)
-
-
-def _classes_first_projection_backward(saved, g):
-    kernel, x = saved
-    # d kernel [G, O, c] = g [G, O, (B, L)] . x [(B, L), G, c]
-    g_kernel = jax.lax.dot_general(g, x, (((2, 3), (0, 1)), ((0,), (2,))))
-    # d x [G, c, B, L] = kernel [G, c, O] . g [G, O, B, L]
-    g_x = jax.lax.dot_general(kernel, g, (((2,), (1,)), ((0,), (0,))))
-    return jnp.swapaxes(g_kernel, 1, 2), jnp.transpose(g_x, (2, 3, 0, 1))
-
-
-_classes_first_projection.defvjp(_classes_first_projection_forward,
-                                 _classes_first_projection_backward)
+    @nn.compact
+    def __call__(self, shape: tuple[int, ...]) -> Array:
+        return noah_cpu.keep_mask(self.make_rng("dropout"), self.rate, shape)
 
 
 class POCA(nn.Module):
@@ -135,14 +146,14 @@ class POCA(nn.Module):
       dtype: compute dtype of the projections; the softmax, the weighted sum and the
         returned logits are float32.
       kernel_init, bias_init: initialisers of both projections.
+      implementation: as NOAHHead's.
 
     Call with key channels [B, L, Ck], value channels [B, L, Cv] (any widths; in NOAH,
     one channel group each) and `train`; returns float32 logits [B, K]. The attention
     map [B, K, L] is sown into `intermediates` as 'attention', and the values the sum
-    weighs (float32, after dropout) as 'values' [B, K, L], so that the logit is
-    exactly sum_l attention * values (noah_jax.models.explain reads both). The parameters,
-    `query` and `value` with `kernel` [1, Cin, K] and `bias` [K], are laid out as
-    those of a one-head NOAHHead, so a block alone is the head with num_heads=1.
+    weighs (float32, after dropout) as 'values' [B, K, L]. The parameters, `query` and
+    `value` with `kernel` [1, Cin, K] and `bias` [K], are those of a one-head NOAHHead,
+    so a block alone is the head with num_heads=1.
     """
 
     num_classes: int
@@ -151,164 +162,23 @@ class POCA(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = noah_kernel_init
     bias_init: Initializer = nn.initializers.zeros_init()
+    implementation: str = "auto"
 
     @nn.compact
-    def __call__(self, keys: Array, values: Array, train: bool = False,
-                 keep: Optional[Array] = None) -> Array:
-        """`keep`: a boolean dropout mask [K, B, L] drawn by the caller (NOAHHead draws
-        one for all its blocks at once); without it the block draws its own."""
-        def projection(name):
-            return GroupedProjection(self.num_classes, 1, classes_first=True, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-                                     bias_init=self.bias_init, name=name)
-
-        # The block works in [K, B, L], classes first and positions last (the layout of the
-        # projections' matrix product), so that no [K, B, L]-sized array is transposed in
-        # either direction; only the sown maps and the [K, B] logits are.
-        q = projection("query")(keys).astype(jnp.float32)    # [K, B, L]
-        v = projection("value")(values)
-        # (Computed only when the caller asks for the intermediates.)
-        self.sow("intermediates", "attention", jnp.swapaxes(jax.nn.softmax(q, axis=-1), 0, 1))
-        v = v.astype(jnp.float32)
-        if not (train and self.dropout > 0):
-            self.sow("intermediates", "values", jnp.swapaxes(v, 0, 1))
-            return attention_pool(q, v).T
-        if keep is None:
-            keep = _KeepMask(self.dropout, name="Dropout_0")(v.shape)
-        self.sow("intermediates", "values", jnp.swapaxes(_dropped(v, keep, self.dropout), 0, 1))
-        return dropout_attention_pool(q, v, keep, self.dropout).T
-
-
-@jax.custom_vjp
-def attention_pool(logits: Array, values: Array) -> Array:
-    """sum_l softmax(logits, over l)[..., l] * values[..., l] -> [...], for float32 inputs
-    [..., L] (positions last): POCA's attention-weighted sum over positions.
-
-    Equal to `jnp.einsum('...l,...l->...', jax.nn.softmax(logits, axis=-1), values)` up to
-    float rounding, with a hand-written gradient that keeps the pass over [K, B, L] (N
-    blocks of K classes at every position, the largest arrays of the head) to one in each
-    direction: forward exp(logits - max) once, and its sum and value-weighted sum
-    together; backward, with a = the softmax recomputed from the saved maximum and sum and
-    o the output, d/dvalues = g a and d/dlogits = g a (values - o). Autodiff of the
-    einsum form stores the softmax and makes a further pass for sum_l a g values.
-    """
-    return _attention_pool_forward(logits, values)[0]
-
-
-def _attention_pool_forward(logits, values):
-    peak = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-    weights = jnp.exp(logits - peak)
-    total = weights.sum(axis=-1)
-    out = (weights * values).sum(axis=-1) / total
-    return out, (logits, values, peak, total, out)
-
-
-def _attention_pool_backward(saved, g):
-    logits, values, peak, total, out = saved
-    g_values = jnp.exp(logits - peak) * (g / total)[..., None]   # = g a
-    return g_values * (values - out[..., None]), g_values
-
-
-attention_pool.defvjp(_attention_pool_forward, _attention_pool_backward)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def dropout_attention_pool(logits: Array, values: Array, keep: Array, rate: float) -> Array:
-    """`attention_pool(logits, dropout(values))` with inverted dropout by the boolean mask
-    `keep` (kept values divided by 1 - rate, the others 0), without writing the dropped
-    values out: the mask is applied inside the sum over positions and again in the
-    gradient (where XLA recomputes a hashed `keep_mask` rather than storing it)."""
-    return _dropout_attention_pool_forward(logits, values, keep, rate)[0]
-
-
-def _dropped(values, keep, rate):
-    return jax.lax.select(keep, values / (1.0 - rate), jnp.zeros_like(values))
-
-
-def _dropout_attention_pool_forward(logits, values, keep, rate):
-    out, (_, _, peak, total, _) = _attention_pool_forward(logits, _dropped(values, keep, rate))
-    return out, (logits, values, keep, peak, total, out)
-
-
-def _dropout_attention_pool_backward(rate, saved, g):
-    logits, values, keep, peak, total, out = saved
-    g_logits, g_dropped = _attention_pool_backward(
-        (logits, _dropped(values, keep, rate), peak, total, out), g)
-    return g_logits, _dropped(g_dropped, keep, rate), None
-
-
-dropout_attention_pool.defvjp(_dropout_attention_pool_forward, _dropout_attention_pool_backward)
-
-_KEEP_BITS = 16  # random bits per dropout decision
-
-
-def _mix32(x: Array) -> Array:
-    """A bijective 32-bit integer hash with full avalanche: C. Wellons' 'triple32'
-    (hash-prospector), three rounds of xor-shift and multiply on uint32."""
-    for shift, factor in ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB)):
-        x = (x ^ (x >> shift)) * jnp.uint32(factor)
-    return x ^ (x >> 14)
-
-
-def hashed_bits(key: Array, shape: tuple[int, ...]) -> Array:
-    """uint32 random words of `shape`: a keyed hash of each word's (row, column) index.
-
-    The word at column c of row r (r the flattened index over all axes but the last) is
-    mix(mix(r + s0) + mix(c + s1)), with `_mix32` as mix and the seeds s0, s1 two words
-    drawn from `key` by jax.random. Each mix is a bijection, so a row's (a column's) words
-    all differ, and two words collide only as two random 32-bit numbers would. A word
-    depends on nothing but its index and the key, so the result is the same however the
-    array is sharded (each device hashes only its own indices) and on any backend.
-
-    This is for dropout masks, where jax.random.bits, a 20-round threefry per pair of
-    words, dominated the NOAH head's time on CPU; it is not for anything that needs a
-    cryptographically strong generator.
-    """
-    *outer, last = shape
-    rows = 1
-    for size in outer:
-        rows *= size
-    if rows >= 2**32 or last >= 2**32:
-        raise ValueError(f"hashed_bits indexes rows and columns with 32 bits; shape {shape} "
-                         f"has {rows} rows of {last}")
-    seeds = jax.random.bits(key, (2,), jnp.uint32)
-    row = jnp.zeros(shape, jnp.uint32)
-    for axis, size in enumerate(outer):      # row-major flat index over the outer axes
-        row = row * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
-    col = jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
-    return _mix32(_mix32(row + seeds[0]) + _mix32(col + seeds[1]))
-
-
-def keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Array:
-    """A boolean dropout mask of `shape`, each entry True with probability 1 - rate.
-
-    Each decision compares 16 random bits with round((1 - rate) * 2**16), so the keep
-    probability is exact to 2**-17, and two decisions share one 32-bit word of
-    `hashed_bits`. The head's value mask has B*L*N*K entries (12.5M for DeiT-S at batch
-    16); drawn with jax.random (a threefry word per pair of decisions) it took about a
-    quarter of the head's training step on CPU, hashed it takes about 2%.
-    """
-    *outer, last = shape
-    words = hashed_bits(key, (*outer, -(-last // 2)))
-    halves = jax.lax.bitcast_convert_type(words, jnp.uint16)   # [..., ceil(last/2), 2]
-    halves = halves.reshape(*outer, -1)[..., :last].astype(jnp.uint32)
-    return halves < jnp.uint32(round((1.0 - rate) * 2**_KEEP_BITS))
-
-
-class _KeepMask(nn.Module):
-    """Draws `keep_mask` of `shape` from the 'dropout' stream, for a caller that applies
-    it (NOAHHead draws one mask for all its blocks)."""
-
-    rate: float
-
-    @nn.compact
-    def __call__(self, shape: tuple[int, ...]) -> Array:
-        return keep_mask(self.make_rng("dropout"), self.rate, shape)
-
-
-# The name of the head axis of NOAHHead's vmap over its POCA blocks, by which an
-# initialiser learns which block's slice it draws (NOAHHead._one_head_initializer).
-_HEAD_AXIS = "noah_heads"
+    def __call__(self, keys: Array, values: Array, train: bool = False) -> Array:
+        k = self.num_classes
+        weights = dict(param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                       bias_init=self.bias_init)
+        query = ProjectionWeights(k, **weights, name="query")(keys.shape[-1])
+        value = ProjectionWeights(k, **weights, name="value")(values.shape[-1])
+        keep = None
+        if train and self.dropout > 0:
+            keep = _KeepMask(self.dropout, name="Dropout_0")((1, k, *keys.shape[:2]))
+        logits, attention, values = _blocks_of(self.implementation)(
+            keys, values, query, value, 1, keep, self.dropout, self.dtype)
+        self.sow("intermediates", "attention", attention[:, 0])
+        self.sow("intermediates", "values", values[:, 0])
+        return logits[:, 0]
 
 
 class NOAHHead(nn.Module):
@@ -328,18 +198,19 @@ class NOAHHead(nn.Module):
       dtype: compute dtype of the projections; the softmax, the weighted sum and
         the returned logits are float32.
       kernel_init: initialiser of both projection kernels (backbones override it).
+      implementation: how the blocks are computed, never what: 'readable'
+        (`poca_blocks`, einsums), 'cpu' (`noah_cpu.poca_blocks`, tuned for XLA on CPU),
+        or 'auto': 'cpu' on a CPU backend, 'readable' on accelerators. Parameters,
+        initial values and dropout masks are the same for all.
 
     Call with `train` and a feature map [B, H, W, C] or tokens [B, L, C]; returns
     float32 logits [B, K]. The attention maps a [B, N, K, L] are sown into the
     `intermediates` collection as 'attention' (apply(..., mutable=['intermediates'])),
     the blocks' values v [B, N, K, L] as 'values': block h's logits are
     sum_l a[:, h] * v[:, h], and `merge_blocks` of those is the head's output.
-
-    The N blocks are one POCA module vmapped over the head axis, so they run as one
-    batched computation. Their parameters are stored in the reference's grouped layout
-    (module docstring) and initialised in it, by the initialisers' fans over the whole
-    [G, Cin/G, N*K/G] kernel (fan_out N*K, fan_in Cin/G); block h sees its slice
-    `head_view(stored)[h]`.
+    The parameters are `query` and `value`, each the grouped layout of the module
+    docstring, initialised as whole tensors (fan_out N*K, fan_in Cin/G); block h's
+    slice is `head_view(stored)[h]`.
     """
 
     num_classes: int
@@ -350,8 +221,9 @@ class NOAHHead(nn.Module):
     attention_maps: ClassVar[bool] = True
     # Its projections are 1x1 convolutions: it takes the family's `conv_init`.
     init_role: ClassVar[str] = "conv"
+    # `implementation` changes how the blocks are computed, never what (noah_cpu).
     settings: ClassVar[tuple[str, ...]] = ("num_heads", "key_ratio", "dropout", "head_split",
-                                           "kv_split", "merge")
+                                           "kv_split", "merge", "implementation")
 
     num_heads: int = 4
     key_ratio: float = 0.5
@@ -363,6 +235,7 @@ class NOAHHead(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = noah_kernel_init
     bias_init: Initializer = nn.initializers.zeros_init()
+    implementation: str = "auto"
 
     def channel_split(self, channels: int) -> tuple[int, int]:
         """(Ck, Cv) for an input of `channels` channels; raises ValueError if invalid."""
@@ -411,67 +284,25 @@ class NOAHHead(nn.Module):
             return view.reshape(n, cin, k)
         return view.transpose(1, 2, 0, 3).reshape(1, cin, n * k)
 
-    def _one_head_initializer(self, init: Initializer) -> Initializer:
-        """An initialiser of a block's slice that draws the whole stored tensor and keeps
-        the block's slice, so the distribution, fans included, is the stored layout's.
-
-        The params key is not split over the heads: the draw is one (unbatched) and the
-        blocks take disjoint slices of it.
-        """
-        n = self.num_heads
-
-        def init_one_head(key, shape, dtype=jnp.float32):
-            if len(shape) == 1:                       # bias [K]
-                stored_shape = (n * shape[0],)
-            elif self.head_split:                     # kernel [1, Cin/N, K]
-                stored_shape = (n, *shape[1:])
-            else:                                     # kernel [1, Cin, K]
-                stored_shape = (1, shape[1], n * shape[2])
-            stored = init(key, stored_shape, dtype)
-            return self.head_view(stored)[jax.lax.axis_index(_HEAD_AXIS)]
-        return init_one_head
-
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         x = _flatten_positions(x)
         batch, length, channels = x.shape
         n, k = self.num_heads, self.num_classes
         ck, cv = self.channel_split(channels)
+        blocks = _blocks_of(self.implementation)
         keys, values = (x[..., :ck], x[..., ck:]) if self.kv_split else (x, x)
-        if self.head_split:  # block h reads channel group h: [B, L, N, C/N], head axis 2
-            keys = keys.reshape(batch, length, n, ck // n)
-            values = values.reshape(batch, length, n, cv // n)
-            head_axis = 2
-        else:                # every block reads all channels
-            head_axis = None
-
-        # One POCA module vmapped over the head axis: block h gets slice h of the inputs
-        # (with head_split), of every parameter and of the dropout key. map_variables shows
-        # the blocks their slices of the stored tensors, stacked (head_view), and stores
-        # what init creates in the stored layout. The params key is not split: the
-        # initialisers draw each stored tensor once (_one_head_initializer).
-        # Dropout: one mask for all blocks, [N, K, B, L] (`keep_mask`, from the key of the
-        # nn.Dropout this submodule's name once belonged to); block h applies slice h.
+        weights = dict(groups=n if self.head_split else 1, param_dtype=self.param_dtype,
+                       kernel_init=self.kernel_init, bias_init=self.bias_init)
+        query = ProjectionWeights(n * k, **weights, name="query")(ck)
+        value = ProjectionWeights(n * k, **weights, name="value")(cv)
         keep = None
-        if train and self.dropout > 0:
+        if train and self.dropout > 0:  # one mask for all blocks
             keep = _KeepMask(self.dropout, name="Dropout_0")((n, k, batch, length))
-        vmapped = nn.vmap(POCA, in_axes=(head_axis, head_axis, None,
-                                         0 if keep is not None else None), out_axes=1,
-                          variable_axes={"params": 0, "intermediates": 1},
-                          split_rngs={"params": False, "dropout": True}, axis_size=n,
-                          axis_name=_HEAD_AXIS)
-        mapped = nn.map_variables(
-            vmapped, "params", trans_in_fn=lambda p: jax.tree.map(self.head_view, p),
-            trans_out_fn=lambda p: jax.tree.map(self.stored_layout, p),
-            mutable=self.is_initializing())
-        blocks = mapped(k, self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=self._one_head_initializer(self.kernel_init),
-                        bias_init=self._one_head_initializer(self.bias_init))
-        # The blocks' variables live in this module's scope: 'query', 'value' and the
-        # sown 'attention' and 'values' [B, N, K, L] (axis 1 of the stacked [B, K, L]
-        # maps) are ours.
-        nn.share_scope(self, blocks)
-        per_head = blocks(keys, values, train, keep)  # [B, N, K]
+        per_head, attention, values = blocks(keys, values, query, value, n, keep,
+                                             self.dropout, self.dtype)
+        self.sow("intermediates", "attention", attention)
+        self.sow("intermediates", "values", values)
         return merge_blocks(per_head, self.merge)
 
 

@@ -11,8 +11,8 @@ import pytest
 from absl.testing import parameterized
 from flax.traverse_util import flatten_dict
 
-from noah_jax.models.heads import (POCA, LinearHead, NOAHHead, attention_pool, dropout_attention_pool,
-                            hashed_bits, keep_mask, noah_lecun_kernel_init)
+from noah_jax.models.heads import POCA, LinearHead, NOAHHead, noah_lecun_kernel_init
+from noah_jax.models.noah_cpu import attention_pool, dropout_attention_pool, hashed_bits, keep_mask
 
 
 def torch_layout_params(rng, channels, num_classes, num_heads, key_ratio, head_split, kv_split):
@@ -450,19 +450,27 @@ def test_linear_head_pools_then_projects():
     np.testing.assert_allclose(pooled, out, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("switches", [{}, {"head_split": False}, {"kv_split": False}])
-def test_training_with_dropout_repeats_the_grouped_head_draw_for_draw(switches):
-    """The POCA composition (vmapped blocks, projections and `attention_pool` with their
-    hand-written gradients) trains exactly as the grouped head (all blocks at once,
-    autodiff of einsum, softmax and sum) with the same value dropout mask (one
-    [N, K, B, L] `keep_mask` from the same key): logits and the gradients with respect to
-    every parameter and the features; only the float rounding may differ."""
-    from benchmarks.noah_head import GroupedNOAHHead
+# ---------------------------------------------------------------------------------------
+# The two implementations: the readable einsums and the CPU path (noah_cpu).
+# ---------------------------------------------------------------------------------------
+
+SWITCHES = [{}, {"head_split": False}, {"kv_split": False},
+            {"head_split": False, "kv_split": False}]
+
+
+@pytest.mark.parametrize("switches", SWITCHES)
+def test_training_with_dropout_repeats_the_readable_head_draw_for_draw(switches):
+    """The CPU path (vmapped blocks in the classes-first layout, projections and
+    `attention_pool` with their hand-written gradients) trains exactly as the readable
+    einsums (all blocks at once, autodiff of einsum, softmax and sum): the same initial
+    parameters, the same value dropout mask (one [N, K, B, L] `keep_mask` from the same
+    key), and logits and gradients with respect to every parameter and the features that
+    differ only by float rounding."""
     x = jax.random.normal(jax.random.key(3), (2, 7, 64))
-    head = NOAHHead(10, 4, 0.5, 0.3, **switches)
-    grouped = GroupedNOAHHead(10, 4, 0.5, 0.3, **switches)
+    head = NOAHHead(10, 4, 0.5, 0.3, implementation="cpu", **switches)
+    readable = head.clone(implementation="readable")
     variables = head.init(jax.random.key(0), x)
-    chex.assert_trees_all_equal(variables, grouped.init(jax.random.key(0), x))
+    chex.assert_trees_all_equal(variables, readable.init(jax.random.key(0), x))
     variables = {"params": random_params(variables, seed=5)}
     weights = jax.random.normal(jax.random.key(6), (2, 10))
 
@@ -473,10 +481,89 @@ def test_training_with_dropout_repeats_the_grouped_head_draw_for_draw(switches):
     for key in range(3):
         args = (variables["params"], x, jax.random.key(key))
         (_, logits), grads = jax.value_and_grad(partial(loss, head), (0, 1), has_aux=True)(*args)
-        (_, want), want_grads = jax.value_and_grad(partial(loss, grouped), (0, 1),
+        (_, want), want_grads = jax.value_and_grad(partial(loss, readable), (0, 1),
                                                    has_aux=True)(*args)
         chex.assert_trees_all_close(logits, want, atol=1e-5, rtol=1e-5)
         chex.assert_trees_all_close(grads, want_grads, atol=1e-5, rtol=1e-5)
+
+
+def assert_close_at_scale(got, want, tolerance):
+    """Every leaf within `tolerance` times the largest magnitude in `want`: the error of a
+    low-precision computation scales with its operands, not with each element (the query
+    bias's gradient, zero in exact arithmetic, is rounding noise of that size)."""
+    scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(want))
+
+    def close(path, a, b):
+        np.testing.assert_allclose(a, b, rtol=0, atol=tolerance * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+    jax.tree_util.tree_map_with_path(close, got, want)
+
+
+# bfloat16 keeps 8 significant bits; the two paths accumulate their products in different
+# orders, so their projections differ by a few of its units.
+@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 4e-2)])
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("switches", SWITCHES)
+def test_both_implementations_give_the_same_logits_gradients_and_maps(switches, train, dtype,
+                                                                    tolerance):
+    """Jitted, eval and training with dropout, float32 and bfloat16 compute: the logits,
+    the gradients (parameters and features), and the sown attention maps and values of
+    the readable and the CPU path agree to the compute dtype's rounding."""
+    x = jax.random.normal(jax.random.key(1), (3, 2, 5, 48))            # L = 10, C = 48
+    head = NOAHHead(6, 4, 0.25, dropout=0.3, dtype=dtype, implementation="cpu", **switches)
+    params = random_params(head.init(jax.random.key(0), x), seed=2)
+    weights = jax.random.normal(jax.random.key(3), (3, 6))
+
+    def step(module):
+        @jax.jit
+        def run(params, x):
+            def loss(params, x):
+                logits, state = module.apply({"params": params}, x, train=train,
+                                             rngs={"dropout": jax.random.key(4)},
+                                             mutable=["intermediates"])
+                return jnp.sum(weights * logits), (logits, state["intermediates"])
+            return jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
+        (_, (logits, maps)), grads = run(params, x)
+        return logits, grads, maps
+
+    logits, grads, maps = step(head)
+    want_logits, want_grads, want_maps = step(head.clone(implementation="readable"))
+    chex.assert_type(logits, jnp.float32)
+    chex.assert_trees_all_equal_shapes_and_dtypes(maps, want_maps)
+    (attention,), (values,) = maps["attention"], maps["values"]
+    chex.assert_shape([attention, values], (3, 4, 6, 10))
+    for got, want in ((logits, want_logits), (grads, want_grads), (maps, want_maps)):
+        assert_close_at_scale(got, want, tolerance)
+    if train and dtype == jnp.float32:  # the same values are dropped (zero) in both
+        # (In bfloat16 a kept value may round to zero in one path.)
+        np.testing.assert_array_equal(values == 0, want_maps["values"][0] == 0)
+        assert 0.15 < float(jnp.mean(values == 0)) < 0.45
+
+
+def test_poca_alone_agrees_between_implementations_with_dropout():
+    keys = jax.random.normal(jax.random.key(0), (2, 9, 4))
+    values = jax.random.normal(jax.random.key(1), (2, 9, 6))
+    poca = POCA(5, dropout=0.4, implementation="cpu")
+    variables = {"params": random_params(poca.init(jax.random.key(2), keys, values), seed=3)}
+    rngs = {"dropout": jax.random.key(4)}
+    got, state = poca.apply(variables, keys, values, True, rngs=rngs, mutable=["intermediates"])
+    want, want_state = poca.clone(implementation="readable").apply(
+        variables, keys, values, True, rngs=rngs, mutable=["intermediates"])
+    chex.assert_trees_all_close((got, state), (want, want_state), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_is_the_cpu_path_on_cpu_and_a_bad_name_is_one_clear_error():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+    head = NOAHHead(3, num_heads=2, dropout=0.2)
+    variables = {"params": random_params(head.init(jax.random.key(1), x), seed=2)}
+    rngs = {"dropout": jax.random.key(3)}
+    auto = jax.jit(lambda v: head.apply(v, x, train=True, rngs=rngs))(variables)
+    chosen = "cpu" if jax.default_backend() == "cpu" else "readable"
+    same = jax.jit(lambda v: head.clone(implementation=chosen).apply(v, x, train=True,
+                                                                     rngs=rngs))(variables)
+    np.testing.assert_array_equal(auto, same)
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        head.clone(implementation="gpu").init(jax.random.key(0), x)
 
 
 def _softmax_weighted_sum(logits, values):
