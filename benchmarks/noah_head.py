@@ -27,7 +27,6 @@ ratio readable / cpu. Head shapes (B = --batch, K = 1000, N = 4):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -37,7 +36,6 @@ import time
 if __package__ in (None, ""):  # run as a script: import the package from this checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -98,18 +96,6 @@ def time_heads(shape: str, batch: int, repeats: int, iters: int) -> dict[str, fl
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-@contextlib.contextmanager
-def noah_implementation(name: str):
-    """Every NOAHHead called inside computes with `implementation=name` (the zoo's
-    models build their head with the default, 'auto')."""
-    def choose(next_fun, args, kwargs, context):
-        if isinstance(context.module, NOAHHead) and context.method_name == "__call__":
-            object.__setattr__(context.module, "implementation", name)
-        return next_fun(*args, **kwargs)
-    with nn.intercept_methods(choose):
-        yield
-
-
 def time_models(models: list[str], batch: int, rounds: int, steps: int) -> list[dict]:
     """The trainer's train step of each model with each implementation: benchmark
     records with an 'implementation' field."""
@@ -119,9 +105,9 @@ def time_models(models: list[str], batch: int, rounds: int, steps: int) -> list[
     for model in models:
         for name in IMPLEMENTATIONS:
             print(f"compiling {model} implementation={name}", file=sys.stderr, flush=True)
-            with noah_implementation(name):
-                built = benchmark.build_variants(config, model, "noah", ["train"], batch, 1,
-                                                 "float32", None, minimal=False)
+            built = benchmark.build_variants(config, model, "noah", ["train"], batch, 1,
+                                             "float32", None, minimal=False,
+                                             extra_overrides={"implementation": name})
             variants += built
             names += [name] * len(built)
     benchmark.time_variants(variants, steps=steps, rounds=rounds, warmup=1, settle=1)

@@ -200,13 +200,14 @@ def minimal_train_step(model, tx: optax.GradientTransformation, config) -> Calla
 
 
 def benchmark_config(config, model_name: str, head: str, num_devices: int, image_size: int,
-                     depthwise: str = "auto"):
+                     depthwise: str = "auto", extra_overrides: Optional[dict] = None):
     """`config` (the recipe's optimiser, loss and dtype) for this model and head on a
     mesh over `num_devices` devices; the model's overrides are only the image size
-    (where it has one) and the depthwise formulation (where it has depthwise
-    convolutions), not the recipe's."""
+    (where it has one), the depthwise formulation (where it has depthwise
+    convolutions) and `extra_overrides` (e.g. the NOAH head's `implementation`), not the
+    recipe's."""
     names = model_overrides(model_name)
-    overrides = {}
+    overrides = dict(extra_overrides or {})
     if "img_size" in names:
         overrides["img_size"] = image_size
     if "depthwise" in names:
@@ -221,7 +222,8 @@ def benchmark_config(config, model_name: str, head: str, num_devices: int, image
 def build_variants(config, model_name: str, head: str, modes: Sequence[str], batch: int,
                    num_devices: int, dtype: str, image_size: Optional[int],
                    minimal: bool, num_classes: int = 1000, seed: int = 0,
-                   depthwise: str = "auto") -> list[Variant]:
+                   depthwise: str = "auto",
+                   extra_overrides: Optional[dict] = None) -> list[Variant]:
     """Compiled train / inference / minimal steps of one model with one head, built by
     the trainer's own `setup`."""
     devices = jax.devices()[:num_devices]
@@ -231,7 +233,8 @@ def build_variants(config, model_name: str, head: str, modes: Sequence[str], bat
         raise ConfigError(f"--batch {batch} is not divisible by {num_devices} devices")
     probe = create_model(model_name, num_classes=num_classes, head=head)
     size = image_size or getattr(probe, "img_size", 224)
-    config = benchmark_config(config, model_name, head, num_devices, size, depthwise)
+    config = benchmark_config(config, model_name, head, num_devices, size, depthwise,
+                              extra_overrides)
     config.dtype = dtype
     image_shape = (size, size, 3)
     built = trainer.setup(config, num_classes=num_classes, image_shape=image_shape,
