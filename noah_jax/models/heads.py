@@ -96,7 +96,7 @@ def _blocks_of(implementation: str) -> Callable[..., tuple[Array, Array, Array]]
         return poca_blocks
     if implementation == "cpu":
         return noah_cpu.poca_blocks
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    raise ConfigError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
 
 
 class ProjectionWeights(nn.Module):
