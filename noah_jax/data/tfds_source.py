@@ -305,6 +305,11 @@ def _eval_split(spec: DatasetSpec, builder, split: str) -> str:
         (s for s in ("validation", "test") if s in builder.info.splits), "validation")
 
 
+class LabelSpaceError(DataError):
+    """An evaluation dataset whose classes are not the model's (e.g. ImageNet-V2 for a
+    model trained on another dataset)."""
+
+
 def eval_set(name: str, preprocess: pipeline.Preprocess, *, num_classes: int,
              data_dir: str = "", split: str = "", drop_unlabeled: bool = True) -> EvalSet:
     """A split of any known TFDS dataset as an evaluation set (its eval split unless
@@ -312,9 +317,9 @@ def eval_set(name: str, preprocess: pipeline.Preprocess, *, num_classes: int,
     DatasetNotPreparedError that says how to prepare it if it is not in data_dir."""
     spec = spec_for(name, data_dir)
     if spec.num_classes != num_classes:
-        raise DataError(f"dataset {name!r} has {spec.num_classes} classes, but the model "
-                        f"predicts {num_classes} (dataset.num_classes): it cannot be "
-                        "evaluated on it")
+        raise LabelSpaceError(f"dataset {name!r} has {spec.num_classes} classes, but the "
+                              f"model predicts {num_classes} (dataset.num_classes): it cannot "
+                              "be evaluated on it")
     builder = prepared_builder(name, data_dir, spec)
     return EvalSet(_Split(builder, _eval_split(spec, builder, split), spec, drop_unlabeled),
                    preprocess, num_classes)

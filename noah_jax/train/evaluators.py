@@ -13,8 +13,9 @@ evaluator, its data and when it runs, and the trainer runs those that are due.
                    eval_ema/... for the EMA weights
   every_steps      runs every that many steps, 0 = once per epoch, and at the end
   final_only       runs only at the end of training (and with eval_only)
-  skip_if_missing  a dataset not prepared in data_dir is skipped with a log line,
-                   rather than stopping the run with how to prepare it
+  skip_if_missing  a dataset not prepared in data_dir, or whose classes are not the
+                   model's (an ImageNet recipe trained on other data), is skipped with
+                   a log line, rather than stopping the run
 
 Each evaluator owns its jitted step, what it accumulates over the batches and its
 final metrics, and says which label types (noah_jax/data/base.py) it scores:
@@ -252,7 +253,9 @@ def from_config(config: ml_collections.ConfigDict, source: data.Source, model, m
             try:
                 eval_set = data.get_eval_set(config.dataset, dataset, fields["split"],
                                              augment=config.augment)
-            except tfds_source.DatasetNotPreparedError as e:
+            except (tfds_source.DatasetNotPreparedError, tfds_source.LabelSpaceError) as e:
+                # (An ImageNet recipe's extra sets, when it trains on other data, do not
+                # apply: skipped as the data source once left them out.)
                 if not fields["skip_if_missing"]:
                     raise
                 logging.warning("skipping the evaluation config.evals.%s: %s", name, e)

@@ -120,8 +120,8 @@ MISTAKES = [
       "its fields: asl, attention_figure_images, augment,"]),
     (["--config=configs/resnet18_noah.py", "--config.model.overrides.img_size=32"],
      ["config.model.overrides has no field 'img_size'",
-      "block, bn_group_size, dropout, head_split, key_ratio, kv_split, merge, num_heads, "
-      "stage_sizes"]),
+      "block, bn_group_size, dropout, head_split, implementation, key_ratio, kv_split, "
+      "merge, num_heads, stage_sizes"]),
     (["--config=configs/vit_noah.py:varaint=tiny"],
      ["unknown config argument 'varaint'", "'variant'"]),
     (["--config=configs/vit.py"], ["there is no file 'configs/vit.py'"]),

@@ -61,7 +61,7 @@ def test_restart_keeps_the_command_arguments_and_process(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(
         "import os, sys\n"
-        "from noah_jax import host_memory\n"
+        "from noah_jax.train import host_memory\n"
         "print('start', os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], flush=True)\n"
         "host_memory.thp_mode = lambda: 'madvise'\n"
         "host_memory.glibc_version = lambda: (2, 36)\n"

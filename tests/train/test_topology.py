@@ -117,7 +117,7 @@ def record(state) -> dict:
 # returned into the pickle file named by its first argument.
 RECORDING_MAIN = f"""if True:
     import pickle, runpy, sys
-    sys.path.insert(0, {str(ROOT / 'tests')!r})
+    sys.path[:0] = [{str(ROOT / 'tests' / 'train')!r}, {str(ROOT / 'tests')!r}]
     import test_topology
     from noah_jax.train import checkpoint
 
