@@ -235,7 +235,9 @@ def declare_model_overrides(config):
         return config  # config_flags' stand-in for a file it could not read
     overrides = config.model.overrides
     with overrides.unlocked():
-        for name, kind in model_override_types(config.model.name).items():
+        # Every registered head's settings, so that a flag may also set those of a head
+        # chosen by another flag (--config.model.head=...).
+        for name, kind in model_override_types(config.model.name, head=None).items():
             if name != "dtype" and name not in overrides:
                 overrides[name] = ml_collections.config_dict.placeholder(kind)
     return config

@@ -266,13 +266,7 @@ class NOAHHead(nn.Module):
         POCA kernel. With head_split the group axis is the head axis and both are
         reshapes; without it (G=1) block h's columns h*K .. h*K + K - 1 are moved out.
         """
-        n = self.num_heads
-        if stored.ndim == 1:
-            return stored.reshape(n, -1)
-        _, cin, out = stored.shape
-        if self.head_split:
-            return stored.reshape(n, 1, cin, out)
-        return stored.reshape(1, cin, n, out // n).transpose(2, 0, 1, 3)
+        return noah_cpu.per_block(stored, self.num_heads, self.head_split)
 
     @nn.nowrap
     def stored_layout(self, view: Array) -> Array:

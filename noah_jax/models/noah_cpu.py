@@ -54,24 +54,24 @@ def poca_blocks(keys: Array, values: Array, query: tuple[Array, Array],
     if split:                                       # block h reads channel group h
         keys = keys.reshape(*keys.shape[:2], num_heads, -1)
         values = values.reshape(*values.shape[:2], num_heads, -1)
-    per_block = functools.partial(_poca_block, rate=rate, dtype=dtype)
+    block = functools.partial(_poca_block, rate=rate, dtype=dtype)
     heads = 2 if split else None
-    return jax.vmap(per_block, in_axes=(heads, heads, 0, 0, 0, 0, None if keep is None else 0),
-                    out_axes=1)(keys, values, *_per_block(query, num_heads),
-                                *_per_block(value, num_heads), keep)
+    weights = [per_block(t, num_heads, split) for t in (*query, *value)]
+    return jax.vmap(block, in_axes=(heads, heads, 0, 0, 0, 0, None if keep is None else 0),
+                    out_axes=1)(keys, values, *weights, keep)
 
 
-def _per_block(params: tuple[Array, Array], num_heads: int) -> tuple[Array, Array]:
-    """Stored (kernel [G, Cin/G, N*K/G], bias [N*K]) -> the blocks' (kernels
-    [N, 1, Cin/G, K], biases [N, K]): with G = N a reshape, with G = 1 block h's
+def per_block(stored: Array, num_heads: int, head_split: bool) -> Array:
+    """A stored projection tensor -> its N blocks' slices on a leading axis
+    (`heads.NOAHHead.head_view`): bias [N*K] -> [N, K]; kernel [G, Cin/G, N*K/G] ->
+    [N, 1, Cin/G, K], with head_split (G = N) a reshape, without it (G = 1) block h's
     columns h*K .. h*K + K - 1 moved out."""
-    kernel, bias = params
-    groups, cin, out = kernel.shape
-    if groups == num_heads:
-        kernel = kernel.reshape(num_heads, 1, cin, out)
-    else:
-        kernel = kernel.reshape(1, cin, num_heads, out // num_heads).transpose(2, 0, 1, 3)
-    return kernel, bias.reshape(num_heads, -1)
+    if stored.ndim == 1:
+        return stored.reshape(num_heads, -1)
+    _, cin, out = stored.shape
+    if head_split:
+        return stored.reshape(num_heads, 1, cin, out)
+    return stored.reshape(1, cin, num_heads, out // num_heads).transpose(2, 0, 1, 3)
 
 
 def _poca_block(keys, values, query_kernel, query_bias, value_kernel, value_bias, keep, *,

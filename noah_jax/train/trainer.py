@@ -87,9 +87,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, abstract_stat
     run's (config.model, and `num_classes`, the dataset's). `adapt_checkpoint`: the
     model's loading quirks (`Classifier.adapt_checkpoint`), which `config.init_from`
     goes through."""
-    run = checkpoint.model_settings(
-        config.model.name, config.model.head, num_classes,
-        {k: v for k, v in config.model.overrides.to_dict().items() if v is not None})
+    run = checkpoint.model_settings(config.model.name, config.model.head, num_classes,
+                                    set_overrides(config))
     directory = os.path.join(workdir, "checkpoints")
     if checkpoint.latest_step(directory) is not None:
         with checkpoint.manager(directory, read_only=True) as mngr:

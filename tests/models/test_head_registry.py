@@ -2,6 +2,8 @@
 MlpHead) is chosen by name, takes its own settings through create_model, trains, and
 leaves when unregistered; the package's heads are found the same way."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ from noah_jax.train import optim, sharding, trainer
 from extensions import MlpHead
 
 MODEL = "deit_tiny_patch16_224"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -99,3 +102,16 @@ def test_a_head_must_declare_what_the_registry_asks():
     with pytest.raises(ValueError, match="already registered"):
         heads.register_head("noah", MlpHead)
     assert "bare" not in heads.registered_heads()
+
+
+def test_a_registered_heads_settings_are_declared_for_flags(toy_head):
+    # main.py declares every registered head's settings on the loaded recipe, so that
+    # --config.model.head=toy --config.model.overrides.hidden=8 reaches the toy head.
+    from noah_jax import cli
+
+    config = cli.load_config(f"{ROOT}/configs/vit_noah.py:demo")
+    assert config.model.overrides.hidden is None
+    assert config.model.overrides.num_heads is None
+    config.model.head, config.model.overrides.hidden = "toy", 8
+    model = trainer.build_model(config, num_classes=10)
+    assert model.head_setting("hidden") == 8
