@@ -178,6 +178,40 @@ def shardings_by_name(tree) -> dict:
                                               leaf.sharding.spec))
 
 
+def one_ulp_off(array: np.ndarray, seed=0) -> np.ndarray:
+    """`array` with every float element moved by one ulp, up or down as the random bits
+    of `seed` (anything np.random.default_rng takes) say: the smallest change there is,
+    to measure how much a computation amplifies rounding (how far its outputs move)."""
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.floating):
+        return array
+    towards = np.where(np.random.default_rng(seed).random(array.shape) < 0.5, np.inf, -np.inf)
+    return np.nextafter(array, towards.astype(array.dtype))
+
+
+def assert_equal_to_rounding(actual, expected, one_ulp_rerun, *, rtol: float,
+                             factor: float) -> None:
+    """Each float leaf of `actual` equals `expected` to `rtol` of the leaf's largest
+    value, or, where the computation amplifies rounding past that, to within `factor`
+    times the distance between `expected` and `one_ulp_rerun` (the same computation from
+    inputs one ulp off, `one_ulp_off`). A leaf-wise, not element-wise, scale: elements
+    near zero carry the same absolute noise as the rest."""
+    actual, expected = leaves_by_name(actual), leaves_by_name(expected)
+    rerun = leaves_by_name(one_ulp_rerun)
+    assert actual.keys() == expected.keys() == rerun.keys()
+    for name, want in expected.items():
+        if not np.issubdtype(want.dtype, np.floating) or want.size == 0:
+            np.testing.assert_array_equal(actual[name], want, err_msg=name)
+            continue
+        want = want.astype(np.float64)
+        error = np.abs(actual[name] - want).max()
+        rounding = np.abs(rerun[name] - want).max()
+        allowed = max(rtol * np.abs(want).max(), factor * rounding)
+        assert error <= allowed, (f"{name}: off by {error:.3g}; allowed {allowed:.3g} "
+                                  f"(largest value {np.abs(want).max():.3g}, one-ulp "
+                                  f"rerun moves it by {rounding:.3g})")
+
+
 # Small models of each family for the explanation tests (test_explain.py, test_figures.py):
 # (create_model overrides, image side). The side gives a 3x3 feature grid in every family.
 TINY_MODELS = {

@@ -8,6 +8,7 @@ the trainer builds it, must reproduce them to float noise. Every steps fixture i
 folder is tested, so new ones need no new code.
 """
 
+import functools
 import importlib
 import json
 import pathlib
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import one_ulp_off
 from noah_jax import convert
 from noah_jax.train import optim, sharding, trainer
 from noah_jax.models import create_model, model_overrides
@@ -42,6 +44,12 @@ STEP2_RTOL = 3e-3     # after step 2, which the reference itself moves by ~1e-3 
                       # one-ulp change of its weights (README) [5e-4]
 GRAD_RTOL = 1e-4      # first-step gradients, of the tensor's largest [1e-5]
 VALUE_TOL = 2e-2      # sampled values after step 2, of the tensor's largest update [5e-3]
+ROUNDING_FACTOR = 4   # ... or, where the network amplifies rounding past that (the
+ROUNDING_DRAWS = 3    # README's sensitivity), this many times our values' distance from
+                      # one of these many reruns from weights one ulp off. Measured on
+                      # ResNet-18 on an AVX2 CPU: layer3.1.bn1.bias 7.3% of its largest
+                      # update off the reference; 9 of 12 draws move ours by 7.3%-8.4%
+                      # (a branch: the other 3 by 1e-5), [1.0] times at worst
 BN_TOL = 1e-3         # running statistics, of their largest change [1.5e-5]
 EMA_TOL = 1e-6        # EMA values, of the largest value: the EMA moves by (1 - decay)
                       # of the update, below float32's resolution of the weights [6e-8]
@@ -70,12 +78,18 @@ def start_weights(meta):
     return state_dict, described["model"].removeprefix("noah_"), head
 
 
-def run_reference_steps(path: pathlib.Path, depthwise: str = "auto"):
+def run_reference_steps(path: pathlib.Path, depthwise: str = "auto",
+                        weights_one_ulp_off: int | None = None):
     """Our two steps from the fixture's weights, with the family's recipe config (and
-    the model's depthwise convolutions in the `depthwise` form, where it has some)."""
+    the model's depthwise convolutions in the `depthwise` form, where it has some).
+    ours["one_ulp_off"](draw) runs them again from weights one ulp off, each element up
+    or down as the draw's random bits say (once per draw, when asked)."""
     z, meta = load_steps(path)
     config = recipe_config(meta["recipe"])
     state_dict, model_name, head = start_weights(meta)
+    if weights_one_ulp_off is not None:
+        state_dict = {k: one_ulp_off(v, seed=[weights_one_ulp_off, i])
+                      for i, (k, v) in enumerate(state_dict.items())}
     config.model.name, config.model.head = model_name, head
     overrides = {k: v for k, v in config.model.overrides.to_dict().items() if v is not None}
     fields = model_overrides(model_name)
@@ -128,7 +142,9 @@ def run_reference_steps(path: pathlib.Path, depthwise: str = "auto"):
         after.append(torch({"params": state["params"], "batch_stats": state["batch_stats"]}))
     ours = {"w0": torch(variables), "w1": after[0], "w2": after[1], "loss": losses,
             "grad": torch({"params": first_gradient(params)}),
-            "ema": torch({"params": state["ema_params"]}) if "ema_params" in state else None}
+            "ema": torch({"params": state["ema_params"]}) if "ema_params" in state else None,
+            "one_ulp_off": functools.cache(lambda draw: run_reference_steps(
+                path, depthwise, weights_one_ulp_off=draw)[2])}
     decayed, _ = optim.decayed_names(config.optimizer.decay_rule, params, model)
     return z, meta, ours, set(decayed)
 
@@ -197,16 +213,24 @@ def test_updates_match(steps):
                                        err_msg=f"d{k}/{key}")
         index = z[f"i/{key}"]
         start = w0[key].reshape(-1)[index].astype(np.float64)
-        ours_moved = ours["w2"][key].reshape(-1)[index] - start
-        reference_moved = z[f"s/{key}"] - start
+        keep = slice(None)
         if meta["optimizer"] == "adamw" and f"gs/{key}" in z:
             # Adam's step is sign-like: an element whose gradient is noise next to its
             # tensor's largest (a bias partly cancelled by a softmax) moves arbitrarily.
             gradient = np.abs(z[f"gs/{key}"])
             keep = gradient >= ELEMENT_NOISE * gradient.max()
-            ours_moved, reference_moved = ours_moved[keep], reference_moved[keep]
-        error = np.abs(ours_moved - reference_moved).max()
-        assert error <= VALUE_TOL * np.abs(reference_moved).max(), key
+        ours_after = ours["w2"][key].reshape(-1)[index][keep]
+        reference_moved = (z[f"s/{key}"] - start)[keep]
+        error = np.abs(ours_after - start[keep] - reference_moved).max()
+        allowed = VALUE_TOL * np.abs(reference_moved).max()
+        # Past that, the difference is rounding if our own steps from weights one ulp
+        # off move as far (e.g. BatchNorm over a few 4x4 maps, on some CPUs).
+        for draw in range(ROUNDING_DRAWS):
+            if error <= allowed:
+                break
+            rerun_after = ours["one_ulp_off"](draw)["w2"][key].reshape(-1)[index][keep]
+            allowed = max(allowed, ROUNDING_FACTOR * np.abs(rerun_after - ours_after).max())
+        assert error <= allowed, (key, error, allowed)
         checked += 1
     assert checked >= 0.9 * len([k for k in w0 if f"d1/{k}" in z])
 
