@@ -20,8 +20,10 @@ read from its headers (`within_pixel_limit`), and one of more than
 `Preprocess.max_image_pixels` pixels (dataset.max_image_pixels) is never decoded. In
 training it is dropped from every epoch: whether an image is dropped depends on its
 bytes alone, so every epoch and every resumed run drops the same ones. Their number,
-needed for the epoch length below, is counted when the pipeline is built, by a pass
-over the process's records that reads headers only. In evaluation its row becomes
+needed for the epoch length below, comes from the source's record index when it has
+one (`noah_jax.data.record_index`: the TFDS source reads each record's headers once
+per prepared dataset), else from a pass over the process's records, headers only,
+when the pipeline is built. In evaluation its row becomes
 padding (mask 0), so every process still runs the same number of batches, the
 metrics' count is the number of images actually scored, and `eval_numpy` logs how
 many were left out.
@@ -178,6 +180,12 @@ def image_shape_from_header(encoded: tf.Tensor) -> tf.Tensor:
     return tf.stack([height, width])
 
 
+def image_pixels_from_header(encoded: tf.Tensor) -> tf.Tensor:
+    """int64: the pixels decoding `encoded` takes (every frame of a GIF), read from its
+    headers alone; 0 for bytes of no known format."""
+    return _size_from_header(encoded)[2]
+
+
 def within_pixel_limit(encoded: tf.Tensor, max_pixels: int) -> tf.Tensor:
     """bool: decoding `encoded` takes at most `max_pixels` pixels (always True for
     max_pixels = 0, no limit), judged from its headers without decoding it. A GIF
@@ -185,7 +193,7 @@ def within_pixel_limit(encoded: tf.Tensor, max_pixels: int) -> tf.Tensor:
     pass: decoding them fails on its own."""
     if max_pixels <= 0:
         return tf.constant(True)
-    return _size_from_header(encoded)[2] <= max_pixels
+    return image_pixels_from_header(encoded) <= max_pixels
 
 
 def _squash(image: tf.Tensor, size: int, method: str, seed=None) -> tf.Tensor:
@@ -266,7 +274,8 @@ def _count_over_limit(datasets: Sequence[tf.data.Dataset], parse: Parse,
 def train_dataset(pieces: Sequence[tuple[tf.data.Dataset, int]], parse: Parse,
                   p: Preprocess, *, seed: int, process_index: int, start_step: int,
                   local_batch_size: int, num_classes: int, shuffle_buffer: int,
-                  check_pixels: bool = True) -> tf.data.Dataset:
+                  check_pixels: bool = True, over_limit: int | None = None
+                  ) -> tf.data.Dataset:
     """This process's endless training batches {'image' f32 [b,S,S,3], 'label'}.
 
     `pieces`: the process's shard as (records in a fixed order, their exact count)
@@ -274,6 +283,8 @@ def train_dataset(pieces: Sequence[tuple[tf.data.Dataset, int]], parse: Parse,
     (multi-label, or mixed targets when mixup/cutmix is on). `check_pixels=False`:
     the source has checked every image against p.max_image_pixels already (the
     folder source, when it is built), so nothing is counted or dropped here.
+    `over_limit`: how many of the pieces' records are over p.max_image_pixels, where
+    the source knows (its `record_index`); None counts them here, reading every one.
     """
     pieces = [(ds, int(n)) for ds, n in pieces if n > 0]
     num_records = sum(n for _, n in pieces)
@@ -287,7 +298,12 @@ def train_dataset(pieces: Sequence[tuple[tf.data.Dataset, int]], parse: Parse,
                           f"batch; the per-process batch {local_batch_size} must be even")
     datasets = [ds for ds, _ in pieces]
     drop_large = check_pixels and p.max_image_pixels > 0
-    too_large = _count_over_limit(datasets, parse, p.max_image_pixels) if drop_large else 0
+    if not drop_large:
+        too_large = 0
+    elif over_limit is not None:
+        too_large = int(over_limit)
+    else:
+        too_large = _count_over_limit(datasets, parse, p.max_image_pixels)
     if too_large == num_records:  # else the endless stream would spin on empty epochs
         raise DataError(f"all {num_records} training images of process {process_index} "
                         f"have more than dataset.max_image_pixels={p.max_image_pixels} "

@@ -11,13 +11,14 @@ annotated (COCO: crowd annotations included; VOC: objects marked difficult inclu
 i.e. the `labels` feature). Images with no annotated object carry no positive label;
 with `dataset.drop_unlabeled` (the default) they are left out of both training and
 evaluation, as ML-GCN / ASL do (COCO 2017: 1,021 of 118,287 train and 48 of 5,000
-val images). Leaving them out needs their count per process shard, which is taken
-once with a labels-only pass (no image decoding) over the shard. The training
-duration in epochs counts the split's full size from the TFDS metadata.
+val images). Leaving them out needs their count per process shard, which comes from
+the prepared dataset's record index (`noah_jax.data.record_index`: each record's
+label count and image size, read once per prepared dataset, no image decoded). The
+training duration in epochs counts the split's full size from the TFDS metadata.
 
 Images with more than dataset.max_image_pixels pixels (read from their headers) are
-never decoded: training leaves them out (counted per process shard by a header pass
-when the training pipeline is built, so that resumption stays exact), evaluation
+never decoded: training leaves them out (counted per process shard from the record
+index, so that resumption stays exact), evaluation
 masks them out and logs how many; `noah_jax.data.pipeline` explains both. The sizes
 from the TFDS metadata (`num_train_examples`, `num_eval_examples`) still count them.
 
@@ -35,13 +36,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
-from noah_jax.data import pipeline
+from noah_jax.data import pipeline, record_index
 from noah_jax.data.base import CLASS_IDS, MULTI_HOT, Batch
 from noah_jax.errors import DataError, UserError
 
@@ -164,7 +167,9 @@ def make_parse(spec: DatasetSpec, num_classes: int) -> pipeline.Parse:
 
 
 class _Split:
-    """One TFDS split as sharded records, with per-shard sizes (filtered if asked)."""
+    """One TFDS split as sharded records, with per-shard sizes (filtered if asked) and
+    counts of images over a pixel limit, both from the prepared dataset's record index
+    where the split is one contiguous range of a TFDS split (`record_index`)."""
 
     def __init__(self, builder, split: str, spec: DatasetSpec, drop_unlabeled: bool):
         self.builder, self.split, self.spec = builder, split, spec
@@ -174,6 +179,53 @@ class _Split:
         except (KeyError, ValueError) as e:
             raise DataError(f"{builder.name} has no split {split!r}; its splits: "
                             f"{', '.join(builder.info.splits)}") from e
+        self._indexes: dict[str, record_index.RecordIndex] = {}
+
+    def _range(self, split) -> tuple[str, int, int] | None:
+        """(TFDS split, start, stop) of `split` (a name, a slice or an even part of
+        one), or None where it is not one contiguous range."""
+        instruction = (split if hasattr(split, "to_absolute")
+                       else tfds.core.ReadInstruction.from_spec(str(split)))
+        ranges = instruction.to_absolute(self.builder.info.splits)
+        if len(ranges) != 1:
+            return None
+        name, start, stop = ranges[0].splitname, ranges[0].from_, ranges[0].to
+        size = self.builder.info.splits[name].num_examples
+        return name, int(start or 0), int(size if stop is None else stop)
+
+    def _facts(self, split) -> dict[str, np.ndarray] | None:
+        """`record_index` facts of the records of `split`, or None (not a range)."""
+        where = self._range(split)
+        if where is None:
+            return None
+        name, start, stop = where
+        if name not in self._indexes:
+            info = self.builder.info.splits[name]
+            folder = f"{name}-{record_index.fingerprint(info.shard_lengths, info.num_bytes)}"
+            self._indexes[name] = record_index.RecordIndex(
+                os.path.join(str(self.builder.data_dir), record_index.FOLDER, folder),
+                functools.partial(self._index_records, name))
+        return self._indexes[name].get(start, stop)
+
+    def _index_records(self, name: str, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Each record's pixels (from its image's headers) and number of label ids: one
+        pass over the records [start, stop) of split `name`, decoding no image."""
+        logging.info("%s %s: indexing records [%d, %d) (once per prepared dataset: "
+                     "image headers and labels)", self.builder.name, name, start, stop)
+        ds = self.builder.as_dataset(
+            split=f"{name}[{start}:{stop}]", shuffle_files=False,
+            decoders=tfds.decode.PartialDecoding(
+                {"image": True, **_label_features(self.spec)},
+                decoders={"image": tfds.decode.SkipDecoding()}),
+            read_config=tfds.ReadConfig(try_autocache=False))
+        ds = ds.map(lambda r: (pipeline.image_pixels_from_header(r["image"]),
+                               tf.size(_label_ids(self.spec, r), tf.int32)),
+                    num_parallel_calls=tf.data.AUTOTUNE).batch(65536)
+        pixels, labels = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
+        for p, n in ds.as_numpy_iterator():
+            pixels.append(p)
+            labels.append(n)
+        return {"pixels": np.concatenate(pixels), "labels": np.concatenate(labels)}
 
     def shard(self, process_index: int, process_count: int):
         return tfds.split_for_jax_process(self.split, process_index=process_index,
@@ -202,15 +254,39 @@ class _Split:
         the split evenly divided into process_count * num_pieces contiguous parts, of
         which process p takes parts p, p + P, p + 2P, ... (so process shares differ by
         at most one record; the count is capped so that no part is empty)."""
+        return [(self._read(part, self._features), self._count(part))
+                for part in self._pieces(process_index, process_count, num_pieces)]
+
+    def _pieces(self, process_index: int, process_count: int, num_pieces: int) -> list:
         num_pieces = max(1, min(num_pieces, self.raw_size // max(process_count, 1)))
         parts = tfds.even_splits(self.split, n=process_count * num_pieces)
-        mine = parts[process_index::process_count]
-        return [(self._read(part, self._features), self._count(part)) for part in mine]
+        return parts[process_index::process_count]
+
+    def over_limit(self, process_index: int, process_count: int, num_pieces: int,
+                   max_pixels: int) -> int | None:
+        """How many of this process's training records (those `pieces` reads) hold an
+        image of more than `max_pixels` pixels, from the record index; None where
+        the split is no single range (the pipeline then counts them itself)."""
+        if max_pixels <= 0:
+            return 0
+        total = 0
+        for part in self._pieces(process_index, process_count, num_pieces):
+            facts = self._facts(part)
+            if facts is None:
+                return None
+            over = facts["pixels"] > max_pixels
+            if self.drop_unlabeled:
+                over &= facts["labels"] > 0
+            total += int(over.sum())
+        return total
 
     @functools.lru_cache(maxsize=256)
     def _count(self, split) -> int:
         if not self.drop_unlabeled:
             return self.builder.info.splits[split].num_examples
+        facts = self._facts(split)
+        if facts is not None:
+            return int((facts["labels"] > 0).sum())
         ds = self._read(split, _label_features(self.spec))
         return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
 
@@ -291,7 +367,10 @@ class TfdsSource:
             self._parse, self._preprocess,
             seed=self.seed, process_index=process_index, start_step=start_step,
             local_batch_size=local_batch_size, num_classes=self.num_classes,
-            shuffle_buffer=self._shuffle_buffer)
+            shuffle_buffer=self._shuffle_buffer,
+            over_limit=self._train.over_limit(process_index, process_count,
+                                              self._shuffle_pieces,
+                                              self._preprocess.max_image_pixels))
         return pipeline.as_numpy(ds)
 
     def eval_batches(self, *, local_batch_size: int, process_index: int,
