@@ -100,9 +100,14 @@ def check(name: str, data_dir: str, manual_dir: str, spec: tfds_source.DatasetSp
             "(--skip_disk_check to try anyway)")
 
 
-def prepare(name: str, data_dir: str, manual_dir: str, *, skip_disk_check: bool = False
-            ) -> str:
-    """Builds `name` in `data_dir` unless it is already there; returns what was done."""
+FILE_FORMATS = ("tfrecord", "array_record")
+
+
+def prepare(name: str, data_dir: str, manual_dir: str, *, skip_disk_check: bool = False,
+            file_format: str = "tfrecord") -> str:
+    """Builds `name` in `data_dir` unless it is already there; returns what was done.
+    `file_format`: TFRecord files (read in sequence by tf.data) or ArrayRecord files
+    (read by record index: training starts and resumes without reading ahead)."""
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core.download import download_manager
 
@@ -114,9 +119,19 @@ def prepare(name: str, data_dir: str, manual_dir: str, *, skip_disk_check: bool 
         spec = tfds_source.spec_for(name, data_dir)
     except ValueError as e:
         raise PrepareError(str(e)) from None
+    if file_format not in FILE_FORMATS:
+        raise PrepareError(f"--file_format={file_format!r}: choose one of "
+                           f"{', '.join(FILE_FORMATS)}")
     builder = tfds.builder(name, data_dir=data_dir)
     if tfds_source.is_prepared(builder):
-        return f"{name}: already prepared in {builder.data_dir}"
+        had = builder.info.file_format.value
+        if had != file_format:
+            raise PrepareError(
+                f"{name} is prepared in {builder.data_dir} as {had} files; a dataset "
+                f"folder holds one format: prepare the {file_format} copy in another "
+                f"--data_dir, or run without --file_format={file_format}")
+        return f"{name}: already prepared in {builder.data_dir} ({had})"
+    builder = tfds.builder(name, data_dir=data_dir, file_format=file_format)
     check(name, data_dir, manual_dir, spec, disk=not skip_disk_check)
     print(f"preparing {name} in {data_dir} from {manual_dir}"
           + (f" ({spec.disk})" if spec.disk else ""), flush=True)
@@ -140,7 +155,7 @@ def prepare(name: str, data_dir: str, manual_dir: str, *, skip_disk_check: bool 
     splits = ", ".join(f"{split} {info.num_examples:,}"
                        for split, info in builder.info.splits.items())
     return (f"{name}: prepared in {builder.data_dir} in {time.time() - start:.0f} s "
-            f"({splits} examples)")
+            f"({splits} examples, {file_format})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manual_dir", default="",
                         help="where the manually downloaded archives lie "
                              "(default: DATA_DIR/downloads/manual)")
+    parser.add_argument("--file_format", default="tfrecord", choices=FILE_FORMATS,
+                        help="tfrecord (read in sequence) or array_record (read by index: "
+                             "a start or resume reads no record before its position); "
+                             "default: %(default)s")
     parser.add_argument("--skip_disk_check", action="store_true",
                         help="build even if the disk looks too small")
     args = parser.parse_args(argv)
@@ -163,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     manual_dir = _local(args.manual_dir or tfds_source.default_manual_dir(data_dir))
     for name in args.names:
         try:
-            print(prepare(name, data_dir, manual_dir, skip_disk_check=args.skip_disk_check),
-                  flush=True)
+            print(prepare(name, data_dir, manual_dir, skip_disk_check=args.skip_disk_check,
+                          file_format=args.file_format), flush=True)
         except PrepareError as e:
             print(f"{parser.prog}: error: {e}", file=sys.stderr)
             return 1

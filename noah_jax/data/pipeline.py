@@ -317,8 +317,6 @@ def train_dataset(pieces: Sequence[tuple[tf.data.Dataset, int]], parse: Parse,
     first_epoch, skip = divmod(first, epoch_length)
     shuffle_key = _seed_int(seed, _SHUFFLE_TAG, process_index)
     order_key = _seed_int(seed, _ORDER_TAG, process_index)
-    example_key = _seed_int(seed, _EXAMPLE_TAG, process_index)
-    mix_key = _seed_int(seed, _MIX_TAG, process_index)
     buffer = max(1, min(shuffle_buffer, num_records))
     piece_of_record = np.repeat(np.arange(len(pieces), dtype=np.int64), [n for _, n in pieces])
 
@@ -346,6 +344,19 @@ def train_dataset(pieces: Sequence[tuple[tf.data.Dataset, int]], parse: Parse,
 
     ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch)
     ds = ds.skip(skip).enumerate(start=first)
+    return _examples_to_batches(ds, parse, p, seed=seed, process_index=process_index,
+                                start_step=start_step, local_batch_size=local_batch_size,
+                                num_classes=num_classes)
+
+
+def _examples_to_batches(ds: tf.data.Dataset, parse: Parse, p: Preprocess, *, seed: int,
+                         process_index: int, start_step: int, local_batch_size: int,
+                         num_classes: int) -> tf.data.Dataset:
+    """(stream position, record) pairs, the first at position start_step * batch ->
+    decoded, augmented, batched and mixed training batches. The randomness of each
+    example and batch comes from its position and step alone."""
+    example_key = _seed_int(seed, _EXAMPLE_TAG, process_index)
+    mix_key = _seed_int(seed, _MIX_TAG, process_index)
 
     def example(position, record):
         encoded, label = parse(record)
@@ -369,6 +380,73 @@ def train_dataset(pieces: Sequence[tuple[tf.data.Dataset, int]], parse: Parse,
 
         ds = ds.enumerate(start=start_step).map(mix, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+# Records read by index at a time: one call into the reader (which reads them in
+# parallel, outside Python's lock) per this many records.
+READ_CHUNK = 128
+
+
+def records_by_index(indices: tf.data.Dataset, read: Callable[[np.ndarray], np.ndarray],
+                     deserialize: Callable[[tf.Tensor], dict]) -> tf.data.Dataset:
+    """The records at `indices` (a dataset of int64 record indices), in that order:
+    `read` maps an array of indices to their serialized records, `deserialize` one
+    serialized record to its features."""
+    def read_chunk(chunk):
+        serialized = tf.numpy_function(read, [chunk], tf.string, stateful=False)
+        serialized.set_shape([None])
+        return serialized
+
+    ds = indices.batch(READ_CHUNK).map(read_chunk, num_parallel_calls=tf.data.AUTOTUNE,
+                                       deterministic=True)
+    return ds.unbatch().map(deserialize, num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=True)
+
+
+def random_access_train_dataset(kept: np.ndarray, read: Callable[[np.ndarray], np.ndarray],
+                                deserialize: Callable[[tf.Tensor], dict], parse: Parse,
+                                p: Preprocess, *, seed: int, process_index: int,
+                                start_step: int, local_batch_size: int, num_classes: int
+                                ) -> tf.data.Dataset:
+    """This process's endless training batches, as `train_dataset`'s, from records read
+    by index: `kept` holds the indices of the process's records that are trained on
+    (within the pixel limit, labelled where that is asked), `read` and `deserialize`
+    are `records_by_index`'s.
+
+    Epoch e visits the kept records in a random permutation of its own (a stateless
+    index shuffle seeded from (seed, p, e)), each `repeats` times in a row, so stream
+    position k maps to its record by arithmetic: a run resumed at step s starts at
+    position s * b and reads nothing before it, and sees exactly the batches an
+    uninterrupted run would.
+    """
+    kept = np.asarray(kept, np.int64)
+    if kept.size < 1:
+        raise DataError(f"process {process_index} has no training records within "
+                        f"dataset.max_image_pixels={p.max_image_pixels}")
+    if start_step < 0 or local_batch_size < 1:
+        raise ValueError(f"need start_step >= 0 and local_batch_size >= 1, got "
+                         f"{start_step}, {local_batch_size}")
+    if p.mixes and local_batch_size % 2:
+        raise ConfigError(f"mixup/cutmix pairs each example with its mirror in the "
+                          f"batch; the per-process batch {local_batch_size} must be even")
+    epoch_length = kept.size * p.repeats
+    shuffle_key = _seed_int(seed, _SHUFFLE_TAG, process_index)
+    records = tf.constant(kept)
+
+    def record_at(position):
+        epoch, offset = position // epoch_length, position % epoch_length
+        slot = tf.random.experimental.index_shuffle(
+            offset // p.repeats, tf.stack([tf.constant(shuffle_key, tf.int64), epoch]),
+            tf.constant(kept.size - 1, tf.int64))
+        return tf.gather(records, slot)
+
+    first = start_step * local_batch_size
+    positions = tf.data.Dataset.range(first, np.iinfo(np.int64).max)
+    indices = positions.map(record_at, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = tf.data.Dataset.zip(positions, records_by_index(indices, read, deserialize))
+    return _examples_to_batches(ds, parse, p, seed=seed, process_index=process_index,
+                                start_step=start_step, local_batch_size=local_batch_size,
+                                num_classes=num_classes)
 
 
 def eval_dataset(records: tf.data.Dataset, num_records: int, parse: Parse, p: Preprocess, *,

@@ -212,12 +212,16 @@ class _Split:
         pass over the records [start, stop) of split `name`, decoding no image."""
         logging.info("%s %s: indexing records [%d, %d) (once per prepared dataset: "
                      "image headers and labels)", self.builder.name, name, start, stop)
-        ds = self.builder.as_dataset(
-            split=f"{name}[{start}:{stop}]", shuffle_files=False,
-            decoders=tfds.decode.PartialDecoding(
-                {"image": True, **_label_features(self.spec)},
-                decoders={"image": tfds.decode.SkipDecoding()}),
-            read_config=tfds.ReadConfig(try_autocache=False))
+        features = {"image": True, **_label_features(self.spec)}
+        if self.random_access:
+            ds = pipeline.records_by_index(tf.data.Dataset.range(start, stop),
+                                           self.read_serialized, self.deserialize(features))
+        else:
+            ds = self.builder.as_dataset(
+                split=f"{name}[{start}:{stop}]", shuffle_files=False,
+                decoders=tfds.decode.PartialDecoding(
+                    features, decoders={"image": tfds.decode.SkipDecoding()}),
+                read_config=tfds.ReadConfig(try_autocache=False))
         ds = ds.map(lambda r: (pipeline.image_pixels_from_header(r["image"]),
                                tf.size(_label_ids(self.spec, r), tf.int32)),
                     num_parallel_calls=tf.data.AUTOTUNE).batch(65536)
@@ -231,21 +235,60 @@ class _Split:
         return tfds.split_for_jax_process(self.split, process_index=process_index,
                                           process_count=process_count)
 
+    @property
+    def random_access(self) -> bool:
+        """Whether the dataset was prepared as ArrayRecord files (prepare
+        --file_format=array_record), which are read by record index."""
+        return self.builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+
+    @functools.cached_property
+    def _data_source(self):
+        """The split's records by index, as serialized bytes (ArrayRecord only)."""
+        name = self._range(self.split)[0]
+        return self.builder.as_data_source(
+            split=name, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+
+    def read_serialized(self, indices: np.ndarray) -> np.ndarray:
+        """The serialized records at `indices` of the split's TFDS split (ArrayRecord)."""
+        return np.asarray(self._data_source.__getitems__(indices.tolist()), dtype=object)
+
+    def deserialize(self, features: dict):
+        """serialized record -> the record's `features` (images left encoded)."""
+        decoding = tfds.decode.PartialDecoding(
+            features, decoders={"image": tfds.decode.SkipDecoding()} if "image" in features
+            else None)
+        chosen = decoding.extract_features(self.builder.info.features)
+        return functools.partial(chosen.deserialize_example, decoders=decoding.decoders)
+
     def _read(self, shard, features: dict) -> tf.data.Dataset:
-        decoders = {"image": tfds.decode.SkipDecoding()} if "image" in features else None
-        ds = self.builder.as_dataset(
-            split=shard, shuffle_files=False,
-            decoders=tfds.decode.PartialDecoding(features, decoders=decoders),
-            read_config=tfds.ReadConfig(try_autocache=False))
+        if self.random_access:
+            ds = self._read_by_index(shard, features)
+        else:
+            decoders = {"image": tfds.decode.SkipDecoding()} if "image" in features else None
+            ds = self.builder.as_dataset(
+                split=shard, shuffle_files=False,
+                decoders=tfds.decode.PartialDecoding(features, decoders=decoders),
+                read_config=tfds.ReadConfig(try_autocache=False))
         if self.drop_unlabeled:
             ds = ds.filter(lambda r: tf.size(_label_ids(self.spec, r)) > 0)
         return ds
 
+    def _read_by_index(self, split, features: dict) -> tf.data.Dataset:
+        """The records of `split` (one range) in order, from the ArrayRecord files."""
+        where = self._range(split)
+        if where is None:
+            raise DataError(f"{split} of {self.builder.name} is not one range of records, "
+                            "which an ArrayRecord dataset needs")
+        _, start, stop = where
+        return pipeline.records_by_index(
+            tf.data.Dataset.range(start, stop), self.read_serialized,
+            self.deserialize(features))
+
     def records(self, process_index: int, process_count: int) -> tf.data.Dataset:
-        return self._read(self.shard(process_index, process_count), self._features)
+        return self._read(self.shard(process_index, process_count), self.features)
 
     @property
-    def _features(self) -> dict:
+    def features(self) -> dict:
         return {"image": True, **_label_features(self.spec)}
 
     def pieces(self, process_index: int, process_count: int, num_pieces: int
@@ -254,7 +297,7 @@ class _Split:
         the split evenly divided into process_count * num_pieces contiguous parts, of
         which process p takes parts p, p + P, p + 2P, ... (so process shares differ by
         at most one record; the count is capped so that no part is empty)."""
-        return [(self._read(part, self._features), self._count(part))
+        return [(self._read(part, self.features), self._count(part))
                 for part in self._pieces(process_index, process_count, num_pieces)]
 
     def _pieces(self, process_index: int, process_count: int, num_pieces: int) -> list:
@@ -279,6 +322,22 @@ class _Split:
                 over &= facts["labels"] > 0
             total += int(over.sum())
         return total
+
+    def kept(self, process_index: int, process_count: int, max_pixels: int) -> np.ndarray:
+        """The indices (in the TFDS split) of this process's training records that are
+        trained on: its contiguous shard, less images over `max_pixels` (0: no limit)
+        and, with drop_unlabeled, images without a label. From the record index."""
+        shard = self.shard(process_index, process_count)
+        facts = self._facts(shard)
+        if facts is None:
+            raise DataError(f"{self.split} of {self.builder.name} is not one range of "
+                            "records, which an ArrayRecord dataset needs")
+        keep = np.ones(len(facts["pixels"]), bool)
+        if max_pixels > 0:
+            keep &= facts["pixels"] <= max_pixels
+        if self.drop_unlabeled:
+            keep &= facts["labels"] > 0
+        return self._range(shard)[1] + np.flatnonzero(keep)
 
     @functools.lru_cache(maxsize=256)
     def _count(self, split) -> int:
@@ -362,6 +421,15 @@ class TfdsSource:
 
     def train_batches(self, *, start_step: int, local_batch_size: int, process_index: int,
                       process_count: int) -> Iterator[Batch]:
+        if self._train.random_access:
+            ds = pipeline.random_access_train_dataset(
+                self._train.kept(process_index, process_count,
+                                 self._preprocess.max_image_pixels),
+                self._train.read_serialized, self._train.deserialize(self._train.features),
+                self._parse, self._preprocess, seed=self.seed, process_index=process_index,
+                start_step=start_step, local_batch_size=local_batch_size,
+                num_classes=self.num_classes)
+            return pipeline.as_numpy(ds)
         ds = pipeline.train_dataset(
             self._train.pieces(process_index, process_count, self._shuffle_pieces),
             self._parse, self._preprocess,
