@@ -45,10 +45,13 @@ processes competing for the same cores lower it.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -158,9 +161,70 @@ def build_dataset(recipe: str, records: tf.data.Dataset, num_records: int, *,
     return ds
 
 
-def measure(ds: tf.data.Dataset, *, warmup: int, batches: int, batch_size: int) -> float:
-    """Images/s while drawing `batches` numpy batches after `warmup` untimed ones."""
-    iterator = pipeline.as_numpy(ds)
+_PREPARED: dict = {}  # what the builder below writes: "encoded", "labels"
+
+
+@functools.cache
+def _builder_class():
+    import tensorflow_datasets as tfds
+
+    class InputPipelineImages(tfds.core.GeneratorBasedBuilder):
+        """The synthetic JPEGs of this benchmark as a TFDS dataset."""
+
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES)}))
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, (image, label) in enumerate(zip(_PREPARED["encoded"], _PREPARED["labels"])):
+                yield i, {"image": image, "label": int(label)}
+
+    return InputPipelineImages
+
+
+def prepare_files(encoded: list[bytes], labels: np.ndarray, root: str, file_format: str
+                  ) -> str:
+    """The JPEGs written by the TFDS writer in `file_format` under `root`; the data_dir."""
+    import tensorflow_datasets as tfds
+    _PREPARED.update(encoded=encoded, labels=labels)
+    data_dir = os.path.join(root, file_format)
+    _builder_class()
+    tfds.builder("input_pipeline_images", data_dir=data_dir, file_format=file_format
+                 ).download_and_prepare(download_config=tfds.download.DownloadConfig(
+                     compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    return data_dir
+
+
+def file_batches(recipe: str, data_dir: str, num_records: int, batch_size: int):
+    """The training batches of `recipe`'s config read from the prepared files, through
+    the source the trainer builds (`noah_jax.data.get_source`): TFRecord files by
+    tf.data in sequence, ArrayRecord files by record index."""
+    from noah_jax.data import get_source
+    config = importlib.import_module(f"configs.{RECIPE_CONFIGS[recipe]}").get_config()
+    config.dataset.name = "input_pipeline_images"
+    config.dataset.data_dir = data_dir
+    config.dataset.num_classes = NUM_CLASSES
+    config.dataset.image_size = IMAGE_SIZE
+    config.dataset.shuffle_buffer = num_records
+    config.dataset.eval_split = "train"  # the only split; only training is read here
+    config = input_preprocessing.resolve(config)
+    source = get_source(config.dataset, seed=0, augment=config.augment,
+                        label_smoothing=config.label_smoothing)
+    return source.train_batches(start_step=0, local_batch_size=batch_size, process_index=0,
+                                process_count=1)
+
+
+def measure(ds, *, warmup: int, batches: int, batch_size: int) -> float:
+    """Images/s while drawing `batches` numpy batches after `warmup` untimed ones; `ds`:
+    a tf.data dataset or an iterator of numpy batches."""
+    iterator = pipeline.as_numpy(ds) if isinstance(ds, tf.data.Dataset) else iter(ds)
     for _ in range(warmup):
         batch = next(iterator)
     start = time.perf_counter()
@@ -179,11 +243,20 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def markdown_table(results: dict[str, float], cores: int) -> str:
-    lines = ["| pipeline | images/s | images/s/core |", "|---|---:|---:|"]
-    for recipe, rate in results.items():
-        lines.append(f"| {DESCRIPTIONS[recipe]} | {rate:.1f} | {rate / cores:.1f} |")
+def markdown_table(results: dict[tuple[str, str], float], cores: int) -> str:
+    """Rows: recipes; columns: images/s (and per core) of each way of reading."""
+    reads = list(dict.fromkeys(read for read, _ in results))
+    recipes = list(dict.fromkeys(recipe for _, recipe in results))
+    head = " | ".join(f"{READS[r]} images/s (/core)" for r in reads)
+    lines = [f"| pipeline | {head} |", "|---|" + "---:|" * len(reads)]
+    for recipe in recipes:
+        cells = [f"{results[r, recipe]:.1f} ({results[r, recipe] / cores:.1f})"
+                 if (r, recipe) in results else "-" for r in reads]
+        lines.append(f"| {DESCRIPTIONS[recipe]} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+READS = {"memory": "in memory", "tfrecord": "TFRecord files", "array_record": "ArrayRecord files"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -203,6 +276,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "(and intra-op parallelism 1); per-core figures then divide "
                              "by it")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images")
+    parser.add_argument("--reads", default=",".join(READS),
+                        help="memory (records handed to pipeline.train_dataset from memory), "
+                             "tfrecord and array_record (the JPEGs prepared as a TFDS dataset "
+                             "in that format, read by the trainer's own source; train "
+                             "recipes only); comma-separated, default: %(default)s")
     args = parser.parse_args(argv)
 
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -216,6 +294,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("mixup/cutmix recipes need an even --batch_size")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
+    reads = [r.strip() for r in args.reads.split(",") if r.strip()]
+    if not reads or set(reads) - set(READS):
+        parser.error(f"--reads: choose from {list(READS)}")
+    if args.threads is not None and reads != ["memory"]:
+        parser.error("--threads caps the in-memory pipelines only: add --reads=memory")
 
     machine_cores = available_cores()
     cores = args.threads if args.threads is not None else machine_cores
@@ -229,14 +312,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         {"image": tf.constant(encoded, tf.string), "label": tf.constant(labels)})
 
     results = {}
-    for recipe in recipes:
-        ds = build_dataset(recipe, records, args.num_images, batch_size=args.batch_size,
-                           total_batches=args.warmup + args.batches, threads=args.threads)
-        rate = measure(ds, warmup=args.warmup, batches=args.batches,
-                       batch_size=args.batch_size)
-        results[recipe] = rate
-        print(f"{recipe:6s} {rate:8.1f} images/s  {rate / cores:7.1f} images/s/core  "
-              f"({DESCRIPTIONS[recipe]})", flush=True)
+    root = tempfile.mkdtemp(prefix="input_pipeline_")
+    try:
+        for read in reads:
+            if read != "memory":
+                began = time.perf_counter()
+                data_dir = prepare_files(encoded, labels, root, read)
+                print(f"prepared them as {read} files in {time.perf_counter() - began:.1f}s")
+            for recipe in recipes:
+                if read == "memory":
+                    ds = build_dataset(recipe, records, args.num_images,
+                                       batch_size=args.batch_size,
+                                       total_batches=args.warmup + args.batches,
+                                       threads=args.threads)
+                elif recipe == "eval":
+                    continue
+                else:
+                    ds = file_batches(recipe, data_dir, args.num_images, args.batch_size)
+                rate = measure(ds, warmup=args.warmup, batches=args.batches,
+                               batch_size=args.batch_size)
+                results[read, recipe] = rate
+                print(f"{read:12s} {recipe:6s} {rate:8.1f} images/s  {rate / cores:7.1f} "
+                      f"images/s/core  ({DESCRIPTIONS[recipe]})", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
     per_core = (f"{cores} tf.data threads (--threads)" if args.threads is not None
                 else f"{cores} cores")

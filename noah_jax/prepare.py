@@ -103,11 +103,19 @@ def check(name: str, data_dir: str, manual_dir: str, spec: tfds_source.DatasetSp
 FILE_FORMATS = ("tfrecord", "array_record")
 
 
+def default_file_format(data_dir: str) -> str:
+    """ArrayRecord on a file system (benchmarks/results/start_time: a start or resume
+    costs the same at any dataset size and step), TFRecord in a gs:// bucket, which
+    the array_record reader cannot open (google/array_record#120) and tf.data streams."""
+    return "tfrecord" if data_dir.startswith("gs://") else "array_record"
+
+
 def prepare(name: str, data_dir: str, manual_dir: str, *, skip_disk_check: bool = False,
-            file_format: str = "tfrecord") -> str:
+            file_format: str | None = None) -> str:
     """Builds `name` in `data_dir` unless it is already there; returns what was done.
     `file_format`: TFRecord files (read in sequence by tf.data) or ArrayRecord files
-    (read by record index: training starts and resumes without reading ahead)."""
+    (read by record index: training starts and resumes without reading ahead); None:
+    `default_file_format(data_dir)`, or the format of a dataset already there."""
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core.download import download_manager
 
@@ -119,18 +127,19 @@ def prepare(name: str, data_dir: str, manual_dir: str, *, skip_disk_check: bool 
         spec = tfds_source.spec_for(name, data_dir)
     except ValueError as e:
         raise PrepareError(str(e)) from None
-    if file_format not in FILE_FORMATS:
+    if file_format is not None and file_format not in FILE_FORMATS:
         raise PrepareError(f"--file_format={file_format!r}: choose one of "
                            f"{', '.join(FILE_FORMATS)}")
     builder = tfds.builder(name, data_dir=data_dir)
     if tfds_source.is_prepared(builder):
         had = builder.info.file_format.value
-        if had != file_format:
+        if file_format is not None and had != file_format:
             raise PrepareError(
                 f"{name} is prepared in {builder.data_dir} as {had} files; a dataset "
                 f"folder holds one format: prepare the {file_format} copy in another "
                 f"--data_dir, or run without --file_format={file_format}")
         return f"{name}: already prepared in {builder.data_dir} ({had})"
+    file_format = file_format or default_file_format(data_dir)
     builder = tfds.builder(name, data_dir=data_dir, file_format=file_format)
     check(name, data_dir, manual_dir, spec, disk=not skip_disk_check)
     print(f"preparing {name} in {data_dir} from {manual_dir}"
@@ -171,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manual_dir", default="",
                         help="where the manually downloaded archives lie "
                              "(default: DATA_DIR/downloads/manual)")
-    parser.add_argument("--file_format", default="tfrecord", choices=FILE_FORMATS,
-                        help="tfrecord (read in sequence) or array_record (read by index: "
-                             "a start or resume reads no record before its position); "
-                             "default: %(default)s")
+    parser.add_argument("--file_format", default=None, choices=FILE_FORMATS,
+                        help="array_record (read by index: a start or resume reads no "
+                             "record before its position; the default) or tfrecord (read "
+                             "in sequence; the default for a gs:// data_dir)")
     parser.add_argument("--skip_disk_check", action="store_true",
                         help="build even if the disk looks too small")
     args = parser.parse_args(argv)

@@ -9,17 +9,43 @@ pytest.importorskip("tensorflow")
 from benchmarks import input_pipeline  # noqa: E402
 
 
-def test_input_pipeline_benchmark_prints_a_row_per_recipe(capsys):
-    assert input_pipeline.main(["--num_images", "3", "--batch_size", "2", "--batches", "1",
+def test_input_pipeline_benchmark_prints_a_row_per_recipe_and_way_of_reading(capsys):
+    assert input_pipeline.main(["--num_images", "4", "--batch_size", "2", "--batches", "1",
                                 "--warmup", "0", "--recipes", "cnn,deit,eval"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"synthesized 3 JPEGs .* mean size [\d.]+ KB", out)
-    for recipe in ("cnn", "deit", "eval"):
-        assert re.search(rf"^{recipe}\s+[\d.]+ images/s\s+[\d.]+ images/s/core", out, re.M)
-    assert "| pipeline | images/s | images/s/core |" in out
+    assert re.search(r"synthesized 4 JPEGs .* mean size [\d.]+ KB", out)
+    for read in ("memory", "tfrecord", "array_record"):
+        for recipe in ("cnn", "deit") + (("eval",) if read == "memory" else ()):
+            assert re.search(rf"^{read}\s+{recipe}\s+[\d.]+ images/s\s+[\d.]+ images/s/core",
+                             out, re.M), (read, recipe)
+    assert not re.search(r"^(tfrecord|array_record)\s+eval", out, re.M)
+    assert ("| pipeline | in memory images/s (/core) | TFRecord files images/s (/core) | "
+            "ArrayRecord files images/s (/core) |") in out
+    assert re.search(r"^\| eval .* \| [\d.]+ \([\d.]+\) \| - \| - \|$", out, re.M)
     assert "mixer" not in out.split("machine:")[0]
     with pytest.raises(SystemExit):
         input_pipeline.main(["--recipes", "cnn,bogus"])
+    with pytest.raises(SystemExit):
+        input_pipeline.main(["--reads", "memory,parquet"])
+
+
+def test_start_time_benchmark_times_each_start_of_each_format(tmp_path, capsys):
+    import json
+    from benchmarks import start_time
+    out_file = tmp_path / "results.json"
+    assert start_time.main(["--root", str(tmp_path / "data"), "--sizes", "1000",
+                            "--repeats", "1", "--batch_size", "16",
+                            "--out", str(out_file)]) == 0
+    results = json.loads(out_file.read_text())
+    rows = {(r["format"], r["start"]): r for r in results["rows"]}
+    assert sorted(rows) == sorted((f, s) for f in ("tfrecord", "array_record")
+                                  for s in ("first start", "start", "resume"))
+    assert all(r["records"] == 1000 and r["seconds"] > 0 for r in rows.values())
+    assert rows["array_record", "resume"]["step"] == 1500 // 16
+    # The first start wrote the record index that the later ones read.
+    assert list((tmp_path / "data").glob("*/start_time_images/1000/1.0.0/noah_jax_record_index"))
+    with pytest.raises(SystemExit):
+        start_time.main(["--root", str(tmp_path), "--sizes", "1234"])
 
 
 def test_benchmark_recipes_are_the_configs_augmentation():

@@ -3,7 +3,11 @@ CIFAR, Imagenette and Oxford-IIIT Pet.
 
 Each process reads only its own shard (`tfds.split_for_jax_process`), with images left
 encoded (`tfds.decode.SkipDecoding`) until `noah_jax.data.pipeline` decodes and
-augments them, so the shuffle buffer and the resume skip hold bytes, not pixels.
+augments them, so the shuffle buffer and the resume skip hold bytes, not pixels. A
+dataset prepared as ArrayRecord files (`noah_jax.prepare`'s default) is read by record
+index instead (`builder.as_data_source`, raw bytes deserialized inside tf.data): its
+training order is `pipeline.random_access_train_dataset`'s, whose start and resume
+read no record before their position.
 
 Labels. Single-label datasets give int32 class ids. COCO and VOC give float32 multi-hot
 vectors: an image is positive for a class when at least one object of that class is
@@ -245,8 +249,20 @@ class _Split:
     def _data_source(self):
         """The split's records by index, as serialized bytes (ArrayRecord only)."""
         name = self._range(self.split)[0]
-        return self.builder.as_data_source(
-            split=name, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+        try:
+            source = self.builder.as_data_source(
+                split=name, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+            if len(source):
+                source[0]  # opens the files now: a failure is one clear error, not a hang
+        except (OSError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(
+                f"cannot read the ArrayRecord files of {self.builder.name} in "
+                f"{self.builder.data_dir} ({first}); the array_record reader opens local "
+                "and mounted paths (a gs:// bucket: mount it, e.g. with Cloud Storage FUSE, "
+                "or prepare a TFRecord copy with noah_jax.prepare --file_format=tfrecord)"
+            ) from None
+        return source
 
     def read_serialized(self, indices: np.ndarray) -> np.ndarray:
         """The serialized records at `indices` of the split's TFDS split (ArrayRecord)."""
@@ -280,6 +296,7 @@ class _Split:
             raise DataError(f"{split} of {self.builder.name} is not one range of records, "
                             "which an ArrayRecord dataset needs")
         _, start, stop = where
+        self._data_source  # opened here, where a failure is one clear error
         return pipeline.records_by_index(
             tf.data.Dataset.range(start, stop), self.read_serialized,
             self.deserialize(features))
@@ -422,6 +439,7 @@ class TfdsSource:
     def train_batches(self, *, start_step: int, local_batch_size: int, process_index: int,
                       process_count: int) -> Iterator[Batch]:
         if self._train.random_access:
+            self._train._data_source  # opened here, where a failure is one clear error
             ds = pipeline.random_access_train_dataset(
                 self._train.kept(process_index, process_count,
                                  self._preprocess.max_image_pixels),

@@ -71,6 +71,7 @@ def test_readme_prepare_command_builds_imagenet_then_main_trains_and_evaluates(t
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"imagenet2012: prepared in {data_dir}/imagenet2012/5.1.0" in proc.stdout
+    assert "examples, array_record)" in proc.stdout  # the default on a file system
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "already prepared" in again.stdout
 
@@ -79,12 +80,13 @@ def test_readme_prepare_command_builds_imagenet_then_main_trains_and_evaluates(t
     names = builder.info.features["label"].names
     assert builder.info.splits["train"].num_examples == len(train_synsets) * IMAGES_PER_SYNSET
     assert builder.info.splits["validation"].num_examples == NUM_VAL
+    assert builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
     val = {r["file_name"].decode(): int(r["label"])
-           for r in tfds.as_numpy(builder.as_dataset(split="validation"))}
+           for r in builder.as_data_source(split="validation")}
     assert val == {f"ILSVRC2012_val_{i + 1:08d}.JPEG": names.index(s)
                    for i, s in enumerate(val_synsets)}
     train = [(r["file_name"].decode(), int(r["label"]))
-             for r in tfds.as_numpy(builder.as_dataset(split="train"))]
+             for r in builder.as_data_source(split="train")]
     assert all(names[label] == file_name.split("_")[0] for file_name, label in train)
 
     # Training on it with the DeiT recipe (tiny model), evaluated on every val image.

@@ -16,6 +16,7 @@ from commands.test_prepare import (IMAGES_PER_SYNSET, NUM_VAL,  # noqa: E402
 from test_tfds import dataset_config, eval_rows, source_of  # noqa: E402
 from noah_jax import prepare  # noqa: E402
 from noah_jax.data import pipeline  # noqa: E402
+from noah_jax.errors import DataError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,27 @@ def test_a_dataset_prepared_in_one_format_is_not_prepared_again_in_another(prepa
     data_dir, _ = prepared
     assert "already prepared" in prepare.prepare("imagenet2012", data_dir, data_dir,
                                                  file_format="array_record")
+    # Without --file_format, the dataset there is kept whatever its format.
+    assert prepare.prepare("imagenet2012", data_dir, data_dir).endswith("(array_record)")
+    assert prepare.default_file_format("/data/tfds") == "array_record"
+    assert prepare.default_file_format("gs://bucket/tfds") == "tfrecord"
     with pytest.raises(prepare.PrepareError, match="as array_record files; a dataset folder"):
         prepare.prepare("imagenet2012", data_dir, data_dir, file_format="tfrecord")
     with pytest.raises(prepare.PrepareError, match="choose one of tfrecord, array_record"):
         prepare.prepare("imagenet2012", data_dir, data_dir, file_format="parquet")
+
+
+def test_array_record_files_that_cannot_be_opened_end_in_one_line(prepared, monkeypatch):
+    """As a gs:// data_dir does where the array_record reader opens local files only."""
+    data_dir, _ = prepared
+    source = source_of(dataset_config(data_dir, "imagenet2012"))
+
+    def unreadable(*args, **kwargs):
+        raise RuntimeError("open() failed: No such file or directory; opening gs://b/x\nmore")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", unreadable)
+    with pytest.raises(DataError) as e:
+        batches(source, 0, 1)
+    message = str(e.value)
+    assert "\n" not in message and "open() failed" in message
+    assert "--file_format=tfrecord" in message and "Cloud Storage FUSE" in message
