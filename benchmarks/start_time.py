@@ -39,6 +39,7 @@ import numpy as np
 
 NUM_CLASSES, NUM_VALIDATION, IMAGE_SIDE, DISTINCT_IMAGES = 100, 1000, 32, 256
 SIZES = (1_000, 10_000, 100_000, 1_000_000, 10_000_000)  # the builder's configs
+STARTS = ("first start", "start", "resume")
 
 
 @functools.cache
@@ -123,6 +124,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--formats", default="tfrecord,array_record")
     parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--starts", default=",".join(STARTS),
+                        help="which starts to time; default: %(default)s")
     parser.add_argument("--repeats", type=int, default=3,
                         help="fresh processes per measurement; the median is reported")
     parser.add_argument("--out", default="", help="write the results here as JSON")
@@ -132,6 +135,9 @@ def main(argv=None) -> int:
     if set(sizes) - set(SIZES) or set(args.formats.split(",")) - {"tfrecord", "array_record"}:
         parser.error(f"--sizes: some of {','.join(map(str, SIZES))}; --formats: some of "
                      "tfrecord,array_record")
+    starts = [x.strip() for x in args.starts.split(",") if x.strip()]
+    if not starts or set(starts) - set(STARTS):
+        parser.error(f"--starts: some of {','.join(STARTS)}")
     if args.repeats < 1 or args.batch_size < 1:
         parser.error("need --repeats >= 1 and --batch_size >= 1")
     if args.child:
@@ -148,7 +154,7 @@ def main(argv=None) -> int:
             prepared[f"{file_format}-{n}"] = round(prepare(args.root, file_format, n), 1)
             print(f"prepared {file_format} {n:,}: {prepared[f'{file_format}-{n}']} s",
                   flush=True)
-            for start in ("first start", "start", "resume"):
+            for start in starts:
                 times = []
                 for _ in range(args.repeats):
                     if start == "first start":  # the index of an earlier run goes

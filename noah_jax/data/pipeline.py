@@ -431,19 +431,20 @@ def random_access_train_dataset(kept: np.ndarray, read: Callable[[np.ndarray], n
                           f"batch; the per-process batch {local_batch_size} must be even")
     epoch_length = kept.size * p.repeats
     shuffle_key = _seed_int(seed, _SHUFFLE_TAG, process_index)
-    records = tf.constant(kept)
 
-    def record_at(position):
+    def slot_at(position):  # the position's index into `kept`
         epoch, offset = position // epoch_length, position % epoch_length
-        slot = tf.random.experimental.index_shuffle(
+        return tf.random.experimental.index_shuffle(
             offset // p.repeats, tf.stack([tf.constant(shuffle_key, tf.int64), epoch]),
             tf.constant(kept.size - 1, tf.int64))
-        return tf.gather(records, slot)
+
+    def read_slots(slots):  # `kept` stays in numpy: no graph constant of its size
+        return read(kept[slots])
 
     first = start_step * local_batch_size
     positions = tf.data.Dataset.range(first, np.iinfo(np.int64).max)
-    indices = positions.map(record_at, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = tf.data.Dataset.zip(positions, records_by_index(indices, read, deserialize))
+    slots = positions.map(slot_at, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = tf.data.Dataset.zip(positions, records_by_index(slots, read_slots, deserialize))
     return _examples_to_batches(ds, parse, p, seed=seed, process_index=process_index,
                                 start_step=start_step, local_batch_size=local_batch_size,
                                 num_classes=num_classes)
