@@ -13,6 +13,11 @@ downloaded when the machine is online, or read from there under their usual name
 when it is not. Before building it checks that the archives are there and that the
 disk can hold the result, so a build does not fail hours in. A name that is already
 prepared is left alone.
+
+The files are ArrayRecord (`--file_format=array_record`), which training reads by
+record index, so that a start or resume costs the same at any step; into a gs://
+bucket, which the array_record reader cannot open, TFRecord (`--file_format=tfrecord`),
+read in sequence.
 """
 
 from __future__ import annotations
@@ -82,10 +87,10 @@ def check(name: str, data_dir: str, manual_dir: str, spec: tfds_source.DatasetSp
     present = [a for a in archives if tf.io.gfile.exists(a)]
     present_bytes = sum(tf.io.gfile.stat(a).length for a in present)
     if len(present) == len(archives) and archives:
-        # Nothing to download: the TFRecords take about as much as the archives (they
+        # Nothing to download: the prepared files take about as much as the archives (they
         # keep the JPEG bytes as they are).
         needed = 1.05 * present_bytes
-        what = f"about {needed / _GB:.1f} GB for the TFRecords"
+        what = f"about {needed / _GB:.1f} GB for the prepared files"
     elif spec.disk_gb:
         # Archives already in manual_dir need no more room if they are on the same disk.
         needed = spec.disk_gb * _GB - (present_bytes if _same_disk(manual_dir, data_dir)
@@ -170,8 +175,8 @@ def prepare(name: str, data_dir: str, manual_dir: str, *, skip_disk_check: bool 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m noah_jax.prepare",
-        description="Build TFDS datasets (TFRecords) that the training configs read with "
-                    "dataset.name=NAME and dataset.data_dir=DATA_DIR.")
+        description="Build TFDS datasets (ArrayRecord or TFRecord files) that the training "
+                    "configs read with dataset.name=NAME and dataset.data_dir=DATA_DIR.")
     parser.add_argument("names", nargs="+", metavar="NAME",
                         help=f"TFDS names: {', '.join(tfds_source.DATASETS)}, or any TFDS "
                              "image-classification dataset")
