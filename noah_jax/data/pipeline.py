@@ -290,12 +290,7 @@ def train_dataset(pieces: Sequence[tuple[tf.data.Dataset, int]], parse: Parse,
     num_records = sum(n for _, n in pieces)
     if num_records < 1:
         raise DataError(f"process {process_index} has no training records")
-    if start_step < 0 or local_batch_size < 1:
-        raise ValueError(f"need start_step >= 0 and local_batch_size >= 1, got "
-                         f"{start_step}, {local_batch_size}")
-    if p.mixes and local_batch_size % 2:
-        raise ConfigError(f"mixup/cutmix pairs each example with its mirror in the "
-                          f"batch; the per-process batch {local_batch_size} must be even")
+    _check_batching(p, start_step, local_batch_size)
     datasets = [ds for ds, _ in pieces]
     drop_large = check_pixels and p.max_image_pixels > 0
     if not drop_large:
@@ -347,6 +342,16 @@ def train_dataset(pieces: Sequence[tuple[tf.data.Dataset, int]], parse: Parse,
     return _examples_to_batches(ds, parse, p, seed=seed, process_index=process_index,
                                 start_step=start_step, local_batch_size=local_batch_size,
                                 num_classes=num_classes)
+
+
+def _check_batching(p: Preprocess, start_step: int, local_batch_size: int) -> None:
+    """The step and per-process batch a training dataset can start at and form."""
+    if start_step < 0 or local_batch_size < 1:
+        raise ValueError(f"need start_step >= 0 and local_batch_size >= 1, got "
+                         f"{start_step}, {local_batch_size}")
+    if p.mixes and local_batch_size % 2:
+        raise ConfigError(f"mixup/cutmix pairs each example with its mirror in the "
+                          f"batch; the per-process batch {local_batch_size} must be even")
 
 
 def _examples_to_batches(ds: tf.data.Dataset, parse: Parse, p: Preprocess, *, seed: int,
@@ -423,12 +428,7 @@ def random_access_train_dataset(kept: np.ndarray, read: Callable[[np.ndarray], n
     if kept.size < 1:
         raise DataError(f"process {process_index} has no training records within "
                         f"dataset.max_image_pixels={p.max_image_pixels}")
-    if start_step < 0 or local_batch_size < 1:
-        raise ValueError(f"need start_step >= 0 and local_batch_size >= 1, got "
-                         f"{start_step}, {local_batch_size}")
-    if p.mixes and local_batch_size % 2:
-        raise ConfigError(f"mixup/cutmix pairs each example with its mirror in the "
-                          f"batch; the per-process batch {local_batch_size} must be even")
+    _check_batching(p, start_step, local_batch_size)
     epoch_length = kept.size * p.repeats
     shuffle_key = _seed_int(seed, _SHUFFLE_TAG, process_index)
 

@@ -197,6 +197,14 @@ class _Split:
         size = self.builder.info.splits[name].num_examples
         return name, int(start or 0), int(size if stop is None else stop)
 
+    def _one_range(self, split) -> tuple[str, int, int]:
+        """`_range(split)`, which reading by record index needs to exist."""
+        where = self._range(split)
+        if where is None:
+            raise DataError(f"{split} of {self.builder.name} is not one range of records, "
+                            "which an ArrayRecord dataset needs")
+        return where
+
     def _facts(self, split) -> dict[str, np.ndarray] | None:
         """`record_index` facts of the records of `split`, or None (not a range)."""
         where = self._range(split)
@@ -248,7 +256,7 @@ class _Split:
     @functools.cached_property
     def _data_source(self):
         """The split's records by index, as serialized bytes (ArrayRecord only)."""
-        name = self._range(self.split)[0]
+        name = self._one_range(self.split)[0]
         try:
             source = self.builder.as_data_source(
                 split=name, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
@@ -291,11 +299,7 @@ class _Split:
 
     def _read_by_index(self, split, features: dict) -> tf.data.Dataset:
         """The records of `split` (one range) in order, from the ArrayRecord files."""
-        where = self._range(split)
-        if where is None:
-            raise DataError(f"{split} of {self.builder.name} is not one range of records, "
-                            "which an ArrayRecord dataset needs")
-        _, start, stop = where
+        _, start, stop = self._one_range(split)
         self._data_source  # opened here, where a failure is one clear error
         return pipeline.records_by_index(
             tf.data.Dataset.range(start, stop), self.read_serialized,
@@ -345,16 +349,14 @@ class _Split:
         trained on: its contiguous shard, less images over `max_pixels` (0: no limit)
         and, with drop_unlabeled, images without a label. From the record index."""
         shard = self.shard(process_index, process_count)
+        _, start, _ = self._one_range(shard)
         facts = self._facts(shard)
-        if facts is None:
-            raise DataError(f"{self.split} of {self.builder.name} is not one range of "
-                            "records, which an ArrayRecord dataset needs")
         keep = np.ones(len(facts["pixels"]), bool)
         if max_pixels > 0:
             keep &= facts["pixels"] <= max_pixels
         if self.drop_unlabeled:
             keep &= facts["labels"] > 0
-        return self._range(shard)[1] + np.flatnonzero(keep)
+        return start + np.flatnonzero(keep)
 
     @functools.lru_cache(maxsize=256)
     def _count(self, split) -> int:
