@@ -121,6 +121,16 @@ def conv(features: int, kernel: int, stride: int, dtype: Any, name: str, groups:
                    kernel_init=kernel_init, name=name)
 
 
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """PyTorch's MaxPool2d(3, stride 2, padding 1) over [B, H, W, C] (the ResNet and
+    ShuffleNetV2 stems): what nn.max_pool computes, as one reduce_window with -inf
+    padding. Written out because the ONNX converter (jax2onnx 0.17) replaces
+    nn.max_pool while it traces with a version that takes no explicit padding."""
+    # A Python scalar start: JAX knows (max, -inf) as a monoid, so this differentiates.
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                 ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
 # ---------------------------------------------------------------------------------------
 # Transformers (DeiT, PVT): timm's layers and init.
 # ---------------------------------------------------------------------------------------

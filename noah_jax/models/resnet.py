@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from noah_jax.models.heads import Classifier
 from noah_jax.models.input_preprocessing import (IMAGENET_MEAN, IMAGENET_STD,
                                                InputPreprocessing)
-from noah_jax.models.layers import batch_norm, conv
+from noah_jax.models.layers import batch_norm, conv, max_pool_3x3_s2
 from noah_jax.models.torch_names import TorchNames
 
 
@@ -88,7 +88,7 @@ class ResNet(Classifier):
         x = x.astype(self.dtype)
         x = conv(64, 7, 2, self.dtype, "conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, "bn1", self.bn_group_size)(x))
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool_3x3_s2(x)
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 stride = 2 if i > 0 and j == 0 else 1

@@ -36,7 +36,7 @@ from noah_jax.models.heads import Classifier
 from noah_jax.models import layers
 from noah_jax.models.input_preprocessing import (IMAGENET_MEAN, IMAGENET_STD,
                                                InputPreprocessing)
-from noah_jax.models.layers import batch_norm, torch_default_init
+from noah_jax.models.layers import batch_norm, max_pool_3x3_s2, torch_default_init
 from noah_jax.models.torch_names import TorchNames
 
 # The reference does not re-initialise: every conv keeps PyTorch's default init.
@@ -121,7 +121,7 @@ class ShuffleNetV2(Classifier):
         x = x.astype(self.dtype)
         x = conv(stem, 3, 2, self.dtype, "conv1_0")(x)
         x = nn.relu(batch_norm(train, self.dtype, "conv1_1", self.bn_group_size)(x))
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool_3x3_s2(x)
         for stage, (repeats, width) in enumerate(zip(self.stages_repeats, stage_widths), 2):
             for i in range(repeats):
                 x = ShuffleUnit(width, 2 if i == 0 else 1, self.dtype, self.bn_group_size,

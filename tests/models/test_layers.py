@@ -1,5 +1,5 @@
 """The shared CNN layers: the depthwise convolution's two formulations agree with each
-other and with nn.Conv, parameters included."""
+other and with nn.Conv, parameters included; the stems' max pool is nn.max_pool's."""
 
 import flax.linen as nn
 import jax
@@ -149,3 +149,25 @@ def test_batch_norm_groups_are_the_same_on_eight_devices():
     sharded = jax.jit(apply)(variables, spread)
     for ours, expected in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
         np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [7, 8])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_stem_max_pool_equals_flax_max_pool(size, dtype):
+    """The stems' pooling (written out for the ONNX converter) is nn.max_pool with
+    PyTorch's padding, values and gradients bit for bit; the inputs are all negative, so
+    a pad of 0 instead of -inf would show at every border."""
+    x = -1.0 - jnp.abs(jax.random.normal(jax.random.key(0), (2, size, size, 3))).astype(dtype)
+
+    def flax_pool(x):
+        return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+
+    ours = layers.max_pool_3x3_s2(x)
+    assert ours.shape == (2, (size + 1) // 2, (size + 1) // 2, 3) and ours.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(ours, np.float32),
+                                  np.asarray(flax_pool(x), np.float32))
+    weights = jax.random.normal(jax.random.key(1), ours.shape).astype(dtype)
+    grad = jax.jit(jax.grad(lambda f, x: jnp.sum((f(x) * weights).astype(jnp.float32)),
+                            argnums=1), static_argnums=0)
+    np.testing.assert_array_equal(np.asarray(grad(layers.max_pool_3x3_s2, x), np.float32),
+                                  np.asarray(grad(flax_pool, x), np.float32))
