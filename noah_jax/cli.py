@@ -79,13 +79,24 @@ def _holds_a_step(directory: str) -> bool:
         return True
 
 
-def checkpoint_path_error(path: str) -> str | None:
-    """Why `path` cannot be a checkpoint for predict or visualize (the wording of
-    `noah_jax.inference.find_checkpoint`), or None when it may be one."""
+EXPORT_MANIFEST = "noah_export.json"  # noah_jax.export.MANIFEST
+
+
+def checkpoint_path_error(path: str, *, exports: bool = False) -> str | None:
+    """Why `path` cannot be a checkpoint for predict, export or visualize (the wording
+    of `noah_jax.inference.find_checkpoint`), or None when it may be one. With
+    `exports`, an export folder (holding noah_export.json) may be one too."""
+    expected = (CHECKPOINT_EXPECTED + ", or an export folder (python -m noah_jax.export)"
+                if exports else CHECKPOINT_EXPECTED)
     if not os.path.exists(path):
-        return f"{path}: no such file or folder; {CHECKPOINT_EXPECTED}"
+        return f"{path}: no such file or folder; {expected}"
+    if exports and os.path.isfile(os.path.join(path, EXPORT_MANIFEST)):
+        return None
     if not any(_holds_a_step(d) for d in (os.path.join(path, "checkpoints"), path)):
-        return f"no checkpoint in {path}: {CHECKPOINT_EXPECTED}"
+        if not exports and os.path.isfile(os.path.join(path, EXPORT_MANIFEST)):
+            return (f"{path} is an export (python -m noah_jax.export), which holds the "
+                    f"forward only: give the checkpoint it was exported from")
+        return f"no checkpoint in {path}: {expected}"
     return None
 
 

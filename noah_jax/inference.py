@@ -437,26 +437,45 @@ def eval_preprocess(meta: dict, config: Optional[ml_collections.ConfigDict], mod
     return Preprocess(image_size=image_size)
 
 
-def _preprocessing(meta: dict, config: Optional[ml_collections.ConfigDict], model,
-                   image_size: int) -> tuple[Callable[[Sequence[str]], np.ndarray],
-                                             Optional[Preprocess]]:
-    dataset = config.dataset.name if config is not None else meta.get("dataset")
+def dataset_transform(dataset: Optional[str], p: Optional[Preprocess], image_size: int
+                      ) -> tuple[Callable[[Sequence[str]], np.ndarray], Optional[Preprocess]]:
+    """(paths -> images, the Preprocess it applies or None): the demo datasets' own
+    transforms, else the evaluation pipeline with `p`."""
     if dataset == "digits":
         return digits_transform(image_size), None
     if dataset == "digits_multilabel":
         return digits_multilabel_transform(image_size), None
-    p = eval_preprocess(meta, config, model, image_size)
     return eval_transform(p), p
+
+
+def _preprocessing(meta: dict, config: Optional[ml_collections.ConfigDict], model,
+                   image_size: int) -> tuple[Callable[[Sequence[str]], np.ndarray],
+                                             Optional[Preprocess]]:
+    dataset = config.dataset.name if config is not None else meta.get("dataset")
+    p = (None if dataset in ("digits", "digits_multilabel")
+         else eval_preprocess(meta, config, model, image_size))
+    return dataset_transform(dataset, p, image_size)
 
 
 def load(checkpoint_path: str | os.PathLike, *, ema: bool = True,
          image_size: Optional[int] = None) -> Loaded:
     """The newest checkpoint at `checkpoint_path` as a `Loaded` (module docstring).
 
+    An export folder (`python -m noah_jax.export`, with its StableHLO modules) is
+    loaded by `noah_jax.export.load`: the model is the exported forward, the
+    preprocessing the evaluation's its manifest records, and `ema` is as exported.
+
     ema: load the run's EMA parameters when it kept them (False: the raw ones).
     image_size: the input side for a checkpoint without a config (a converted CNN takes
     any; ViT/Mixer/gMLP models only their own); a workdir's is its config's.
     """
+    from noah_jax import export
+
+    if export.is_export(os.fspath(checkpoint_path)):
+        if image_size is not None:
+            raise ConfigError(f"{checkpoint_path} is an export: its image size is the one it "
+                              "was exported at (export again with --image-size for another)")
+        return export.load(os.fspath(checkpoint_path))
     directory, step, config_path = find_checkpoint(checkpoint_path)
     config = _read_config(config_path) if config_path else None
     try:

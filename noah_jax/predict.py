@@ -247,7 +247,7 @@ def _nothing_readable(skipped: list[tuple[str, str]]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     # Mistyped paths are told before TensorFlow and JAX are imported (seconds).
-    mistake = (cli.checkpoint_path_error(args.checkpoint)
+    mistake = (cli.checkpoint_path_error(args.checkpoint, exports=True)
                or cli.missing_path_error(args.images))
     if mistake:
         _refuse(mistake)
