@@ -19,10 +19,16 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     (command,) = re.findall(r"^python3 -m venv .*pytest.*$", readme, flags=re.M)
-    setup, install, test = command.split(" && ")
+    setup, *installs, test = command.split(" && ")
     assert setup == "python3 -m venv .venv"
-    for step in (setup, install.replace("-r requirements.txt", "-q -r requirements.txt"), test):
+    assert installs[0] == ".venv/bin/python -m pip install -r requirements.txt -e ."
+    for step in (setup, *(i.replace("pip install ", "pip install -q ") for i in installs), test):
         assert step in ci.splitlines(), f"{step!r} is in README.md but not in .ci/run"
+    # The demo's command sets up the same way, and export names the same converter.
+    (demo,) = re.findall(r"^python3 -m venv .*main\.py.*$", readme, flags=re.M)
+    assert demo.split(" && ")[:-1] == [setup, *installs]
+    from noah_jax import export
+    assert f".venv/bin/python -m {export.ONNX_INSTALL}" in installs
 
 
 MAIN_FLAGS = {"workdir", "distributed", "coordinator_address", "num_processes", "process_id"}

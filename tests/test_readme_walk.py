@@ -20,7 +20,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # The README's setup, which CI itself has just done (.ci/run): the scratch copy's .venv
 # is this test's own venv, so the rest of a command that starts with it runs alone.
-SETUP = "python3 -m venv .venv && .venv/bin/python -m pip install -r requirements.txt -e ."
+SETUP = ("python3 -m venv .venv && .venv/bin/python -m pip install -r requirements.txt -e . "
+         "&& .venv/bin/python -m pip install --no-deps jax2onnx==0.17.1")
 
 # (pattern a command must match from its start, what to do): a string of arguments to
 # append (the shortening; later flags win in main.py, study and argparse alike), or
@@ -34,6 +35,11 @@ PLAN = [
     (r"\.venv/bin/python - <<'EOF'", ""),
     (r"\.venv/bin/python -m noah_jax\.predict runs/demo ", ""),
     (r"\.venv/bin/python -m noah_jax\.visualize runs/demo ", ""),
+    (r"\.venv/bin/python -m noah_jax\.export runs/demo ", ""),
+    (r"\.venv/bin/python -m noah_jax\.predict exports/demo ", ""),
+    (r"docker run .* tensorflow/serving", (SKIP, "TF Serving's Docker image (the "
+                                            "SavedModel's serving_default signature, which "
+                                            "it calls, runs in the snippet above)")),
     (r"\.venv/bin/python -m noah_jax\.study --config=configs/mobilenetv2",
      (SKIP, "the ViT studies' command on MobileNetV2, minutes of compiling and training "
             "even shortened (test_readme.py parses it)")),

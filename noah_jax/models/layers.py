@@ -123,12 +123,13 @@ def conv(features: int, kernel: int, stride: int, dtype: Any, name: str, groups:
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """PyTorch's MaxPool2d(3, stride 2, padding 1) over [B, H, W, C] (the ResNet and
-    ShuffleNetV2 stems): what nn.max_pool computes, as one reduce_window with -inf
-    padding. Written out because the ONNX converter (jax2onnx 0.17) replaces
-    nn.max_pool while it traces with a version that takes no explicit padding."""
-    # A Python scalar start: JAX knows (max, -inf) as a monoid, so this differentiates.
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                                 ((0, 0), (1, 1), (1, 1), (0, 0)))
+    ShuffleNetV2 stems): nn.max_pool of the input padded with -inf, which is what
+    nn.max_pool with padding ((1, 1), (1, 1)) computes, gradients included. Written so
+    because the ONNX converter (jax2onnx 0.17) replaces nn.max_pool while it traces with
+    a version that takes its settings by keyword and only 'VALID' or 'SAME' padding, and
+    turns a plain lax.reduce_window into an ONNX MaxPool that onnxruntime cannot run."""
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
 
 
 # ---------------------------------------------------------------------------------------
