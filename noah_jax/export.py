@@ -19,8 +19,10 @@ run that kept them, unless --no-ema), in float32. DIR, a new folder, gets
                                for a multi-label model; the pixels' normalisation inside
       variables.msgpack        the variables both take ({'params', 'batch_stats'};
                                `flax.serialization.msgpack_restore` reads it)
-  savedmodel/1/      a TF SavedModel (jax2tf; 1 is the version folder TF Serving reads),
-                     the weights as its variables, with two signatures:
+  savedmodel/1/      a TF SavedModel (1 is the version folder TF Serving reads) running
+                     the same modules by TensorFlow's XlaCallModule op, as jax2tf does
+                     (`TF_STABLEHLO_VERSION` says why not through jax2tf), the weights
+                     as its variables, with two signatures:
                      serving_default  images: uint8 [b, S, S, 3] -> probabilities, logits
                      logits           images: float32 [b, S, S, 3] -> logits
   model.onnx         ONNX (jax2onnx), the weights inside: images float32 [b, S, S, 3]
@@ -40,10 +42,11 @@ evaluation resized in float, which moves the logits slightly. The float entries 
 exactly what `inference.Loaded.preprocess` gives, so `noah_jax.predict` on an export
 directory (it reads the manifest and the StableHLO modules) scores as on the checkpoint.
 
-StableHLO and the SavedModel are lowered for each of --platforms; a MobileNet's or
-ShuffleNet's depthwise convolutions then compute each platform's fast way (shifted
-multiply-adds on CPU, grouped convolutions elsewhere; `models.layers.DepthwiseConv`).
-ONNX has no platforms and computes them as grouped convolutions.
+StableHLO and the SavedModel are lowered for each of --platforms; what the model leaves
+to the backend then computes each platform's fast way (`for_platform`: a MobileNet's or
+ShuffleNet's depthwise convolutions as shifted multiply-adds on CPU, grouped
+convolutions elsewhere; the NOAH head's blocks by its CPU path or the einsum one). ONNX
+has no platforms and gets the accelerators' way.
 
 ONNX comes from jax2onnx, which converts every family here (ResNet, MobileNetV2/V3,
 ShuffleNetV2, DeiT/ViT, PVT, Mixer, gMLP, either head). It is installed without its
@@ -52,7 +55,7 @@ than this project's and pulls in libraries only its other plugins use. Two of it
 0.17 faults are worked around: it cannot convert a nested `jax.jit` under JAX 0.12
 (MobileNetV3's hard-swish is one), so it traces with jit disabled; and it replaces
 nn.max_pool with a version that takes no explicit padding, so the stems pool with
-`layers.max_pool_3x3_s2`.
+`layers.max_pool_3x3_s2` (a -inf pad, then 'VALID').
 
 Mistakes end in one line and exit status 1 (2 for the command line): no checkpoint, an
 --out folder that already holds something, a format or platform this does not know,
@@ -727,6 +730,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     mistake = (cli.checkpoint_path_error(args.checkpoint) or _new_folder_error(args.out))
     if mistake:
         _refuse(mistake)
+    from noah_jax.predict import quiet_tensorflow
+
+    quiet_tensorflow()  # TensorFlow's start-up notices, before it is imported
     from noah_jax import inference
     from noah_jax.errors import UserError
     from noah_jax.train import run_log

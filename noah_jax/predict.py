@@ -4,9 +4,10 @@
         [--format table|json|csv] [--batch-size 64] [--no-ema] [--threshold 0.5]
         [--image-size S]
 
-CHECKPOINT is a training workdir, its checkpoints/ folder or a converted checkpoint
-(`noah_jax.inference.load`: the model and its evaluation preprocessing come from the
-checkpoint and the run's config.json). IMAGES_OR_FOLDERS are image files, and folders
+CHECKPOINT is a training workdir, its checkpoints/ folder, a converted checkpoint or an
+export folder (`noah_jax.inference.load`: the model and its evaluation preprocessing
+come from the checkpoint and the run's config.json, or from the export's manifest and
+StableHLO modules). IMAGES_OR_FOLDERS are image files, and folders
 whose images are all read (.jpg .jpeg .png .gif .bmp anywhere below, as for folder
 datasets), sorted by path.
 
@@ -197,7 +198,8 @@ def parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog=PROG, description="Classify image files with a trained or "
                                                   "converted NOAH model.")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="a training workdir, its checkpoints/ folder, or a converted checkpoint")
+                   help="a training workdir, its checkpoints/ folder, a converted checkpoint, "
+                        "or an export folder (python -m noah_jax.export)")
     p.add_argument("images", metavar="IMAGES_OR_FOLDERS", nargs="+",
                    help="image files and folders of images (searched recursively)")
     p.add_argument("--top-k", type=cli.int_at_least(1), default=5,
@@ -219,7 +221,7 @@ def one_line(error: BaseException) -> str:
     return cli.one_line(str(error)) or type(error).__name__
 
 
-def _quiet_tensorflow() -> None:
+def quiet_tensorflow() -> None:
     """TF_CPP_MIN_LOG_LEVEL=3 where the user set none, before TensorFlow is imported
     (which reads it then). TensorFlow only decodes the images here, and each file it
     cannot decode gets a warning line of this command, which its C++ runtime would
@@ -251,7 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                or cli.missing_path_error(args.images))
     if mistake:
         _refuse(mistake)
-    _quiet_tensorflow()
+    quiet_tensorflow()
     from noah_jax import inference
     from noah_jax.train import run_log
     from noah_jax.errors import UserError

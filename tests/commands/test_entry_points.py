@@ -19,6 +19,7 @@ HELP = [
     (["-m", "noah_jax.benchmark", "--help"], "--batch-sizes"),
     (["-m", "noah_jax.prepare", "--help"], "--manual_dir"),
     (["-m", "noah_jax.convert", "--help"], "--drop-head"),
+    (["-m", "noah_jax.export", "--help"], "--platforms"),
 ]
 
 
@@ -46,7 +47,7 @@ def test_every_command_prints_its_help_and_exits_0():
 # whether TensorFlow or JAX had been imported by then.
 WRONG_PATHS = r"""
 import json, sys
-from noah_jax import predict, visualize
+from noah_jax import export, predict, visualize
 
 def outcome(main, args):
     try:
@@ -64,6 +65,8 @@ print(json.dumps([
     outcome(visualize.main, [no_checkpoint, image, "--out", no_checkpoint]),
     outcome(visualize.main, [looks_right, image, "--out", notes + "/figures"]),
     outcome(visualize.main, [looks_right, image, "--out", no_checkpoint, "--heads", "first"]),
+    outcome(export.main, [nowhere, "--out", no_checkpoint]),
+    outcome(export.main, [looks_right, "--out", notes]),
 ]))
 """
 
@@ -80,20 +83,24 @@ def test_wrong_paths_fail_before_tensorflow_and_jax_are_imported(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Every one refused (status 1), with neither TensorFlow nor JAX imported.
-    assert json.loads(proc.stdout) == [[1, False, False]] * 7, proc.stderr
+    assert json.loads(proc.stdout) == [[1, False, False]] * 9, proc.stderr
     expected = ("expected a training workdir (with checkpoints/ inside), its checkpoints/ "
                 "folder, or a converted checkpoint (the --output of python -m noah_jax.convert)")
+    or_export = f"{expected}, or an export folder (python -m noah_jax.export)"
     predict = "python -m noah_jax.predict: error: "
     visualize = "python -m noah_jax.visualize: error: "
+    export = "python -m noah_jax.export: error: "
     assert proc.stderr.splitlines() == [
-        f"{predict}{nowhere}: no such file or folder; {expected}",
-        f"{predict}no checkpoint in {no_checkpoint}: {expected}",
+        f"{predict}{nowhere}: no such file or folder; {or_export}",
+        f"{predict}no checkpoint in {no_checkpoint}: {or_export}",
         f"{predict}{image}.missing: no such file or folder",
         f"{visualize}{nowhere}: no such file or folder; {expected}",
         f"{visualize}no checkpoint in {no_checkpoint}: {expected}",
         f"{visualize}--out {notes}/figures is under the file {notes}: give a folder (new, or "
         "one to add to)",
         f"{visualize}--heads=first: give 'all' or head indices separated by commas",
+        f"{export}{nowhere}: no such file or folder; {expected}",
+        f"{export}--out {notes} is a file: give a folder (new, or one to add to)",
     ]
 
 

@@ -94,8 +94,9 @@ def normalised(pixels, p: Preprocess):
 def test_every_format_gives_the_models_logits_at_two_batch_sizes(name, head, tmp_path):
     loaded = tiny_loaded(name, head)
     out = tmp_path / "export"
-    record = export.write_export(loaded, str(out), export.FORMATS, platforms=("cpu", "cuda"),
-                                 check=False)  # checked here, read back as users would
+    # One platform (the multi-label test exports two); checked here, read as users would.
+    record = export.write_export(loaded, str(out), export.FORMATS, platforms=("cpu",),
+                                 check=False)
     size = loaded.image_size
     manifest = json.loads((out / "noah_export.json").read_text())
     assert manifest == json.loads(json.dumps(record))
@@ -108,30 +109,31 @@ def test_every_format_gives_the_models_logits_at_two_batch_sizes(name, head, tmp
     probabilities_module = jax.export.deserialize(bytearray(
         (out / "stablehlo/probabilities.jaxexport").read_bytes()))
     variables = serialization.msgpack_restore((out / "stablehlo/variables.msgpack").read_bytes())
-    assert set(logits_module.platforms) == {"cpu", "cuda"}
+    assert logits_module.platforms == ("cpu",)
     saved = tf.saved_model.load(str(out / "savedmodel/1"))
     import onnxruntime
     session = onnxruntime.InferenceSession(str(out / "model.onnx"),
                                            providers=["CPUExecutionProvider"])
 
-    for batch in (1, 3):
+    for batch in (1, 3):  # the logits entries at both sizes, the uint8 ones at 3
         images, pixels = images_and_pixels(size, batch, seed=batch)
         want = flax_logits(loaded, images)
         assert np.abs(want).max() > 0.1  # logits of a real scale
-        want_from_pixels = flax_logits(loaded, normalised(pixels, loaded.preprocessing))
         errors = {
             "stablehlo": relative_error(logits_module.call(variables, images), want),
-            "stablehlo uint8": relative_error(
-                probabilities_module.call(variables, pixels),
-                jax.nn.softmax(want_from_pixels, axis=-1)),
             "savedmodel": relative_error(saved.signatures["logits"](
                 images=tf.constant(images))["logits"], want),
             "onnx": relative_error(session.run(["logits"], {"images": images})[0], want),
         }
-        served = saved.signatures["serving_default"](images=tf.constant(pixels))
-        errors["savedmodel uint8"] = relative_error(served["logits"], want_from_pixels)
-        errors["savedmodel probabilities"] = relative_error(
-            served["probabilities"], jax.nn.softmax(want_from_pixels, axis=-1))
+        if batch == 3:
+            want_from_pixels = flax_logits(loaded, normalised(pixels, loaded.preprocessing))
+            errors["stablehlo uint8"] = relative_error(
+                probabilities_module.call(variables, pixels),
+                jax.nn.softmax(want_from_pixels, axis=-1))
+            served = saved.signatures["serving_default"](images=tf.constant(pixels))
+            errors["savedmodel uint8"] = relative_error(served["logits"], want_from_pixels)
+            errors["savedmodel probabilities"] = relative_error(
+                served["probabilities"], jax.nn.softmax(want_from_pixels, axis=-1))
         assert max(errors.values()) <= TOLERANCE, (batch, errors, np.abs(want).max())
 
 
@@ -306,7 +308,7 @@ def test_export_mistakes_end_in_one_line_and_leave_nothing(rgb_run, tmp_path, ca
     assert os.listdir(tmp_path) == []
 
 
-def test_an_export_computes_logits_only(rgb_run):
+def test_an_export_computes_logits_only(rgb_run, tmp_path, capsys):
     _, out, _ = rgb_run
     loaded = inference.load(str(out))
     images = np.zeros((1, 32, 32, 3), np.float32)
@@ -317,3 +319,10 @@ def test_an_export_computes_logits_only(rgb_run):
     with pytest.raises(UserError, match="its image size is the one it was exported at"):
         inference.load(str(out), image_size=64)
     assert pathlib.Path(loaded.checkpoint) == out.resolve()
+    # visualize needs the model's insides: it refuses an export before loading anything.
+    from noah_jax import visualize
+    capsys.readouterr()
+    assert visualize.main([str(out), str(out / "noah_export.json"), "--out",
+                           str(tmp_path / "figures")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is an export" in err and "give the checkpoint" in err
