@@ -59,8 +59,9 @@ nn.max_pool with a version that takes no explicit padding, so the stems pool wit
 
 Mistakes end in one line and exit status 1 (2 for the command line): no checkpoint, an
 --out folder that already holds something, a format or platform this does not know,
-jax2onnx missing for --format onnx. Nothing is left half-written: the export is built in
-a hidden folder beside DIR and renamed to DIR when every format is written and checked.
+jax2onnx missing for --format onnx; Ctrl-C, one line and status 130. Nothing is left
+half-written: the export is built in a hidden folder beside DIR and renamed to DIR when
+every format is written and checked.
 """
 
 from __future__ import annotations
@@ -271,8 +272,9 @@ def _reference(loaded, variables) -> Callable:
 # op cannot read when TensorFlow is older than that (2.21 reads up to 1.13): a jax2tf
 # SavedModel made with this project's pins fails to load ("unregistered operation
 # 'vhlo.custom_call_v2'"). StableHLO writes any older version a module's ops exist in,
-# so the SavedModel's modules are written as 1.0 (2024), for TensorFlow and TF Serving
-# releases back to then; otherwise this is what jax2tf.convert does. Those TensorFlows
+# so the SavedModel's modules are written as 1.0 (2024), older than any TensorFlow whose
+# XlaCallModule runs JAX 0.12's calling convention (10, since May 2025: TensorFlow 2.20);
+# otherwise this is what jax2tf.convert does. Those TensorFlows
 # also cannot fit a batch size to a `stablehlo.composite` op's decomposition (JAX
 # writes exact GELU's erf as one), so each is replaced by a call of its decomposition,
 # as StableHLO's stablehlo-legalize-composite-to-call pass (not in jaxlib) does.
@@ -525,6 +527,9 @@ def write_export(loaded, out: str, formats: Sequence[str],
         with open(os.path.join(work, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
             f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(work, 0o777 & ~umask)  # mkdtemp's folder is the owner's only (0700)
         if os.path.isdir(out):
             os.rmdir(out)  # empty (checked above)
         os.rename(work, out)
@@ -730,6 +735,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     mistake = (cli.checkpoint_path_error(args.checkpoint) or _new_folder_error(args.out))
     if mistake:
         _refuse(mistake)
+    try:
+        return _export(args)
+    except KeyboardInterrupt:  # the hidden folder is removed on the way out
+        sys.stderr.write(f"{PROG}: interrupted; {args.out} was not written\n")
+        return 130
+
+
+def _export(args) -> int:
     from noah_jax.predict import quiet_tensorflow
 
     quiet_tensorflow()  # TensorFlow's start-up notices, before it is imported
