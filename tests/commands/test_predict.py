@@ -247,4 +247,5 @@ def test_the_command_prints_one_line_and_no_traceback(tmp_path):
     # sets TF_ENABLE_ONEDNN_OPTS=0, and predict its log level.
     assert proc.stderr == (f"{PREFIX}no checkpoint in {tmp_path}: expected a training workdir "
                            "(with checkpoints/ inside), its checkpoints/ folder, or a converted "
-                           "checkpoint (the --output of python -m noah_jax.convert)\n")
+                           "checkpoint (the --output of python -m noah_jax.convert), or an "
+                           "export folder (python -m noah_jax.export)\n")
